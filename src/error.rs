@@ -1,0 +1,232 @@
+//! The library's error type. Every variant carries the context a user needs to act: the file, the plan
+//! step and key, the row, or the tensor that was wrong. The CLI prints these as they are.
+
+use std::fmt;
+
+use datafusion::arrow::error::ArrowError;
+use datafusion::error::DataFusionError;
+use datafusion::parquet::errors::ParquetError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where in a plan something went wrong: the file, the step (index and operator) and the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlanLocation {
+    pub file: String,
+    /// Zero-based step index and operator name.
+    pub step: Option<(usize, String)>,
+    /// Dotted key inside the step (or the top-level key), e.g. `eval.source.uri`.
+    pub key: Option<String>,
+}
+
+impl fmt::Display for PlanLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some((i, op)) = &self.step {
+            write!(f, ": step {} ({op})", i + 1)?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        Ok(())
+    }
+}
+
+/// An invalid plan: found before any work starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanError {
+    pub at: PlanLocation,
+    pub message: String,
+    /// The closest valid key or name, when one is close enough to be a likely typo.
+    pub suggestion: Option<String>,
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)?;
+        if let Some(s) = &self.suggestion {
+            write!(f, " (did you mean `{s}`?)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{context}: {source}")]
+    DataFusion {
+        context: String,
+        #[source]
+        source: Box<DataFusionError>,
+    },
+
+    #[error("{context}: {source}")]
+    Arrow {
+        context: String,
+        #[source]
+        source: ArrowError,
+    },
+
+    #[error("{context}: {source}")]
+    Parquet {
+        context: String,
+        #[source]
+        source: ParquetError,
+    },
+
+    #[error("{context}: {source}")]
+    ObjectStore {
+        context: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    /// Bad input data: the message names the file and row (or row id).
+    #[error("{0}")]
+    Data(String),
+
+    /// Hugging Face Hub access (listing, download, offline cache).
+    #[error("{0}")]
+    Hub(String),
+
+    /// Loading, saving or running a model.
+    #[error("{0}")]
+    Model(String),
+
+    #[error("{0}")]
+    Tokenizer(String),
+
+    /// A run stopped on purpose (for example a NaN loss) with an explanation.
+    #[error("{0}")]
+    Run(String),
+}
+
+impl Error {
+    pub fn io(path: impl fmt::Display, source: std::io::Error) -> Self {
+        Error::Io { path: path.to_string(), source }
+    }
+    pub fn datafusion(context: impl fmt::Display, source: DataFusionError) -> Self {
+        Error::DataFusion { context: context.to_string(), source: Box::new(source) }
+    }
+    pub fn arrow(context: impl fmt::Display, source: ArrowError) -> Self {
+        Error::Arrow { context: context.to_string(), source }
+    }
+    pub fn parquet(context: impl fmt::Display, source: ParquetError) -> Self {
+        Error::Parquet { context: context.to_string(), source }
+    }
+    pub fn object_store(context: impl fmt::Display, source: object_store::Error) -> Self {
+        Error::ObjectStore { context: context.to_string(), source }
+    }
+    pub fn model(message: impl fmt::Display) -> Self {
+        Error::Model(message.to_string())
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Model(e.to_string())
+    }
+}
+
+/// Errors that cross DataFusion streams must be `DataFusionError`s; keep ours intact inside.
+impl From<Error> for DataFusionError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::DataFusion { context, source } if context.is_empty() => *source,
+            other => DataFusionError::External(Box::new(other)),
+        }
+    }
+}
+
+/// Recover our error from a stream error so messages are not wrapped twice.
+pub fn from_stream_error(e: DataFusionError) -> Error {
+    match e {
+        DataFusionError::External(inner) => match inner.downcast::<Error>() {
+            Ok(ours) => *ours,
+            Err(other) => Error::Run(other.to_string()),
+        },
+        DataFusionError::Context(ctx, inner) => {
+            let inner = from_stream_error(*inner);
+            Error::Run(format!("{ctx}: {inner}"))
+        }
+        DataFusionError::ArrowError(a, _) => Error::arrow("arrow", *a),
+        DataFusionError::ParquetError(p) => Error::parquet("parquet", *p),
+        other => Error::datafusion("", other),
+    }
+}
+
+/// Levenshtein distance, for "did you mean" suggestions.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.chars().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+/// The closest candidate to `word`, if it is close enough to be a typo (distance <= max(2, len/3)).
+pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let limit = (word.chars().count() / 3).max(2);
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distance_basics() {
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("max_input_token", "max_input_tokens"), 1);
+    }
+
+    #[test]
+    fn closest_picks_typo_and_rejects_far_words() {
+        let keys = ["max_input_tokens", "max_target_tokens", "input", "target"];
+        assert_eq!(closest("max_input_token", keys).as_deref(), Some("max_input_tokens"));
+        assert_eq!(closest("inptu", keys).as_deref(), Some("input"));
+        assert_eq!(closest("completely_different", keys), None);
+    }
+
+    #[test]
+    fn plan_error_display_names_file_step_key() {
+        let e = PlanError {
+            at: PlanLocation {
+                file: "p.yaml".into(),
+                step: Some((3, "tokenize".into())),
+                key: Some("max_input_token".into()),
+            },
+            message: "unknown key".into(),
+            suggestion: Some("max_input_tokens".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "p.yaml: step 4 (tokenize): key `max_input_token`: unknown key (did you mean `max_input_tokens`?)"
+        );
+    }
+}

@@ -1,0 +1,25 @@
+//! `conala`: complete code/natural-language datasets with seq2seq models.
+//!
+//! Data flows as Arrow record batches from a [`operators::source`] through declarative operators
+//! (filter, format, tokenize, generate, evaluate) into a sink (write, train), as described by a YAML
+//! [`plans`] file. The model is the project's own T5 on candle ([`model`]).
+
+pub mod bench;
+pub mod context;
+pub mod error;
+pub mod hub;
+pub mod manifest;
+pub mod metrics;
+pub mod model;
+pub mod operators;
+pub mod plans;
+pub mod progress;
+pub mod rng;
+pub mod row_ids;
+pub mod sql;
+pub mod storage;
+pub mod tokenizer;
+pub mod training;
+
+pub use context::Context;
+pub use error::{Error, Result};

@@ -1,0 +1,277 @@
+//! T5 attention: no 1/sqrt(d) scaling, learned relative position bias (bidirectional buckets in the
+//! encoder, unidirectional in the decoder), per-row padding masks, and caches for decoding.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::layers::{model_dropout, softmax_last_dim, Linear, Mode};
+use crate::error::Result;
+
+/// Added to scores at masked positions. Large enough that exp() is exactly 0 in f32 and bf16, small
+/// enough that adding two of them (padding + causal) stays finite.
+pub const MASKED: f64 = -1e9;
+
+/// HF's `_relative_position_bucket` for one relative position (memory - query), with the same f32
+/// arithmetic, so buckets match transformers exactly (checked against it in the parity fixtures).
+pub fn bucket(relative_position: i64, bidirectional: bool, num_buckets: usize, max_distance: usize) -> u32 {
+    let mut nb = num_buckets as i64;
+    let mut ret = 0i64;
+    let mut rel = relative_position;
+    if bidirectional {
+        nb /= 2;
+        if rel > 0 {
+            ret += nb;
+        }
+        rel = rel.abs();
+    } else {
+        rel = -rel.min(0);
+    }
+    let max_exact = nb / 2;
+    if rel < max_exact {
+        return (ret + rel) as u32;
+    }
+    let log_ratio = ((rel as f32) / (max_exact as f32)).ln();
+    let denom = ((max_distance as f64) / (max_exact as f64)).ln() as f32;
+    let large = max_exact + ((log_ratio / denom) * ((nb - max_exact) as f32)) as i64;
+    (ret + large.min(nb - 1)) as u32
+}
+
+/// The bucket of every clamped relative position, uploaded once, so a forward pass computes its bucket
+/// matrix with a gather on the device.
+#[derive(Clone)]
+pub struct BucketTable {
+    /// `table[r + max_distance]` = bucket of relative position r, for r in [-max_distance, max_distance].
+    table: Tensor,
+    max_distance: usize,
+}
+
+impl BucketTable {
+    pub fn new(bidirectional: bool, num_buckets: usize, max_distance: usize, device: &Device) -> Result<Self> {
+        let md = max_distance as i64;
+        let values: Vec<u32> = (-md..=md).map(|r| bucket(r, bidirectional, num_buckets, max_distance)).collect();
+        Ok(BucketTable { table: Tensor::new(values, device)?, max_distance })
+    }
+
+    /// (q_len, k_len) buckets for queries at positions offset..offset+q_len over keys 0..k_len.
+    pub fn buckets(&self, q_len: usize, k_len: usize, offset: usize) -> Result<Tensor> {
+        let dev = self.table.device();
+        let md = self.max_distance as f64;
+        let mem = Tensor::arange(0u32, k_len as u32, dev)?.to_dtype(DType::F32)?.reshape((1, k_len))?;
+        let ctx = Tensor::arange(offset as u32, (offset + q_len) as u32, dev)?.to_dtype(DType::F32)?.reshape((q_len, 1))?;
+        let idx = mem.broadcast_sub(&ctx)?.clamp(-md, md)?.affine(1.0, md)?.to_dtype(DType::U32)?;
+        Ok(self.table.index_select(&idx.flatten_all()?, 0)?.reshape((q_len, k_len))?)
+    }
+}
+
+/// Learned relative position bias, (1, heads, q_len, k_len); computed once per forward and shared by
+/// every layer of the stack.
+#[derive(Clone)]
+pub struct PositionBias {
+    /// (num_buckets, heads)
+    pub weight: Tensor,
+    pub table: BucketTable,
+}
+
+impl PositionBias {
+    pub fn forward(&self, q_len: usize, k_len: usize, offset: usize) -> Result<Tensor> {
+        let b = self.table.buckets(q_len, k_len, offset)?;
+        let heads = self.weight.dims()[1];
+        let bias = self.weight.index_select(&b.flatten_all()?, 0)?; // (q*k, heads)
+        Ok(bias.reshape((q_len, k_len, heads))?.permute((2, 0, 1))?.unsqueeze(0)?)
+    }
+}
+
+/// Self-attention keys and values of the decoder, preallocated for the whole generation and written
+/// in place step by step.
+#[derive(Clone)]
+pub struct KvCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(rows: usize, heads: usize, max_len: usize, d_kv: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let k = Tensor::zeros((rows, heads, max_len, d_kv), dtype, device)?;
+        Ok(KvCache { v: k.zeros_like()?, k, len: 0 })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Append (rows, heads, t, d_kv) and return views of everything cached so far.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dims()[2];
+        let cap = self.k.dims()[2];
+        if self.len + t > cap {
+            // Grow (rarely: only when a caller decodes past the length it planned for).
+            let extra = (self.len + t).max(cap * 2) - cap;
+            let pad = |x: &Tensor| -> Result<Tensor> {
+                let (r, h, _, d) = x.dims4()?;
+                Ok(Tensor::cat(&[x, &Tensor::zeros((r, h, extra, d), x.dtype(), x.device())?], 2)?)
+            };
+            self.k = pad(&self.k)?;
+            self.v = pad(&self.v)?;
+        }
+        self.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        self.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += t;
+        Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+    }
+
+    fn select_rows(&mut self, idx: &Tensor) -> Result<()> {
+        self.k = self.k.index_select(idx, 0)?;
+        self.v = self.v.index_select(idx, 0)?;
+        Ok(())
+    }
+}
+
+/// Cross-attention keys and values over the encoder output, computed once per sequence.
+#[derive(Clone)]
+pub struct CrossKv {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+impl CrossKv {
+    pub fn select_rows(&mut self, idx: &Tensor) -> Result<()> {
+        self.k = self.k.index_select(idx, 0)?;
+        self.v = self.v.index_select(idx, 0)?;
+        Ok(())
+    }
+}
+
+impl KvCache {
+    pub fn select(&mut self, idx: &Tensor) -> Result<()> {
+        self.select_rows(idx)
+    }
+}
+
+#[derive(Clone)]
+pub struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub heads: usize,
+    pub d_kv: usize,
+}
+
+impl Attention {
+    /// (b, t, heads*d_kv) -> (b, heads, t, d_kv)
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        Ok(x.reshape((b, t, self.heads, self.d_kv))?.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// Project keys and values of `memory` (for cross-attention, once per sequence).
+    pub fn cross_kv(&self, memory: &Tensor) -> Result<CrossKv> {
+        Ok(CrossKv {
+            k: self.split_heads(&self.k.forward(memory, &Mode::INFER)?)?,
+            v: self.split_heads(&self.v.forward(memory, &Mode::INFER)?)?,
+        })
+    }
+
+    /// Attention of `x` over keys/values `k`, `v` (b, heads, s, d_kv) with additive `bias`
+    /// (broadcastable to (b, heads, t, s)).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, mode: &Mode) -> Result<Tensor> {
+        let scores = q.matmul(&k.t()?)?;
+        let scores = scores.broadcast_add(bias)?;
+        let w = softmax_last_dim(&scores, mode.train.is_some())?;
+        let w = model_dropout(&w, mode)?;
+        let out = w.matmul(&v.contiguous()?)?; // (b, h, t, d)
+        let (b, h, t, d) = out.dims4()?;
+        let out = out.transpose(1, 2)?.reshape((b, t, h * d))?;
+        self.o.forward(&out, mode)
+    }
+
+    /// Full (uncached) attention: self-attention when `memory` is None.
+    pub fn forward(&self, x: &Tensor, memory: Option<&Tensor>, bias: &Tensor, mode: &Mode) -> Result<Tensor> {
+        let src = memory.unwrap_or(x);
+        let q = self.split_heads(&self.q.forward(x, mode)?)?;
+        let k = self.split_heads(&self.k.forward(src, mode)?)?;
+        let v = self.split_heads(&self.v.forward(src, mode)?)?;
+        self.attend(&q, &k, &v, bias, mode)
+    }
+
+    /// Decoder self-attention for new positions, appending their keys/values to `cache`.
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache, bias: &Tensor) -> Result<Tensor> {
+        let q = self.split_heads(&self.q.forward(x, &Mode::INFER)?)?;
+        let k = self.split_heads(&self.k.forward(x, &Mode::INFER)?)?;
+        let v = self.split_heads(&self.v.forward(x, &Mode::INFER)?)?;
+        let (k, v) = cache.append(&k, &v)?;
+        self.attend(&q, &k, &v, bias, &Mode::INFER)
+    }
+
+    /// Cross-attention over precomputed keys/values.
+    pub fn forward_cross(&self, x: &Tensor, kv: &CrossKv, bias: &Tensor) -> Result<Tensor> {
+        let q = self.split_heads(&self.q.forward(x, &Mode::INFER)?)?;
+        self.attend(&q, &kv.k, &kv.v, bias, &Mode::INFER)
+    }
+}
+
+/// Additive padding bias (b, 1, 1, s) from a 0/1 mask (b, s).
+pub fn padding_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, s) = mask.dims2()?;
+    let m = mask.to_dtype(DType::F32)?;
+    let bias = ((m - 1.0)? * -MASKED)?; // 0 where kept, MASKED where padded
+    Ok(bias.reshape((b, 1, 1, s))?.to_dtype(dtype)?)
+}
+
+/// Additive causal bias (1, 1, t, t).
+pub fn causal_bias(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j > i { MASKED as f32 } else { 0.0 })).collect();
+    Ok(Tensor::from_vec(v, (1, 1, t, t), device)?.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_follow_hf_rules() {
+        // Bidirectional, 32 buckets, max distance 128: exact for |r| < 8, sign split at 16.
+        assert_eq!(bucket(0, true, 32, 128), 0);
+        assert_eq!(bucket(-3, true, 32, 128), 3);
+        assert_eq!(bucket(3, true, 32, 128), 19);
+        assert_eq!(bucket(-1000, true, 32, 128), 15);
+        assert_eq!(bucket(1000, true, 32, 128), 31);
+        // Unidirectional: future positions (r > 0) all share bucket 0.
+        assert_eq!(bucket(5, false, 32, 128), 0);
+        assert_eq!(bucket(-5, false, 32, 128), 5);
+        assert_eq!(bucket(-1000, false, 32, 128), 31);
+        // Monotone in distance.
+        let b: Vec<u32> = (0..300).map(|r| bucket(-r, false, 32, 128)).collect();
+        assert!(b.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn device_bucket_matrix_matches_scalar_rule() {
+        let t = BucketTable::new(true, 32, 128, &Device::Cpu).unwrap();
+        let m: Vec<Vec<u32>> = t.buckets(5, 300, 2).unwrap().to_vec2().unwrap();
+        for (i, row) in m.iter().enumerate() {
+            for (j, b) in row.iter().enumerate() {
+                assert_eq!(*b, bucket(j as i64 - (i as i64 + 2), true, 32, 128), "q {i} k {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn kv_cache_appends_in_place_and_grows() {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(2, 1, 2, 3, DType::F32, &dev).unwrap();
+        for step in 0..3 {
+            let k = Tensor::full(step as f32, (2, 1, 1, 3), &dev).unwrap();
+            let (kk, _) = c.append(&k, &k).unwrap();
+            assert_eq!(kk.dims(), &[2, 1, step + 1, 3]);
+        }
+        let all: Vec<f32> = c.k.narrow(2, 0, 3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(&all[..9], &[0., 0., 0., 1., 1., 1., 2., 2., 2.]);
+        c.select(&Tensor::new(&[1u32], &dev).unwrap()).unwrap();
+        assert_eq!(c.k.dims()[0], 1);
+    }
+}

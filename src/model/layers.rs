@@ -1,0 +1,235 @@
+//! The small modules T5 is made of: Linear (with an optional LoRA adapter), T5's RMS layer norm, the
+//! feed-forward block, activations, dropout and a softmax that has a backward pass.
+
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+
+use super::config::{Activation, FeedForward};
+use crate::error::Result;
+use crate::rng::Rng;
+
+/// What a forward pass is for: inference, or training (dropout on, differentiable softmax).
+pub struct Mode<'a> {
+    pub train: Option<&'a std::cell::RefCell<TrainState>>,
+}
+
+impl Mode<'_> {
+    pub const INFER: Mode<'static> = Mode { train: None };
+}
+
+/// Training-time randomness: model and LoRA dropout rates, and the generator for their masks.
+pub struct TrainState {
+    pub dropout: f64,
+    pub rng: Rng,
+}
+
+/// Inverted dropout with a mask drawn from our own seeded generator (candle's CPU RNG cannot be seeded).
+pub fn dropout(x: &Tensor, p: f64, mode: &Mode) -> Result<Tensor> {
+    let Some(state) = mode.train else { return Ok(x.clone()) };
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let n = x.elem_count();
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = {
+        let mut st = state.borrow_mut();
+        (0..n).map(|_| if st.rng.next_f64() < p { 0.0 } else { scale }).collect()
+    };
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+/// Model dropout rate in training mode (0 at inference).
+pub fn model_dropout(x: &Tensor, mode: &Mode) -> Result<Tensor> {
+    match mode.train {
+        Some(s) => {
+            let p = s.borrow().dropout;
+            dropout(x, p, mode)
+        }
+        None => Ok(x.clone()),
+    }
+}
+
+/// Softmax over the last dimension in f32. The fused kernel has no backward pass, so training uses
+/// the composed form.
+pub fn softmax_last_dim(x: &Tensor, train: bool) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let y = if train {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&x)?
+    };
+    Ok(y.to_dtype(dtype)?)
+}
+
+/// LoRA: `B @ A` added to a frozen weight, scaled by `scale` (alpha / r, or alpha / sqrt(r)).
+#[derive(Clone)]
+pub struct Lora {
+    /// (r, in)
+    pub a: Var,
+    /// (out, r)
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+/// A bias-free linear layer (T5 has no biases). `weight` is (out, in), as in HF checkpoints.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor) -> Self {
+        Linear { weight, lora: None }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (lead, k) = dims.split_at(dims.len() - 1);
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, k[0]))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(l) = &self.lora {
+            let xd = dropout(&x2, l.dropout, mode)?;
+            let a = l.a.as_tensor().to_dtype(x.dtype())?;
+            let b = l.b.as_tensor().to_dtype(x.dtype())?;
+            let delta = xd.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            y = (y + (delta * l.scale)?)?;
+        }
+        let mut out_shape = lead.to_vec();
+        out_shape.push(self.out_dim());
+        Ok(y.reshape(out_shape)?)
+    }
+
+    /// The weight with the adapter folded in: W + scale * B @ A.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        match &self.lora {
+            None => Ok(self.weight.clone()),
+            Some(l) => {
+                let delta = (l.b.as_tensor().to_dtype(DType::F32)?.matmul(&l.a.as_tensor().to_dtype(DType::F32)?)? * l.scale)?;
+                Ok((self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.weight.dtype())?)
+            }
+        }
+    }
+}
+
+/// T5's layer norm: RMS only (no mean, no bias), computed in f32.
+#[derive(Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(y.to_dtype(dtype)?.broadcast_mul(&self.weight.to_dtype(dtype)?)?)
+    }
+}
+
+pub fn activate(x: &Tensor, a: Activation) -> Result<Tensor> {
+    Ok(match a {
+        Activation::Relu => x.relu()?,
+        Activation::Gelu => x.gelu_erf()?,
+        Activation::GeluNew => x.gelu()?,
+        Activation::Silu => candle_nn::Activation::Silu.forward(x)?,
+    })
+}
+
+/// The feed-forward block: `wo(act(wi(x)))`, or gated `wo(act(wi_0(x)) * wi_1(x))`.
+#[derive(Clone)]
+pub struct Ffn {
+    pub kind: FeedForward,
+    /// `wi` (not gated) or `wi_0` (gated).
+    pub wi: Linear,
+    /// `wi_1` when gated.
+    pub wi_1: Option<Linear>,
+    pub wo: Linear,
+}
+
+impl Ffn {
+    pub fn forward(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
+        let h = activate(&self.wi.forward(x, mode)?, self.kind.activation)?;
+        let h = match &self.wi_1 {
+            Some(w1) => (h * w1.forward(x, mode)?)?,
+            None => h,
+        };
+        let h = model_dropout(&h, mode)?;
+        self.wo.forward(&h, mode)
+    }
+}
+
+/// Zero-filled tensor on a device in a dtype — used for starting values.
+pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::zeros(shape, dtype, device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_formula() {
+        let x = Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu).unwrap();
+        let n = RmsNorm { weight: Tensor::new(&[1f32, 1., 2., 1.], &Device::Cpu).unwrap(), eps: 1e-6 };
+        let y: Vec<f32> = n.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let rms = ((1. + 4. + 9. + 16.) / 4f32 + 1e-6).sqrt();
+        let want = [1. / rms, 2. / rms, 6. / rms, 4. / rms];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn softmax_train_and_infer_agree_and_train_has_gradients() {
+        let v = Var::new(&[[1f32, 2., 3.], [0., -1., 5.]], &Device::Cpu).unwrap();
+        let a = softmax_last_dim(v.as_tensor(), true).unwrap();
+        let b = softmax_last_dim(v.as_tensor(), false).unwrap();
+        let d: f32 = (a.clone() - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d < 1e-6);
+        // d/dx of softmax(x)[0,0]: nonzero gradient flows back.
+        let loss = a.narrow(1, 0, 1).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        let gx = g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(gx > 0.0);
+    }
+
+    #[test]
+    fn lora_adds_scaled_delta_and_merges() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 1.]], &dev).unwrap(); // out 3, in 2
+        let a = Var::new(&[[1f32, 2.]], &dev).unwrap(); // r=1, in=2
+        let b = Var::new(&[[1f32], [0.], [-1.]], &dev).unwrap(); // out=3, r=1
+        let lin = Linear { weight: w, lora: Some(Lora { a, b, scale: 2.0, dropout: 0.0 }) };
+        let x = Tensor::new(&[[1f32, 1.]], &dev).unwrap();
+        let y: Vec<f32> = lin.forward(&x, &Mode::INFER).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        // base: [1,1,2]; delta: x@A^T = 3; @B^T = [3,0,-3]; * 2 = [6,0,-6]
+        assert_eq!(y, vec![7., 1., -4.]);
+        let merged = Linear::new(lin.merged_weight().unwrap());
+        let y2: Vec<f32> = merged.forward(&x, &Mode::INFER).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(y, y2);
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_inactive_at_inference() {
+        let x = Tensor::ones((4, 8), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(dropout(&x, 0.5, &Mode::INFER).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 32.0);
+        let st = std::cell::RefCell::new(TrainState { dropout: 0.5, rng: Rng::new(3) });
+        let a: Vec<f32> = dropout(&x, 0.5, &Mode { train: Some(&st) }).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let st2 = std::cell::RefCell::new(TrainState { dropout: 0.5, rng: Rng::new(3) });
+        let b: Vec<f32> = dropout(&x, 0.5, &Mode { train: Some(&st2) }).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
+        assert!(a.iter().all(|v| *v == 0.0 || *v == 2.0));
+    }
+}

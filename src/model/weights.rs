@@ -1,0 +1,219 @@
+//! Checkpoint files: finding a model's files (a local folder or a Hub model id), reading safetensors
+//! (single or sharded with an index) with errors that name the tensor, and hashing content for
+//! provenance.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::hub::{looks_like_repo_id, Hub, RepoId};
+
+pub const CONFIG: &str = "config.json";
+pub const SAFETENSORS: &str = "model.safetensors";
+pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+pub const TOKENIZER: &str = "tokenizer.json";
+
+/// The files of one model checkpoint on local disk.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// What the user named (folder or Hub id), for messages.
+    pub origin: String,
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+}
+
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index.display(), e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::model(format!("{}: invalid index JSON: {e}", index.display())))?;
+    let map = v["weight_map"]
+        .as_object()
+        .ok_or_else(|| Error::model(format!("{}: no `weight_map`", index.display())))?;
+    let files: BTreeSet<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    if files.is_empty() {
+        return Err(Error::model(format!("{}: empty `weight_map`", index.display())));
+    }
+    Ok(files.into_iter().collect())
+}
+
+/// Locate a model: a local folder, else a Hub model id (downloaded into the HF cache).
+pub async fn locate(path: &str, revision: Option<&str>, hub: &Hub) -> Result<ModelFiles> {
+    let dir = Path::new(path);
+    if dir.is_dir() {
+        let config = dir.join(CONFIG);
+        if !config.is_file() {
+            return Err(Error::model(format!("{path}: missing file {CONFIG}")));
+        }
+        let weights = if dir.join(SAFETENSORS).is_file() {
+            vec![dir.join(SAFETENSORS)]
+        } else if dir.join(SAFETENSORS_INDEX).is_file() {
+            let names = shard_names(&dir.join(SAFETENSORS_INDEX))?;
+            let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+            if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+                return Err(Error::model(format!("{path}: missing shard {} named in {SAFETENSORS_INDEX}", missing.display())));
+            }
+            files
+        } else if dir.join("pytorch_model.bin").is_file() {
+            return Err(Error::model(format!(
+                "{path}: only pytorch_model.bin found; conala reads safetensors (convert with `model.save_pretrained(dir, safe_serialization=True)`)"
+            )));
+        } else {
+            return Err(Error::model(format!("{path}: missing file {SAFETENSORS} (or {SAFETENSORS_INDEX})")));
+        };
+        let tok = dir.join(TOKENIZER);
+        return Ok(ModelFiles { origin: path.to_string(), config, weights, tokenizer: tok.is_file().then_some(tok) });
+    }
+    if dir.exists() {
+        return Err(Error::model(format!("{path}: is a file; a model is a folder or a Hub model id")));
+    }
+    if !looks_like_repo_id(path) || path.starts_with('.') || path.contains('\\') {
+        return Err(Error::model(format!("{path}: no such model folder")));
+    }
+    let repo = RepoId::model(path);
+    let rev = revision.unwrap_or("main");
+    let config = hub.fetch(&repo, rev, CONFIG).await?;
+    let weights = match hub.fetch(&repo, rev, SAFETENSORS).await {
+        Ok(p) => vec![p],
+        Err(single_err) => match hub.fetch(&repo, rev, SAFETENSORS_INDEX).await {
+            Ok(index) => {
+                let mut out = vec![];
+                for n in shard_names(&index)? {
+                    out.push(hub.fetch(&repo, rev, &n).await?);
+                }
+                out
+            }
+            Err(_) => return Err(single_err),
+        },
+    };
+    let tokenizer = hub.fetch(&repo, rev, TOKENIZER).await.ok();
+    Ok(ModelFiles { origin: path.to_string(), config, weights, tokenizer })
+}
+
+/// Tensors of a checkpoint, read on demand and converted to the model's dtype and device.
+pub struct Weights {
+    st: MmapedSafetensors,
+    origin: String,
+    names: BTreeMap<String, Vec<usize>>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Weights {
+    pub fn open(files: &[PathBuf], origin: &str, device: &Device, dtype: DType) -> Result<Weights> {
+        for f in files {
+            check_safetensors_header(f)?;
+        }
+        // SAFETY: the files are memory-mapped read-only; conala does not modify checkpoints while a
+        // model is loaded from them.
+        let st = unsafe { MmapedSafetensors::multi(files) }
+            .map_err(|e| Error::model(format!("{origin}: corrupt safetensors: {e}")))?;
+        let names = st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
+        Ok(Weights { st, origin: origin.to_string(), names, device: device.clone(), dtype })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.names.keys()
+    }
+
+    /// The tensor `name` with exactly `shape`, in the model's dtype and device.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Some(found) = self.names.get(name) else {
+            return Err(Error::model(format!("{}: missing tensor `{name}`", self.origin)));
+        };
+        if found.as_slice() != shape {
+            return Err(Error::model(format!(
+                "{}: tensor `{name}` has shape {found:?}, expected {shape:?}",
+                self.origin
+            )));
+        }
+        let t = self.st.load(name, &Device::Cpu).map_err(|e| Error::model(format!("{}: reading `{name}`: {e}", self.origin)))?;
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+}
+
+/// A safetensors file starts with an 8-byte little-endian header length and a JSON header; check both
+/// so a truncated or foreign file gets a clear message.
+fn check_safetensors_header(path: &Path) -> Result<()> {
+    let bad = |why: &str| Error::model(format!("{}: corrupt safetensors ({why})", path.display()));
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path.display(), e))?;
+    let size = f.metadata().map_err(|e| Error::io(path.display(), e))?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| bad("shorter than its header"))?;
+    let n = u64::from_le_bytes(len);
+    if n == 0 || n > 100_000_000 || 8 + n > size {
+        return Err(bad("invalid header length"));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|_| bad("truncated header"))?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|_| bad("header is not JSON"))?;
+    let max_end = v
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| *k != "__metadata__")
+                .filter_map(|(_, t)| t["data_offsets"][1].as_u64())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    if 8 + n + max_end > size {
+        return Err(bad("file is truncated: tensor data ends past the end of the file"));
+    }
+    Ok(())
+}
+
+/// SHA-256 of the files' contents, in order (the model's identity in manifests).
+pub fn content_hash(files: &[PathBuf]) -> Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for p in files {
+        let mut f = std::fs::File::open(p).map_err(|e| Error::io(p.display(), e))?;
+        loop {
+            let n = f.read(&mut buf).map_err(|e| Error::io(p.display(), e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(format!("sha256:{:x}", h.finalize()))
+}
+
+/// Write tensors as one safetensors file (HF naming), with `format: pt` metadata as transformers writes.
+pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let mut owned: Vec<(String, Vec<u8>, Vec<usize>, Dtype)> = vec![];
+    for (name, t) in tensors {
+        let t = t.to_device(&Device::Cpu)?.contiguous()?;
+        let (bytes, dtype) = match t.dtype() {
+            DType::F32 => (t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32),
+            DType::BF16 => (t.flatten_all()?.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::BF16),
+            DType::F16 => (t.flatten_all()?.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F16),
+            other => return Err(Error::model(format!("saving `{name}`: unsupported dtype {other:?}"))),
+        };
+        owned.push((name.clone(), bytes, t.dims().to_vec(), dtype));
+    }
+    let views: Vec<(String, TensorView)> = owned
+        .iter()
+        .map(|(n, b, s, d)| Ok((n.clone(), TensorView::new(*d, s.clone(), b).map_err(|e| Error::model(format!("{n}: {e}")))?)))
+        .collect::<Result<_>>()?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::model(format!("{}: {e}", path.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path.display(), e))?;
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! The operators a plan's steps name. Each is built from its settings and the schema it receives —
+//! building it is the validation: a missing column or a bad path fails here, before any work — and it
+//! declares the schema it yields. At run time a transform maps a record-batch stream to a stream; a
+//! sink (`write`, `train`) consumes one.
+
+pub mod evaluate;
+pub mod filter;
+pub mod format;
+pub mod generate;
+pub mod source;
+pub mod tokenize;
+pub mod train;
+pub mod write;
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
+use datafusion::execution::SendableRecordBatchStream;
+
+use crate::error::{closest, Result};
+use crate::manifest::RunStats;
+
+/// A transform step: a schema contract and a stream transform.
+pub trait Operator: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The schema of the batches `execute` yields.
+    fn schema(&self) -> SchemaRef;
+    fn execute(&self, input: SendableRecordBatchStream, exec: &Exec) -> Result<SendableRecordBatchStream>;
+}
+
+/// What a running step may use besides its input: the run's counters and facts, and how to report
+/// progress.
+#[derive(Clone)]
+pub struct Exec {
+    pub stats: Arc<RunStats>,
+    pub progress_bars: bool,
+}
+
+/// A problem with one step's settings found while building it: which key, and what is wrong. The plan
+/// runner adds the file and step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepError {
+    pub key: Option<String>,
+    pub message: String,
+    pub suggestion: Option<String>,
+}
+
+impl StepError {
+    pub fn at(key: &str, message: impl std::fmt::Display) -> Self {
+        StepError { key: Some(key.to_string()), message: message.to_string(), suggestion: None }
+    }
+    pub fn general(message: impl std::fmt::Display) -> Self {
+        StepError { key: None, message: message.to_string(), suggestion: None }
+    }
+}
+
+pub type StepResult<T> = std::result::Result<T, StepError>;
+
+/// Look up a column the step needs; the error lists what the input has and suggests the closest name.
+pub fn require_column<'a>(schema: &'a Schema, key: &str, column: &str) -> StepResult<&'a Arc<datafusion::arrow::datatypes::Field>> {
+    match schema.fields().iter().find(|f| f.name() == column) {
+        Some(f) => Ok(f),
+        None => {
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            Err(StepError {
+                key: Some(key.to_string()),
+                message: format!("missing column `{column}` (the input has: {})", names.join(", ")),
+                suggestion: closest(column, names.iter().copied()),
+            })
+        }
+    }
+}
+
+/// Like [`require_column`], and the column must hold text.
+pub fn require_text_column(schema: &Schema, key: &str, column: &str) -> StepResult<()> {
+    let f = require_column(schema, key, column)?;
+    match f.data_type() {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Ok(()),
+        other => Err(StepError::at(key, format!("column `{column}` holds {other}, expected text"))),
+    }
+}
+
+/// Columns an operator adds must not collide with existing ones.
+pub fn require_new_column(schema: &Schema, key: &str, column: &str) -> StepResult<()> {
+    if schema.field_with_name(column).is_ok() {
+        return Err(StepError::at(key, format!("column `{column}` already exists; choose another output name")));
+    }
+    Ok(())
+}

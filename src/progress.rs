@@ -1,0 +1,91 @@
+//! Progress of long work: a live bar on a terminal (rows/s, tokens/s, ETA), plain log lines otherwise.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// How often plain log lines are printed when stderr is not a terminal.
+const LOG_EVERY: Duration = Duration::from_secs(15);
+
+pub struct Progress {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// `(rows done, tokens done)`; tokens are optional.
+pub type Sample = (u64, Option<u64>);
+
+impl Progress {
+    /// Start reporting. `sample` is polled from a background thread; `total` rows, when known, gives an ETA.
+    pub fn start(label: &str, unit: &str, bars: bool, total: Option<u64>, sample: impl Fn() -> Sample + Send + 'static) -> Progress {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let label = label.to_string();
+        let unit = unit.to_string();
+        let handle = std::thread::spawn(move || {
+            let started = Instant::now();
+            let bar = bars.then(|| {
+                let b = match total {
+                    Some(t) => ProgressBar::new(t),
+                    None => ProgressBar::new_spinner(),
+                };
+                let template = if total.is_some() {
+                    format!("{{prefix}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} {{msg}} ETA {{eta}}")
+                } else {
+                    format!("{{prefix}} [{{elapsed_precise}}] {{spinner}} {{pos}} {unit} {{msg}}")
+                };
+                b.set_style(ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+                b.set_prefix(label.clone());
+                b
+            });
+            let mut last_log = Instant::now();
+            loop {
+                let done = flag.load(Ordering::Relaxed);
+                let (rows, tokens) = sample();
+                let secs = started.elapsed().as_secs_f64().max(1e-9);
+                let mut msg = format!("{:.1} {unit}/s", rows as f64 / secs);
+                if let Some(t) = tokens {
+                    msg.push_str(&format!(", {t} tokens, {:.1} tokens/s", t as f64 / secs));
+                }
+                match &bar {
+                    Some(b) => {
+                        b.set_position(rows);
+                        b.set_message(msg);
+                    }
+                    None if last_log.elapsed() >= LOG_EVERY && !done => {
+                        let eta = total
+                            .filter(|_| rows > 0)
+                            .map(|t| format!(", ETA {:.0}s", t.saturating_sub(rows) as f64 * secs / rows as f64))
+                            .unwrap_or_default();
+                        log::info!("{label}: {rows} {unit}, {msg}{eta}");
+                        last_log = Instant::now();
+                    }
+                    None => {}
+                }
+                if done {
+                    if let Some(b) = bar {
+                        b.finish_and_clear();
+                    }
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(if bars { 200 } else { 500 }));
+            }
+        });
+        Progress { stop, handle: Some(handle) }
+    }
+
+    pub fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,240 @@
+//! Shared test helpers: a local stand-in for the Hugging Face Hub, paths to shipped data, and small
+//! builders for contexts and plans.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use conala::context::Context;
+use conala::hub::HubConfig;
+use sha2::{Digest, Sha256};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn data_dir() -> PathBuf {
+    repo_root().join("data/conala")
+}
+
+pub fn tokenizer_path() -> PathBuf {
+    repo_root().join("data/tokenizer/conala-unigram-8k.json")
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_conala"))
+}
+
+/// A context that talks to `endpoint` (or nothing) with its own cache folder.
+pub fn context(endpoint: Option<&str>, cache: &Path, offline: bool) -> Context {
+    Context::new(HubConfig {
+        endpoint: endpoint.unwrap_or("http://127.0.0.1:9").to_string(),
+        cache_dir: cache.to_path_buf(),
+        token: None,
+        offline,
+        progress: false,
+    })
+    .expect("context")
+}
+
+pub fn context_with_token(endpoint: &str, cache: &Path, token: &str) -> Context {
+    Context::new(HubConfig {
+        endpoint: endpoint.to_string(),
+        cache_dir: cache.to_path_buf(),
+        token: Some(token.to_string()),
+        offline: false,
+        progress: false,
+    })
+    .expect("context")
+}
+
+/// A request the stand-in saw: method, path, Authorization header.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub auth: Option<String>,
+}
+
+/// A stand-in for the Hub on 127.0.0.1, serving repositories laid out as
+/// `ROOT/{datasets,models}/ID/REVISION/files…` (a `/` in a revision is written `__` in the folder
+/// name). It answers the calls hf-hub makes: `GET /api/{datasets,models}/ID/revision/REV` (the file
+/// listing) and `GET [/datasets]/ID/resolve/REV/FILE` with Range support, etag and x-repo-commit. A
+/// repo folder with a `.token` file requires `Authorization: Bearer <token>`.
+pub struct HubServer {
+    pub endpoint: String,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl HubServer {
+    pub fn start(root: PathBuf) -> HubServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let seen = Arc::new(Mutex::new(vec![]));
+        let s2 = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let root = root.clone();
+                let seen = s2.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &root, &seen);
+                });
+            }
+        });
+        HubServer { endpoint, seen }
+    }
+}
+
+fn commit_for(rev: &str) -> String {
+    let h = Sha256::digest(rev.as_bytes());
+    h.iter().take(20).map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn list_files(dir: &Path, base: &Path, out: &mut Vec<String>) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                list_files(&p, base, out);
+            } else if let Ok(rel) = p.strip_prefix(base) {
+                let rel = rel.to_string_lossy().to_string();
+                if !rel.starts_with('.') {
+                    out.push(rel);
+                }
+            }
+        }
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8]) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()
+}
+
+fn serve(mut stream: TcpStream, root: &Path, seen: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut first = String::new();
+    reader.read_line(&mut first)?;
+    let mut range: Option<(u64, Option<u64>)> = None;
+    let mut auth = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("range: bytes=") {
+            let (a, b) = v.trim().split_once('-').unwrap_or(("0", ""));
+            range = Some((a.parse().unwrap_or(0), b.parse().ok()));
+        }
+        if lower.starts_with("authorization:") {
+            auth = Some(line["authorization:".len()..].trim().to_string());
+        }
+    }
+    let path = first.split_whitespace().nth(1).unwrap_or("/").to_string();
+    seen.lock().unwrap().push(Seen { path: path.clone(), auth: auth.clone() });
+    let not_found = |s: &mut TcpStream| respond(s, "404 Not Found", &[], b"{\"error\":\"Repository not found\"}");
+
+    // Which repo, revision and file?
+    let (kind, rest) = if let Some(r) = path.strip_prefix("/api/datasets/") {
+        ("datasets", format!("api:{r}"))
+    } else if let Some(r) = path.strip_prefix("/api/models/") {
+        ("models", format!("api:{r}"))
+    } else if let Some(r) = path.strip_prefix("/datasets/") {
+        ("datasets", r.to_string())
+    } else {
+        ("models", path.trim_start_matches('/').to_string())
+    };
+    let (id, rev, file) = if let Some(r) = rest.strip_prefix("api:") {
+        let Some((id, rev)) = r.split_once("/revision/") else { return not_found(&mut stream) };
+        (id.to_string(), decode(rev.split('?').next().unwrap_or("")), None)
+    } else {
+        let Some((id, tail)) = rest.split_once("/resolve/") else { return not_found(&mut stream) };
+        let Some((rev, file)) = tail.split_once('/') else { return not_found(&mut stream) };
+        (id.to_string(), decode(rev), Some(decode(file)))
+    };
+    let repo = root.join(kind).join(&id);
+    if let Ok(token) = std::fs::read_to_string(repo.join(".token")) {
+        if auth.as_deref() != Some(&format!("Bearer {}", token.trim())) {
+            return respond(&mut stream, "401 Unauthorized", &[], b"{\"error\":\"gated\"}");
+        }
+    }
+    let dir = repo.join(rev.replace('/', "__"));
+    if !dir.is_dir() {
+        return not_found(&mut stream);
+    }
+    let commit = commit_for(&format!("{id}@{rev}"));
+    match file {
+        None => {
+            let mut files = vec![];
+            list_files(&dir, &dir, &mut files);
+            files.sort();
+            let siblings: Vec<String> = files.iter().map(|f| format!("{{\"rfilename\":\"{f}\"}}")).collect();
+            let body = format!("{{\"id\":\"{id}\",\"sha\":\"{commit}\",\"siblings\":[{}]}}", siblings.join(","));
+            respond(&mut stream, "200 OK", &[("Content-Type".into(), "application/json".into())], body.as_bytes())
+        }
+        Some(f) => {
+            let Ok(bytes) = std::fs::read(dir.join(&f)) else { return not_found(&mut stream) };
+            let etag = format!("\"{}\"", Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>());
+            let total = bytes.len() as u64;
+            let mut headers = vec![("ETag".to_string(), etag), ("X-Repo-Commit".to_string(), commit)];
+            match range {
+                Some((a, b)) if total > 0 => {
+                    let end = b.unwrap_or(total - 1).min(total - 1);
+                    headers.push(("Content-Range".into(), format!("bytes {a}-{end}/{total}")));
+                    respond(&mut stream, "206 Partial Content", &headers, &bytes[a as usize..=end as usize])
+                }
+                _ => respond(&mut stream, "200 OK", &headers, &bytes),
+            }
+        }
+    }
+}
+
+/// Lay out a dataset repo for the stand-in: `files` are (path in repo, source file) at `revision`.
+pub fn put_repo_file(root: &Path, kind: &str, id: &str, revision: &str, path: &str, src: &Path) {
+    let dst = root.join(kind).join(id).join(revision.replace('/', "__")).join(path);
+    std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+    std::fs::copy(src, &dst).unwrap();
+}
+
+pub fn put_repo_bytes(root: &Path, kind: &str, id: &str, revision: &str, path: &str, bytes: &[u8]) {
+    let dst = root.join(kind).join(id).join(revision.replace('/', "__")).join(path);
+    std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+    std::fs::write(&dst, bytes).unwrap();
+}
+
+/// Run the `conala` binary; returns (status ok, stdout, stderr).
+pub fn run_cli(args: &[&str], envs: &[(&str, &str)], cwd: &Path) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(binary());
+    cmd.args(args).current_dir(cwd).env("NO_PROXY", "127.0.0.1,localhost").env_remove("HF_TOKEN");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run conala");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
