@@ -7,6 +7,7 @@ Run by hand (pip install torch transformers peft safetensors); writes tests/fixt
     decoder_input_ids                 24 decoder tokens (exercises the decoder's log-spaced buckets)
     encoder_hidden                    encoder last hidden state
     logits                            teacher-forced decoder logits
+    *_f64                             the same computed in float64 (the exact answer both round)
     greedy, greedy_rep                generate(max_new_tokens=32), without / with repetition_penalty=1.3
     beam, beam_lp                     num_beams=3 (length_penalty 1.0 / 0.6 + early_stopping)
     buckets_bi, buckets_uni           _relative_position_bucket over relative positions -300..299
@@ -17,6 +18,7 @@ Families: t5 (relu, tied), flan-t5 (gated-gelu, untied), ul2 (gated-silu, untied
 
 Usage: python3 scripts/make_parity_fixtures.py tests/fixtures/parity
 """
+import copy
 import json
 import os
 import sys
@@ -57,19 +59,19 @@ def build(family: str, seed: int) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
     cfg = tiny_config(family)
     model = T5ForConditionalGeneration(cfg)
-    if not cfg.tie_word_embeddings:
+    tied = FAMILIES[family]["tie_word_embeddings"]  # T5Config itself now always says True
+    if not tied:
         # transformers 5 ties lm_head to `shared` at construction even when tie_word_embeddings is
         # false; give the model its own output layer and drop it from the tied-weights mapping.
         model.lm_head = torch.nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         torch.nn.init.normal_(model.lm_head.weight, std=cfg.initializer_factor)
-        tied = getattr(model, "_tied_weights_keys", None)
-        if isinstance(tied, dict):
-            model._tied_weights_keys = {k: v for k, v in tied.items() if "lm_head" not in k}
-        elif isinstance(tied, list):
-            model._tied_weights_keys = [k for k in tied if "lm_head" not in k]
+        # transformers 5 keeps the expanded mapping in `all_tied_weights_keys` (used by save_pretrained
+        # and tie_weights); without this the fresh lm_head would be dropped when saving.
+        model.all_tied_weights_keys.pop("lm_head.weight", None)
+        assert model.lm_head.weight is not model.shared.weight
     # Keep greedy outputs informative: pad is never the best token, and `</s>` only sometimes.
     with torch.no_grad():
-        out = model.shared if cfg.tie_word_embeddings else model.lm_head
+        out = model.shared if tied else model.lm_head
         out.weight[0].mul_(0.0)
         out.weight[1].mul_(0.7)
     model.eval()
@@ -96,9 +98,15 @@ def outputs(model, ids, mask, dec):
     enc = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
     logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     gen = lambda **kw: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, **kw)
+    # The same model in float64: the exact answer that float32 implementations (HF's and ours) round.
+    m64 = copy.deepcopy(model).double()
+    enc64 = m64.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits64 = m64(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     return {
         "encoder_hidden": enc.float().contiguous(),
         "logits": logits.float().contiguous(),
+        "encoder_hidden_f64": enc64.contiguous(),
+        "logits_f64": logits64.contiguous(),
         "greedy": gen(),
         "greedy_rep": gen(repetition_penalty=1.3),
         "beam": gen(num_beams=3),
@@ -130,6 +138,8 @@ def save_model(model, out: str, tied: bool) -> None:
 
 def check_reload(out: str, ids, mask, expect) -> None:
     again = T5ForConditionalGeneration.from_pretrained(out).eval()
+    if not again.config.scale_decoder_outputs:
+        assert again.lm_head.weight is not again.shared.weight, f"{out}: lm_head was tied on reload"
     with torch.no_grad():
         got = again.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
     assert torch.equal(got, expect), f"{out}: reloaded model generates differently"

@@ -65,6 +65,21 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
 
+/// Within 1e-4 of HF relative to the outputs' magnitude, and no further from the exact (float64)
+/// answer than HF's own float32 result is. On these fixtures (logits up to ~85) HF f32 itself is up to
+/// 4e-3 away from f64: absolute agreement tighter than the rounding of either is not meaningful.
+fn assert_close(what: &str, ours: &Tensor, hf: &Tensor, exact: &Tensor, mask: Option<&Tensor>) {
+    let (ours, hf, exact) = match mask {
+        Some(m) => (ours.broadcast_mul(m).unwrap(), hf.broadcast_mul(m).unwrap(), exact.to_dtype(DType::F32).unwrap().broadcast_mul(m).unwrap()),
+        None => (ours.clone(), hf.clone(), exact.to_dtype(DType::F32).unwrap()),
+    };
+    let scale: f32 = hf.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    let d = max_diff(&ours, &hf);
+    assert!(d <= 1e-4 * scale, "{what}: differs from HF by {d} (scale {scale})");
+    let (ours_err, hf_err) = (max_diff(&ours, &exact), max_diff(&hf, &exact));
+    assert!(ours_err <= (4.0 * hf_err).max(1e-5 * scale), "{what}: {ours_err} from the f64 answer, HF f32 is {hf_err} from it");
+}
+
 fn gen(model: &T5, rows: &[Vec<u32>], o: &DecodeOptions) -> Vec<Generated> {
     let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
     generate(model, &refs, &vec![0; refs.len()], o).unwrap()
@@ -81,12 +96,12 @@ fn check_family(family: &str) {
     // Encoder states at real (unpadded) positions.
     let enc = model.encode(&ids, &mask, &Mode::INFER).unwrap();
     let m = io["attention_mask"].to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+    assert_close(&format!("{family} encoder"), &enc, &io["encoder_hidden"], &io["encoder_hidden_f64"], Some(&m));
     let d = max_diff(&enc.broadcast_mul(&m).unwrap(), &io["encoder_hidden"].broadcast_mul(&m).unwrap());
     assert!(d < 1e-4, "{family}: encoder differs by {d}");
     // Teacher-forced logits over 24 decoder positions.
     let logits = model.forward(&ids, &mask, &as_u32(&io["decoder_input_ids"]), &Mode::INFER).unwrap();
-    let d = max_diff(&logits, &io["logits"]);
-    assert!(d < 1e-4, "{family}: logits differ by {d}");
+    assert_close(&format!("{family} logits"), &logits, &io["logits"], &io["logits_f64"], None);
     // Greedy, with and without repetition penalty; beam search.
     let r = rows(&io);
     let o = DecodeOptions { max_new_tokens: 32, ..Default::default() };
@@ -154,7 +169,8 @@ fn single_row_matches_candle_transformers_t5() {
     let ours = model.forward(&ids, &mask, &dec, &Mode::INFER).unwrap().narrow(1, 4, 1).unwrap().squeeze(1).unwrap();
     let their = theirs.decode(&dec, &their_enc).unwrap();
     let d = max_diff(&ours, &their);
-    assert!(d < 1e-4, "differs by {d}");
+    let scale: f32 = their.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    assert!(d <= 1e-4 * scale, "differs by {d} (logits up to {scale})");
 }
 
 /// Bad checkpoints get clear errors naming the file or tensor.

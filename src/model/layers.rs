@@ -133,7 +133,8 @@ impl RmsNorm {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        // x * rsqrt(var + eps), as HF computes it.
+        let y = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
         Ok(y.to_dtype(dtype)?.broadcast_mul(&self.weight.to_dtype(dtype)?)?)
     }
 }
