@@ -47,8 +47,11 @@ async fn outputs(ctx: &conala::Context, table: &str, path: &Path) -> HashMap<u64
     let mut out = HashMap::new();
     for b in batches {
         let ids = b.column(0).as_any().downcast_ref::<UInt64Array>().unwrap();
-        let p = b.column(1).as_any().downcast_ref::<StringArray>().unwrap();
-        let f = b.column(2).as_any().downcast_ref::<StringArray>().unwrap();
+        // Parquet strings come back from DataFusion as Utf8View; compare as plain strings.
+        let text = |i: usize| datafusion::arrow::compute::cast(b.column(i), &datafusion::arrow::datatypes::DataType::Utf8).unwrap();
+        let (p, f) = (text(1), text(2));
+        let p = p.as_any().downcast_ref::<StringArray>().unwrap();
+        let f = f.as_any().downcast_ref::<StringArray>().unwrap();
         let n = b.column(3).as_any().downcast_ref::<Int64Array>().unwrap();
         for i in 0..b.num_rows() {
             let prev = out.insert(ids.value(i), (p.is_valid(i).then(|| p.value(i).to_string()), f.value(i).to_string(), n.is_valid(i).then(|| n.value(i))));
