@@ -226,7 +226,8 @@ impl Train {
         let eval_rows = match self.eval.take() {
             None => Rows::default(),
             Some((src, ops, _)) => {
-                let stream = crate::plans::runner::chain(src.execute(), &ops, &self.plan, exec)?;
+                let stream = crate::plans::runner::counted(src.execute(), &exec.stats, "eval 1:source");
+                let stream = crate::plans::runner::chain(stream, &ops, &self.plan, exec, "eval ")?;
                 let rows = collect_rows(stream, self.target_text.as_deref(), self.spec.baseline.as_deref(), src.row_id_column()).await?;
                 if rows.examples.is_empty() {
                     return Err(Error::Data("train: the eval source yielded no usable rows".into()));

@@ -153,21 +153,22 @@ pub async fn build(plan: &Plan, ctx: &Context) -> Result<Pipeline> {
     Ok(Pipeline { plan: plan.clone(), source, transforms, sink })
 }
 
-/// Chain operators onto a stream, counting rows out of each step.
+/// Chain operators onto a stream, counting rows out of each step under `prefix` + `N:operator`.
 pub fn chain(
     mut stream: SendableRecordBatchStream,
     ops: &[(usize, Box<dyn Operator>)],
     plan: &Plan,
     exec: &Exec,
+    prefix: &str,
 ) -> Result<SendableRecordBatchStream> {
     for (i, op) in ops {
         stream = op.execute(stream, exec)?;
-        stream = counted(stream, &exec.stats, &format!("{}:{}", i + 1, plan.steps[*i].operator()));
+        stream = counted(stream, &exec.stats, &format!("{prefix}{}:{}", i + 1, plan.steps[*i].operator()));
     }
     Ok(stream)
 }
 
-fn counted(stream: SendableRecordBatchStream, stats: &RunStats, label: &str) -> SendableRecordBatchStream {
+pub(crate) fn counted(stream: SendableRecordBatchStream, stats: &RunStats, label: &str) -> SendableRecordBatchStream {
     let counter = stats.counter(label);
     let schema = stream.schema();
     let s = stream.inspect(move |b| {
@@ -208,7 +209,7 @@ impl Pipeline {
         }
         let stream = counted(self.source.execute(), &stats, "1:source");
         let exec = Exec { stats: stats.clone(), progress_bars: ctx.progress_bars };
-        let stream = chain(stream, &self.transforms, &self.plan, &exec)?;
+        let stream = chain(stream, &self.transforms, &self.plan, &exec, "")?;
         let label = self.plan.name.clone();
         let rows = stats.counter("1:source");
         let progress = Progress::start(&label, "rows", ctx.progress_bars, None, move || (rows.load(Ordering::Relaxed), None));
@@ -219,7 +220,11 @@ impl Pipeline {
         progress.finish();
         let rows_per_step = stats.rows().into_iter().collect::<Vec<_>>();
         let mut rows_per_step = rows_per_step;
-        rows_per_step.sort_by_key(|(k, _)| k.split(':').next().and_then(|n| n.parse::<usize>().ok()).unwrap_or(0));
+        // `N:operator` in step order; the eval rows' counts (`eval N:operator`) after.
+        rows_per_step.sort_by_key(|(k, _)| {
+            let n = k.split(':').next().and_then(|h| h.rsplit(' ').next()).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+            (k.starts_with("eval"), n)
+        });
         Ok(RunSummary {
             plan_name: self.plan.name.clone(),
             rows_per_step,
