@@ -19,9 +19,16 @@ pub struct Shard {
 impl Shard {
     /// Parse `i/n` (0-based index).
     pub fn parse(s: &str) -> Result<Shard> {
-        let bad = || Error::Data(format!("--shard {s}: expected I/N with 0 <= I < N, e.g. 0/4"));
+        let bad = || {
+            Error::Data(format!(
+                "--shard {s}: expected I/N with 0 <= I < N, e.g. 0/4"
+            ))
+        };
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let (index, count): (u64, u64) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        let (index, count): (u64, u64) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
         if count == 0 || index >= count {
             return Err(bad());
         }
@@ -33,8 +40,12 @@ impl Shard {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         if let (Some(i), Some(n)) = (var("SLURM_ARRAY_TASK_ID"), var("SLURM_ARRAY_TASK_COUNT")) {
             // Slurm ids start at SLURM_ARRAY_TASK_MIN (usually 0 or 1).
-            let min: u64 = var("SLURM_ARRAY_TASK_MIN").and_then(|m| m.parse().ok()).unwrap_or(0);
-            let i: u64 = i.parse().map_err(|_| Error::Data(format!("SLURM_ARRAY_TASK_ID={i} is not a number")))?;
+            let min: u64 = var("SLURM_ARRAY_TASK_MIN")
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(0);
+            let i: u64 = i
+                .parse()
+                .map_err(|_| Error::Data(format!("SLURM_ARRAY_TASK_ID={i} is not a number")))?;
             return Shard::parse(&format!("{}/{n}", i.saturating_sub(min))).map(Some);
         }
         if let Some(i) = var("JOB_COMPLETION_INDEX") {
@@ -69,7 +80,8 @@ pub struct Context {
 
 impl Context {
     pub fn new(hub: HubConfig) -> Result<Self> {
-        let session = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
+        let session =
+            SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
         Ok(Context {
             session,
             hub: Arc::new(Hub::new(hub)?),

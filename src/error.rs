@@ -115,19 +115,34 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: impl fmt::Display, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_string(), source }
+        Error::Io {
+            path: path.to_string(),
+            source,
+        }
     }
     pub fn datafusion(context: impl fmt::Display, source: DataFusionError) -> Self {
-        Error::DataFusion { context: context.to_string(), source: Box::new(source) }
+        Error::DataFusion {
+            context: context.to_string(),
+            source: Box::new(source),
+        }
     }
     pub fn arrow(context: impl fmt::Display, source: ArrowError) -> Self {
-        Error::Arrow { context: context.to_string(), source }
+        Error::Arrow {
+            context: context.to_string(),
+            source,
+        }
     }
     pub fn parquet(context: impl fmt::Display, source: ParquetError) -> Self {
-        Error::Parquet { context: context.to_string(), source }
+        Error::Parquet {
+            context: context.to_string(),
+            source,
+        }
     }
     pub fn object_store(context: impl fmt::Display, source: object_store::Error) -> Self {
-        Error::ObjectStore { context: context.to_string(), source }
+        Error::ObjectStore {
+            context: context.to_string(),
+            source,
+        }
     }
     pub fn model(message: impl fmt::Display) -> Self {
         Error::Model(message.to_string())
@@ -208,7 +223,10 @@ mod tests {
     #[test]
     fn closest_picks_typo_and_rejects_far_words() {
         let keys = ["max_input_tokens", "max_target_tokens", "input", "target"];
-        assert_eq!(closest("max_input_token", keys).as_deref(), Some("max_input_tokens"));
+        assert_eq!(
+            closest("max_input_token", keys).as_deref(),
+            Some("max_input_tokens")
+        );
         assert_eq!(closest("inptu", keys).as_deref(), Some("input"));
         assert_eq!(closest("completely_different", keys), None);
     }

@@ -55,10 +55,16 @@ pub struct RepoId {
 
 impl RepoId {
     pub fn model(id: &str) -> Self {
-        RepoId { id: id.to_string(), kind: RepoType::Model }
+        RepoId {
+            id: id.to_string(),
+            kind: RepoType::Model,
+        }
     }
     pub fn dataset(id: &str) -> Self {
-        RepoId { id: id.to_string(), kind: RepoType::Dataset }
+        RepoId {
+            id: id.to_string(),
+            kind: RepoType::Dataset,
+        }
     }
     fn display(&self) -> String {
         match self.kind {
@@ -87,7 +93,8 @@ pub fn looks_like_repo_id(s: &str) -> bool {
         && parts.iter().all(|p| {
             !p.is_empty()
                 && !p.starts_with('.')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -121,7 +128,11 @@ impl Hub {
         let Some(api) = &self.api else {
             return self.cached_files(repo, revision);
         };
-        let info = api.repo(repo.repo(revision)).info().await.map_err(|e| self.explain(repo, revision, None, e))?;
+        let info = api
+            .repo(repo.repo(revision))
+            .info()
+            .await
+            .map_err(|e| self.explain(repo, revision, None, e))?;
         let mut files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
         files.sort();
         Ok(files)
@@ -129,7 +140,9 @@ impl Hub {
 
     /// Local path of `file`, downloading it into the cache unless it is there already.
     pub async fn fetch(&self, repo: &RepoId, revision: &str, file: &str) -> Result<PathBuf> {
-        let cached = Cache::new(self.config.cache_dir.clone()).repo(repo.repo(revision)).get(file);
+        let cached = Cache::new(self.config.cache_dir.clone())
+            .repo(repo.repo(revision))
+            .get(file);
         if let Some(p) = cached {
             return Ok(p);
         }
@@ -141,7 +154,10 @@ impl Hub {
                 self.config.cache_dir.display()
             )));
         };
-        api.repo(repo.repo(revision)).download(file).await.map_err(|e| self.explain(repo, revision, Some(file), e))
+        api.repo(repo.repo(revision))
+            .download(file)
+            .await
+            .map_err(|e| self.explain(repo, revision, Some(file), e))
     }
 
     /// The parquet files of one configuration and split of a dataset, and the revision they are at:
@@ -175,9 +191,8 @@ impl Hub {
                 }
                 Err(e) => return Err(e),
             };
-            let chosen = select_split_files(&files, config, split).map_err(|m| {
-                Error::Hub(format!("{} ({rev}): {m}", repo.display()))
-            })?;
+            let chosen = select_split_files(&files, config, split)
+                .map_err(|m| Error::Hub(format!("{} ({rev}): {m}", repo.display())))?;
             if !chosen.is_empty() {
                 return Ok((rev.to_string(), chosen));
             }
@@ -190,28 +205,42 @@ impl Hub {
         }
         let found = available_splits(&seen);
         Err(Error::Hub(format!(
-            "{}: no parquet files for config `{}` split `{split}` (looked at {}){}",
+            "{}: no parquet files for config `{}` split `{split}` (looked at {}){}{}",
             repo.display(),
             config.unwrap_or("default"),
             candidates.join(" and "),
-            if found.is_empty() { String::new() } else { format!("; found: {}", found.join(", ")) }
+            if found.is_empty() {
+                String::new()
+            } else {
+                format!("; found: {}", found.join(", "))
+            },
+            if self.config.offline {
+                format!(" (HF_HUB_OFFLINE is set: only files already in the cache at {} were considered)", self.config.cache_dir.display())
+            } else {
+                String::new()
+            }
         )))
     }
 
     fn cached_files(&self, repo: &RepoId, revision: &str) -> Result<Vec<String>> {
-        let folder = self.config.cache_dir.join(repo.repo(revision).folder_name());
+        let folder = self
+            .config
+            .cache_dir
+            .join(repo.repo(revision).folder_name());
         let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
             revision.to_string()
         } else {
             let r = folder.join("refs").join(revision);
-            std::fs::read_to_string(&r).map(|s| s.trim().to_string()).map_err(|_| {
-                Error::Hub(format!(
-                    "{} ({revision}) is not in the cache at {} and HF_HUB_OFFLINE is set; \
+            std::fs::read_to_string(&r)
+                .map(|s| s.trim().to_string())
+                .map_err(|_| {
+                    Error::Hub(format!(
+                        "{} ({revision}) is not in the cache at {} and HF_HUB_OFFLINE is set; \
                      run once online (or unset HF_HUB_OFFLINE) to download it",
-                    repo.display(),
-                    self.config.cache_dir.display()
-                ))
-            })?
+                        repo.display(),
+                        self.config.cache_dir.display()
+                    ))
+                })?
         };
         let snapshot = folder.join("snapshots").join(&commit);
         let mut out = vec![];
@@ -262,7 +291,11 @@ impl Hub {
 /// conversion (`CONFIG/SPLIT/NNNN.parquet`, `CONFIG/partial-SPLIT/…`, older `CONFIG/NAME-SPLIT.parquet`)
 /// and the usual repository layouts (`data/SPLIT-00000-of-00001.parquet`, `CONFIG/SPLIT-….parquet`).
 /// Errors when no config is given and the matches span several configurations.
-pub fn select_split_files(files: &[String], config: Option<&str>, split: &str) -> Result<Vec<String>, String> {
+pub fn select_split_files(
+    files: &[String],
+    config: Option<&str>,
+    split: &str,
+) -> Result<Vec<String>, String> {
     let mut out = vec![];
     for f in files.iter().filter(|f| f.ends_with(".parquet")) {
         let parts: Vec<&str> = f.split('/').collect();
@@ -287,11 +320,18 @@ pub fn select_split_files(files: &[String], config: Option<&str>, split: &str) -
         }
     }
     if config.is_none() {
-        let mut tops: Vec<&str> = out.iter().filter_map(|f| f.split('/').next()).filter(|t| !t.ends_with(".parquet")).collect();
+        let mut tops: Vec<&str> = out
+            .iter()
+            .filter_map(|f| f.split('/').next())
+            .filter(|t| !t.ends_with(".parquet"))
+            .collect();
         tops.sort();
         tops.dedup();
         if tops.len() > 1 && tops.iter().all(|t| *t != "data") {
-            return Err(format!("several configurations have split `{split}` ({}); set `config`", tops.join(", ")));
+            return Err(format!(
+                "several configurations have split `{split}` ({}); set `config`",
+                tops.join(", ")
+            ));
         }
     }
     Ok(out)
@@ -328,27 +368,56 @@ mod tests {
             "mined/train/0001.parquet",
             ".gitattributes",
         ]);
-        assert_eq!(select_split_files(&files, Some("mined"), "train").unwrap(), s(&["mined/train/0000.parquet", "mined/train/0001.parquet"]));
-        assert_eq!(select_split_files(&files, Some("curated"), "test").unwrap(), s(&["curated/test/0000.parquet"]));
-        assert!(select_split_files(&files, Some("curated"), "validation").unwrap().is_empty());
+        assert_eq!(
+            select_split_files(&files, Some("mined"), "train").unwrap(),
+            s(&["mined/train/0000.parquet", "mined/train/0001.parquet"])
+        );
+        assert_eq!(
+            select_split_files(&files, Some("curated"), "test").unwrap(),
+            s(&["curated/test/0000.parquet"])
+        );
+        assert!(select_split_files(&files, Some("curated"), "validation")
+            .unwrap()
+            .is_empty());
         let e = select_split_files(&files, None, "train").unwrap_err();
         assert!(e.contains("curated, mined"), "{e}");
     }
 
     #[test]
     fn selects_repo_layouts() {
-        let files = s(&["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/test-00000-of-00001.parquet"]);
+        let files = s(&[
+            "data/train-00000-of-00002.parquet",
+            "data/train-00001-of-00002.parquet",
+            "data/test-00000-of-00001.parquet",
+        ]);
         assert_eq!(select_split_files(&files, None, "train").unwrap().len(), 2);
-        assert_eq!(select_split_files(&files, Some("default"), "test").unwrap(), s(&["data/test-00000-of-00001.parquet"]));
-        let old = s(&["curated/conala-train.parquet", "curated/conala-test.parquet"]);
-        assert_eq!(select_split_files(&old, Some("curated"), "train").unwrap(), s(&["curated/conala-train.parquet"]));
+        assert_eq!(
+            select_split_files(&files, Some("default"), "test").unwrap(),
+            s(&["data/test-00000-of-00001.parquet"])
+        );
+        let old = s(&[
+            "curated/conala-train.parquet",
+            "curated/conala-test.parquet",
+        ]);
+        assert_eq!(
+            select_split_files(&old, Some("curated"), "train").unwrap(),
+            s(&["curated/conala-train.parquet"])
+        );
         let partial = s(&["big/partial-train/0000.parquet"]);
-        assert_eq!(select_split_files(&partial, Some("big"), "train").unwrap().len(), 1);
+        assert_eq!(
+            select_split_files(&partial, Some("big"), "train")
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
     fn parses_dataset_uris_and_repo_ids() {
-        assert_eq!(parse_dataset_uri("hf://datasets/neulab/conala").as_deref(), Some("neulab/conala"));
+        assert_eq!(
+            parse_dataset_uri("hf://datasets/neulab/conala").as_deref(),
+            Some("neulab/conala")
+        );
         assert_eq!(parse_dataset_uri("hf://datasets/neulab"), None);
         assert_eq!(parse_dataset_uri("s3://x/y"), None);
         assert!(looks_like_repo_id("google/flan-t5-base"));

@@ -9,12 +9,24 @@ use conala::context::{Context, Shard};
 use conala::plans::{self, Plan};
 use conala::sql::OutputFormat;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The offline default, run by `conala run` without plan files: prepare the shipped curated split,
 /// train a small model from scratch on it, then generate for the test rows and score them.
 const DEFAULT_PLANS: [(&str, &str); 3] = [
-    ("pipelines/conala-offline.yaml", include_str!("../pipelines/conala-offline.yaml")),
-    ("pipelines/conala-offline-train.yaml", include_str!("../pipelines/conala-offline-train.yaml")),
-    ("pipelines/conala-offline-generate.yaml", include_str!("../pipelines/conala-offline-generate.yaml")),
+    (
+        "pipelines/conala-offline.yaml",
+        include_str!("../pipelines/conala-offline.yaml"),
+    ),
+    (
+        "pipelines/conala-offline-train.yaml",
+        include_str!("../pipelines/conala-offline-train.yaml"),
+    ),
+    (
+        "pipelines/conala-offline-generate.yaml",
+        include_str!("../pipelines/conala-offline-generate.yaml"),
+    ),
 ];
 
 #[derive(Parser)]
@@ -105,7 +117,11 @@ struct TokenizerTrainArgs {
     #[arg(long)]
     split: Option<String>,
     /// Text columns to learn from.
-    #[arg(long, value_delimiter = ',', default_value = "intent,rewritten_intent,snippet")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "intent,rewritten_intent,snippet"
+    )]
     columns: Vec<String>,
     #[arg(long, default_value_t = 8000)]
     vocab_size: u32,
@@ -152,12 +168,17 @@ struct MergeArgs {
 enum BenchCommand {
     /// Data preparation: load + filter + format + tokenize N rows, vs HF datasets.
     Prep(conala::bench::PrepArgs),
+    /// Generation: tokens/s on the shipped test rows, vs HF transformers and CTranslate2.
+    Generate(conala::bench::GenerateArgs),
 }
 
 fn main() {
     init_logging();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -179,9 +200,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Model(ModelCommand::Init(a)) => model_init(a).await,
         Command::Merge(a) => merge(a).await,
         Command::Bench(BenchCommand::Prep(a)) => {
-            let ctx = Context::from_env()?;
-            conala::bench::prep(&a, &ctx).await?;
-            Ok(())
+            Ok(conala::bench::prep(&a, &Context::from_env()?).await?)
+        }
+        Command::Bench(BenchCommand::Generate(a)) => {
+            Ok(conala::bench::generate_bench(&a, &Context::from_env()?).await?)
         }
     }
 }
@@ -191,20 +213,37 @@ async fn dispatch(cli: Cli) -> Result<()> {
 /// something in, and must name something in at least one.
 fn load_plans(files: &[PathBuf], sets: &[String]) -> Result<Vec<Plan>> {
     let texts: Vec<(String, String)> = if files.is_empty() {
-        DEFAULT_PLANS.iter().map(|(n, t)| (format!("{n} (built in)"), t.to_string())).collect()
+        DEFAULT_PLANS
+            .iter()
+            .map(|(n, t)| (format!("{n} (built in)"), t.to_string()))
+            .collect()
     } else {
         files
             .iter()
-            .map(|p| Ok((p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)))
+            .map(|p| {
+                Ok((
+                    p.display().to_string(),
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                ))
+            })
             .collect::<Result<_>>()?
     };
     if texts.len() == 1 {
         return Ok(vec![plans::load_str(&texts[0].1, &texts[0].0, sets)?]);
     }
-    let bare: Vec<Plan> = texts.iter().map(|(n, t)| plans::load_str(t, n, &[])).collect::<conala::Result<_>>()?;
+    let bare: Vec<Plan> = texts
+        .iter()
+        .map(|(n, t)| plans::load_str(t, n, &[]))
+        .collect::<conala::Result<_>>()?;
     let mut per_plan: Vec<Vec<String>> = vec![vec![]; bare.len()];
     for set in sets {
-        let targeted: Vec<usize> = bare.iter().enumerate().filter(|(_, p)| set.starts_with(&format!("{}.", p.name))).map(|(i, _)| i).collect();
+        let targeted: Vec<usize> = bare
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| set.starts_with(&format!("{}.", p.name)))
+            .map(|(i, _)| i)
+            .collect();
         if let Some(&i) = targeted.first() {
             per_plan[i].push(set[bare[i].name.len() + 1..].to_string());
             continue;
@@ -221,7 +260,11 @@ fn load_plans(files: &[PathBuf], sets: &[String]) -> Result<Vec<Plan>> {
             plans::load_str(&texts[0].1, &texts[0].0, std::slice::from_ref(set))?;
         }
     }
-    texts.iter().zip(per_plan).map(|((n, t), s)| Ok(plans::load_str(t, n, &s)?)).collect()
+    texts
+        .iter()
+        .zip(per_plan)
+        .map(|((n, t), s)| Ok(plans::load_str(t, n, &s)?))
+        .collect()
 }
 
 async fn run(a: RunArgs) -> Result<()> {
@@ -242,8 +285,15 @@ async fn run(a: RunArgs) -> Result<()> {
 async fn run_one(plan: &Plan, ctx: &Context) -> Result<()> {
     let pipeline = plans::build(plan, ctx).await?;
     let summary = pipeline.run(ctx).await?;
-    let flow: Vec<String> = summary.rows_per_step.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!("plan `{}` finished in {:.1}s", summary.plan_name, summary.seconds);
+    let flow: Vec<String> = summary
+        .rows_per_step
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!(
+        "plan `{}` finished in {:.1}s",
+        summary.plan_name, summary.seconds
+    );
     println!("  rows out of each step: {}", flow.join(" -> "));
     if let Some(w) = &summary.write {
         println!(
@@ -251,10 +301,17 @@ async fn run_one(plan: &Plan, ctx: &Context) -> Result<()> {
             w.rows_written,
             w.location,
             w.parts.len(),
-            if w.rows_resumed > 0 { format!(", {} rows kept from earlier runs", w.rows_resumed) } else { String::new() }
+            if w.rows_resumed > 0 {
+                format!(", {} rows kept from earlier runs", w.rows_resumed)
+            } else {
+                String::new()
+            }
         );
         let table = summary.plan_name.replace('-', "_");
-        println!("  query it: conala sql --table {table}={} \"select count(*) from {table}\"", w.location);
+        println!(
+            "  query it: conala sql --table {table}={} \"select count(*) from {table}\"",
+            w.location
+        );
     }
     if let Some(t) = &summary.train {
         println!(
@@ -263,7 +320,9 @@ async fn run_one(plan: &Plan, ctx: &Context) -> Result<()> {
             t.train_examples,
             t.train_seconds,
             t.samples_per_second,
-            t.final_eval_loss.map(|l| format!("{l:.3}")).unwrap_or_else(|| "-".into())
+            t.final_eval_loss
+                .map(|l| format!("{l:.3}"))
+                .unwrap_or_else(|| "-".into())
         );
         if let Some(s) = &t.eval_scores {
             println!(
@@ -275,9 +334,17 @@ async fn run_one(plan: &Plan, ctx: &Context) -> Result<()> {
             );
         }
         if let Some(b) = &t.baseline_scores {
-            println!("  baseline (copy the `{}` column): BLEU {:.2}, CoNaLa BLEU {:.2}", plan_baseline(plan), b.bleu, b.conala_bleu);
+            println!(
+                "  baseline (copy the `{}` column): BLEU {:.2}, CoNaLa BLEU {:.2}",
+                plan_baseline(plan),
+                b.bleu,
+                b.conala_bleu
+            );
         }
-        println!("  model: {} (adapter and checkpoints in {})", t.model_dir, t.output);
+        println!(
+            "  model: {} (adapter and checkpoints in {})",
+            t.model_dir, t.output
+        );
     }
     if let Some(g) = summary.extra.get("generate") {
         println!(
@@ -318,7 +385,14 @@ async fn validate(a: PlanArgs) -> Result<()> {
     let pipeline = plans::build(&plan, &ctx).await?;
     println!("{}: valid plan `{}`", a.plan.display(), plan.name);
     for (step, cols) in pipeline.describe() {
-        println!("  {step}: {}", if cols.is_empty() { "(sink)".to_string() } else { cols.join(", ") });
+        println!(
+            "  {step}: {}",
+            if cols.is_empty() {
+                "(sink)".to_string()
+            } else {
+                cols.join(", ")
+            }
+        );
     }
     Ok(())
 }
@@ -344,14 +418,28 @@ async fn sql(a: SqlArgs) -> Result<()> {
 
 async fn tokenizer_train(a: TokenizerTrainArgs) -> Result<()> {
     let ctx = Context::from_env()?;
-    let texts = conala::bench::collect_texts(&ctx, &a.input, a.config.as_deref(), a.split.as_deref(), &a.columns)
-        .await
-        .with_context(|| format!("reading {}", a.input))?;
-    let options = conala::tokenizer::TrainOptions { vocab_size: a.vocab_size, ..Default::default() };
+    let texts = conala::bench::collect_texts(
+        &ctx,
+        &a.input,
+        a.config.as_deref(),
+        a.split.as_deref(),
+        &a.columns,
+    )
+    .await
+    .with_context(|| format!("reading {}", a.input))?;
+    let options = conala::tokenizer::TrainOptions {
+        vocab_size: a.vocab_size,
+        ..Default::default()
+    };
     let n = texts.len();
-    let tok = tokio::task::spawn_blocking(move || conala::tokenizer::train(texts.iter(), &options)).await??;
+    let tok = tokio::task::spawn_blocking(move || conala::tokenizer::train(texts.iter(), &options))
+        .await??;
     conala::tokenizer::save(&tok, &a.out)?;
-    println!("trained a {}-piece Unigram tokenizer on {n} texts -> {}", tok.get_vocab_size(true), a.out.display());
+    println!(
+        "trained a {}-piece Unigram tokenizer on {n} texts -> {}",
+        tok.get_vocab_size(true),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -363,8 +451,12 @@ async fn model_init(a: ModelInitArgs) -> Result<()> {
             let texts = conala::bench::collect_texts(&ctx, "data/conala", Some("curated"), Some("train"), &["intent".into(), "rewritten_intent".into(), "snippet".into()])
                 .await
                 .context("training a tokenizer on data/conala (run from the repository root, or pass --vocab)")?;
-            let tok = tokio::task::spawn_blocking(move || conala::tokenizer::train(texts.iter(), &Default::default())).await??;
-            let p = std::env::temp_dir().join(format!("conala-tokenizer-{}.json", std::process::id()));
+            let tok = tokio::task::spawn_blocking(move || {
+                conala::tokenizer::train(texts.iter(), &Default::default())
+            })
+            .await??;
+            let p =
+                std::env::temp_dir().join(format!("conala-tokenizer-{}.json", std::process::id()));
             conala::tokenizer::save(&tok, &p)?;
             p
         }
@@ -396,7 +488,12 @@ async fn merge(a: MergeArgs) -> Result<()> {
     let mut loaded = conala::model::load(&spec, &ctx.hub).await?;
     let config_text = std::fs::read_to_string(&loaded.files.config)?;
     let config_json: serde_json::Value = serde_json::from_str(&config_text)?;
-    conala::model::lora::save_merged(&mut loaded.model, &config_json, loaded.files.tokenizer.as_deref(), &a.out)?;
+    conala::model::lora::save_merged(
+        &mut loaded.model,
+        &config_json,
+        loaded.files.tokenizer.as_deref(),
+        &a.out,
+    )?;
     println!("merged {} + {} -> {}", a.base, a.adapter, a.out.display());
     Ok(())
 }

@@ -18,15 +18,28 @@ pub struct RunStats {
 
 impl RunStats {
     pub fn counter(&self, label: &str) -> Arc<AtomicU64> {
-        self.rows.lock().expect("stats lock").entry(label.to_string()).or_default().clone()
+        self.rows
+            .lock()
+            .expect("stats lock")
+            .entry(label.to_string())
+            .or_default()
+            .clone()
     }
 
     pub fn rows(&self) -> BTreeMap<String, u64> {
-        self.rows.lock().expect("stats lock").iter().map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed))).collect()
+        self.rows
+            .lock()
+            .expect("stats lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+            .collect()
     }
 
     pub fn set_extra(&self, key: &str, value: serde_json::Value) {
-        self.extra.lock().expect("stats lock").insert(key.to_string(), value);
+        self.extra
+            .lock()
+            .expect("stats lock")
+            .insert(key.to_string(), value);
     }
 
     pub fn extra(&self) -> BTreeMap<String, serde_json::Value> {
@@ -65,9 +78,15 @@ pub struct Manifest {
 pub fn versions() -> BTreeMap<String, String> {
     let mut v = BTreeMap::new();
     v.insert("conala".to_string(), env!("CARGO_PKG_VERSION").to_string());
-    v.insert("datafusion".to_string(), datafusion::DATAFUSION_VERSION.to_string());
+    v.insert(
+        "datafusion".to_string(),
+        datafusion::DATAFUSION_VERSION.to_string(),
+    );
     v.insert("candle".to_string(), "0.11".to_string());
-    v.insert("os".to_string(), format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH));
+    v.insert(
+        "os".to_string(),
+        format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+    );
     v
 }
 

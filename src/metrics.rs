@@ -19,9 +19,16 @@ pub fn tokenize_13a(line: &str) -> Vec<String> {
             Regex::new(r"([0-9])(-)").expect("static regex"),
         ]
     });
-    let mut line = line.replace("<skipped>", "").replace("-\n", "").replace('\n', " ");
+    let mut line = line
+        .replace("<skipped>", "")
+        .replace("-\n", "")
+        .replace('\n', " ");
     if line.contains('&') {
-        line = line.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">");
+        line = line
+            .replace("&quot;", "\"")
+            .replace("&amp;", "&")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">");
     }
     // Punctuation and symbols: `{-~`, `[-\``, ` -&`, `(-+`, `:-@`, `/`.
     let mut spaced = String::with_capacity(line.len() * 2 + 2);
@@ -58,7 +65,10 @@ pub fn tokenize_conala(code: &str) -> Vec<String> {
     let s = res[1].replace_all(&s, "$1 $2");
     let s = res[2].replace_all(&s, " ");
     let s = s.replace(['"', '\''], "`");
-    s.split(' ').filter(|t| !t.is_empty()).map(str::to_string).collect()
+    s.split(' ')
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn ngram_counts(tokens: &[String]) -> HashMap<&[String], usize> {
@@ -84,7 +94,11 @@ impl BleuStats {
     pub fn of(hyp: &[String], reference: &[String]) -> BleuStats {
         let h = ngram_counts(hyp);
         let r = ngram_counts(reference);
-        let mut s = BleuStats { hyp_len: hyp.len() as u64, ref_len: reference.len() as u64, ..Default::default() };
+        let mut s = BleuStats {
+            hyp_len: hyp.len() as u64,
+            ref_len: reference.len() as u64,
+            ..Default::default()
+        };
         for (g, c) in &h {
             let m = (*c).min(r.get(g).copied().unwrap_or(0));
             s.matches[g.len() - 1] += m as u64;
@@ -143,11 +157,19 @@ impl BleuStats {
             };
         }
         let geo = if precisions.iter().all(|p| *p > 0.0) {
-            precisions.iter().map(|p| p.ln() / MAX_ORDER as f64).sum::<f64>().exp()
+            precisions
+                .iter()
+                .map(|p| p.ln() / MAX_ORDER as f64)
+                .sum::<f64>()
+                .exp()
         } else {
             0.0
         };
-        let ratio = if self.ref_len > 0 { self.hyp_len as f64 / self.ref_len as f64 } else { 0.0 };
+        let ratio = if self.ref_len > 0 {
+            self.hyp_len as f64 / self.ref_len as f64
+        } else {
+            0.0
+        };
         let bp = if ratio > 1.0 {
             1.0
         } else if ratio > 0.0 {
@@ -190,7 +212,10 @@ pub struct Scores {
 impl Scorer {
     /// Add one row; returns its smoothed sentence BLEU (0-1) and whether it matches exactly.
     pub fn add(&mut self, prediction: &str, reference: &str) -> (f64, bool) {
-        self.sacre.add(&BleuStats::of(&tokenize_13a(prediction), &tokenize_13a(reference)));
+        self.sacre.add(&BleuStats::of(
+            &tokenize_13a(prediction),
+            &tokenize_13a(reference),
+        ));
         let c = BleuStats::of(&tokenize_conala(prediction), &tokenize_conala(reference));
         self.conala.add(&c);
         let s = c.conala(true);
@@ -237,8 +262,14 @@ mod tests {
     #[test]
     fn tokenizers_match_reference_implementations() {
         assert_eq!(tokenize_13a(HYPS[1]).join(" "), "sort list ` l ` by key");
-        assert_eq!(tokenize_13a(HYPS[3]).join(" "), "hello world , it is 3.5 - or 4 - 5 & \" quoted \" text");
-        assert_eq!(tokenize_conala(HYPS[4]), vec!["get", "Value", "of", "dict", "d"]);
+        assert_eq!(
+            tokenize_13a(HYPS[3]).join(" "),
+            "hello world , it is 3.5 - or 4 - 5 & \" quoted \" text"
+        );
+        assert_eq!(
+            tokenize_conala(HYPS[4]),
+            vec!["get", "Value", "of", "dict", "d"]
+        );
         assert_eq!(
             tokenize_conala(HYPS[3]).join(" "),
             "hello world , it is 3 . 5 - or 4 - 5 & amp ; ` quoted ` text"
@@ -251,7 +282,11 @@ mod tests {
         for (h, r) in HYPS.iter().zip(REFS) {
             s.add(h, r);
         }
-        assert!((s.scores().bleu - 67.9475240891803).abs() < 1e-9, "{}", s.scores().bleu);
+        assert!(
+            (s.scores().bleu - 67.9475240891803).abs() < 1e-9,
+            "{}",
+            s.scores().bleu
+        );
         let mut s2 = Scorer::default();
         for (h, r) in HYPS.iter().zip(REFS).take(2) {
             s2.add(h, r);
@@ -261,9 +296,19 @@ mod tests {
 
     #[test]
     fn conala_bleu_matches_benchmark_code() {
-        let expected = [0.6835014686773141, 0.46905226098954195, 0.0, 0.8137489370974955, 0.2736570128577077];
+        let expected = [
+            0.6835014686773141,
+            0.46905226098954195,
+            0.0,
+            0.8137489370974955,
+            0.2736570128577077,
+        ];
         for ((h, r), e) in HYPS.iter().zip(REFS).zip(expected) {
-            assert!((sentence_bleu(h, r) - e).abs() < 1e-12, "{h}: {} vs {e}", sentence_bleu(h, r));
+            assert!(
+                (sentence_bleu(h, r) - e).abs() < 1e-12,
+                "{h}: {} vs {e}",
+                sentence_bleu(h, r)
+            );
         }
         let mut s = Scorer::default();
         for (h, r) in HYPS.iter().zip(REFS) {

@@ -19,7 +19,13 @@ pub type Sample = (u64, Option<u64>);
 
 impl Progress {
     /// Start reporting. `sample` is polled from a background thread; `total` rows, when known, gives an ETA.
-    pub fn start(label: &str, unit: &str, bars: bool, total: Option<u64>, sample: impl Fn() -> Sample + Send + 'static) -> Progress {
+    pub fn start(
+        label: &str,
+        unit: &str,
+        bars: bool,
+        total: Option<u64>,
+        sample: impl Fn() -> Sample + Send + 'static,
+    ) -> Progress {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let label = label.to_string();
@@ -57,7 +63,12 @@ impl Progress {
                     None if last_log.elapsed() >= LOG_EVERY && !done => {
                         let eta = total
                             .filter(|_| rows > 0)
-                            .map(|t| format!(", ETA {:.0}s", t.saturating_sub(rows) as f64 * secs / rows as f64))
+                            .map(|t| {
+                                format!(
+                                    ", ETA {:.0}s",
+                                    t.saturating_sub(rows) as f64 * secs / rows as f64
+                                )
+                            })
                             .unwrap_or_default();
                         log::info!("{label}: {rows} {unit}, {msg}{eta}");
                         last_log = Instant::now();
@@ -73,7 +84,10 @@ impl Progress {
                 std::thread::sleep(Duration::from_millis(if bars { 200 } else { 500 }));
             }
         });
-        Progress { stop, handle: Some(handle) }
+        Progress {
+            stop,
+            handle: Some(handle),
+        }
     }
 
     pub fn finish(mut self) {

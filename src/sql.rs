@@ -31,7 +31,9 @@ impl std::str::FromStr for OutputFormat {
             "csv" => Ok(OutputFormat::Csv),
             "json" => Ok(OutputFormat::Json),
             "parquet" => Ok(OutputFormat::Parquet),
-            other => Err(format!("unknown format `{other}` (table, csv, json, parquet)")),
+            other => Err(format!(
+                "unknown format `{other}` (table, csv, json, parquet)"
+            )),
         }
     }
 }
@@ -41,10 +43,19 @@ pub async fn register_table(ctx: &Context, name: &str, uri: &str) -> Result<()> 
     let loc = resolve(&ctx.session, uri)?;
     let files = loc.files().await?;
     let single = loc.head().await?.is_some();
-    if !files.iter().any(|f| f.location.as_ref().ends_with(".parquet")) {
-        return Err(Error::Data(format!("table `{name}`: no parquet files at {uri}")));
+    if !files
+        .iter()
+        .any(|f| f.location.as_ref().ends_with(".parquet"))
+    {
+        return Err(Error::Data(format!(
+            "table `{name}`: no parquet files at {uri}"
+        )));
     }
-    let url = if single { loc.url() } else { format!("{}/", loc.url().trim_end_matches('/')) };
+    let url = if single {
+        loc.url()
+    } else {
+        format!("{}/", loc.url().trim_end_matches('/'))
+    };
     let df = ctx
         .session
         .read_parquet(url, ParquetReadOptions::default())
@@ -57,7 +68,11 @@ pub async fn register_table(ctx: &Context, name: &str, uri: &str) -> Result<()> 
     // `conala-mined` is awkward in SQL (it needs quotes); also offer `conala_mined`.
     if name.contains('-') {
         let alias = name.replace('-', "_");
-        if !ctx.session.table_exist(TableReference::bare(alias.as_str())).unwrap_or(false) {
+        if !ctx
+            .session
+            .table_exist(TableReference::bare(alias.as_str()))
+            .unwrap_or(false)
+        {
             ctx.session
                 .register_table(TableReference::bare(alias.as_str()), view)
                 .map_err(|e| Error::datafusion(format!("table `{alias}`"), e))?;
@@ -75,7 +90,12 @@ pub async fn register_plan_output(ctx: &Context, plan: &Plan) -> Result<(String,
             Step::Write(w) => Some(w.path.clone()),
             _ => None,
         })
-        .ok_or_else(|| Error::Data(format!("{}: the plan has no `write` step, so no output table", plan.file)))?;
+        .ok_or_else(|| {
+            Error::Data(format!(
+                "{}: the plan has no `write` step, so no output table",
+                plan.file
+            ))
+        })?;
     register_table(ctx, &plan.name, &path)
         .await
         .map_err(|e| Error::Data(format!("{e} (has the plan `{}` been run?)", plan.file)))?;
@@ -83,7 +103,11 @@ pub async fn register_plan_output(ctx: &Context, plan: &Plan) -> Result<(String,
 }
 
 pub async fn query(ctx: &Context, sql: &str) -> Result<Vec<RecordBatch>> {
-    let df = ctx.session.sql(sql).await.map_err(|e| Error::datafusion("sql", e))?;
+    let df = ctx
+        .session
+        .sql(sql)
+        .await
+        .map_err(|e| Error::datafusion("sql", e))?;
     df.collect().await.map_err(|e| Error::datafusion("sql", e))
 }
 
@@ -96,7 +120,9 @@ pub fn render(batches: &[RecordBatch], format: OutputFormat, out: Option<&Path>)
         }
         None => Box::new(std::io::stdout()),
     };
-    let name = out.map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into());
+    let name = out
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "stdout".into());
     match format {
         OutputFormat::Table => {
             let t = pretty_format_batches(batches).map_err(|e| Error::arrow("formatting", e))?;
@@ -119,7 +145,8 @@ pub fn render(batches: &[RecordBatch], format: OutputFormat, out: Option<&Path>)
             let Some(first) = batches.first() else {
                 return Err(Error::Data("the query returned no batches to write".into()));
             };
-            let mut w = ArrowWriter::try_new(sink, first.schema(), None).map_err(|e| Error::parquet(&name, e))?;
+            let mut w = ArrowWriter::try_new(sink, first.schema(), None)
+                .map_err(|e| Error::parquet(&name, e))?;
             for b in batches {
                 w.write(b).map_err(|e| Error::parquet(&name, e))?;
             }

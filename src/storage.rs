@@ -56,7 +56,8 @@ impl Location {
 
     /// The local filesystem path, for `file://` locations.
     pub fn local_path(&self) -> Option<PathBuf> {
-        self.is_local().then(|| PathBuf::from(format!("/{}", self.path)))
+        self.is_local()
+            .then(|| PathBuf::from(format!("/{}", self.path)))
     }
 
     /// The object at exactly this path, if there is one.
@@ -103,12 +104,20 @@ impl Location {
 pub fn resolve(ctx: &SessionContext, uri: &str) -> Result<Location> {
     if let Some(url) = parse_url(uri) {
         if url.scheme() == "file" {
-            let p = url.to_file_path().map_err(|_| Error::Data(format!("{uri}: not a valid file:// URL")))?;
+            let p = url
+                .to_file_path()
+                .map_err(|_| Error::Data(format!("{uri}: not a valid file:// URL")))?;
             return local(ctx, &p, uri);
         }
-        let store_url = Url::parse(&format!("{}://{}", url.scheme(), url.host_str().unwrap_or("")))
-            .map_err(|e| Error::Data(format!("{uri}: {e}")))?;
-        let store = match ctx.runtime_env().object_store(ObjectStoreUrl::parse(store_url.as_str()).map_err(|e| Error::datafusion(uri, e))?) {
+        let store_url = Url::parse(&format!(
+            "{}://{}",
+            url.scheme(),
+            url.host_str().unwrap_or("")
+        ))
+        .map_err(|e| Error::Data(format!("{uri}: {e}")))?;
+        let store = match ctx.runtime_env().object_store(
+            ObjectStoreUrl::parse(store_url.as_str()).map_err(|e| Error::datafusion(uri, e))?,
+        ) {
             Ok(s) => s,
             Err(_) => {
                 let s = build_store(&url, uri)?;
@@ -116,8 +125,14 @@ pub fn resolve(ctx: &SessionContext, uri: &str) -> Result<Location> {
                 s
             }
         };
-        let path = Path::from_url_path(url.path()).map_err(|e| Error::Data(format!("{uri}: {e}")))?;
-        return Ok(Location { store, store_url, path, display: uri.to_string() });
+        let path =
+            Path::from_url_path(url.path()).map_err(|e| Error::Data(format!("{uri}: {e}")))?;
+        return Ok(Location {
+            store,
+            store_url,
+            path,
+            display: uri.to_string(),
+        });
     }
     local(ctx, FsPath::new(uri), uri)
 }
@@ -137,12 +152,19 @@ fn local(ctx: &SessionContext, p: &FsPath, display: &str) -> Result<Location> {
         .runtime_env()
         .object_store(ObjectStoreUrl::local_filesystem())
         .map_err(|e| Error::datafusion("local filesystem store", e))?;
-    let path = Path::from_absolute_path(&abs).map_err(|e| Error::Data(format!("{display}: {e}")))?;
-    Ok(Location { store, store_url, path, display: display.to_string() })
+    let path =
+        Path::from_absolute_path(&abs).map_err(|e| Error::Data(format!("{display}: {e}")))?;
+    Ok(Location {
+        store,
+        store_url,
+        path,
+        display: display.to_string(),
+    })
 }
 
 fn build_store(url: &Url, uri: &str) -> Result<Arc<dyn ObjectStore>> {
-    let ctx = |e: object_store::Error| Error::object_store(format!("{uri}: configuring the store"), e);
+    let ctx =
+        |e: object_store::Error| Error::object_store(format!("{uri}: configuring the store"), e);
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "s3" | "s3a" => Arc::new(
             object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str()).build().map_err(ctx)?,
@@ -172,7 +194,11 @@ mod tests {
     async fn memory_store_is_shared_within_a_session() {
         let ctx = SessionContext::new();
         let a = resolve(&ctx, "memory://bucket/data").unwrap();
-        a.child("x.txt").store.put(&a.child("x.txt").path, PutPayload::from_static(b"hi")).await.unwrap();
+        a.child("x.txt")
+            .store
+            .put(&a.child("x.txt").path, PutPayload::from_static(b"hi"))
+            .await
+            .unwrap();
         let b = resolve(&ctx, "memory://bucket/data").unwrap();
         let files = b.files().await.unwrap();
         assert_eq!(files.len(), 1);
@@ -186,7 +212,10 @@ mod tests {
         let ctx = SessionContext::new();
         let loc = resolve(&ctx, dir.path().to_str().unwrap()).unwrap();
         assert!(loc.is_local());
-        assert_eq!(loc.local_path().unwrap(), std::fs::canonicalize(dir.path()).unwrap_or(dir.path().into()));
+        assert_eq!(
+            loc.local_path().unwrap(),
+            std::fs::canonicalize(dir.path()).unwrap_or(dir.path().into())
+        );
         let files = loc.files().await.unwrap();
         assert_eq!(files.len(), 1);
         let url = format!("file://{}", dir.path().join("a.json").display());

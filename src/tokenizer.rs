@@ -23,7 +23,11 @@ pub const PAD_ID: u32 = 0;
 pub const EOS_ID: u32 = 1;
 
 /// Where a tokenizer comes from: a tokenizer.json file, a folder holding one, or a Hub model id.
-pub async fn resolve_tokenizer_file(spec: &str, revision: Option<&str>, hub: &Hub) -> Result<PathBuf> {
+pub async fn resolve_tokenizer_file(
+    spec: &str,
+    revision: Option<&str>,
+    hub: &Hub,
+) -> Result<PathBuf> {
     let p = Path::new(spec);
     if p.is_file() {
         return Ok(p.to_path_buf());
@@ -33,16 +37,31 @@ pub async fn resolve_tokenizer_file(spec: &str, revision: Option<&str>, hub: &Hu
         if f.is_file() {
             return Ok(f);
         }
-        return Err(Error::Tokenizer(format!("{spec}: the folder has no tokenizer.json")));
+        return Err(Error::Tokenizer(format!(
+            "{spec}: the folder has no tokenizer.json"
+        )));
     }
     if looks_like_repo_id(spec) && !spec.ends_with(".json") {
-        return hub.fetch(&RepoId::model(spec), revision.unwrap_or("main"), "tokenizer.json").await;
+        return hub
+            .fetch(
+                &RepoId::model(spec),
+                revision.unwrap_or("main"),
+                "tokenizer.json",
+            )
+            .await;
     }
-    Err(Error::Tokenizer(format!("{spec}: no such tokenizer.json file, folder, or Hub model id")))
+    Err(Error::Tokenizer(format!(
+        "{spec}: no such tokenizer.json file, folder, or Hub model id"
+    )))
 }
 
 pub fn load(path: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: not a usable tokenizer.json: {e}", path.display())))
+    Tokenizer::from_file(path).map_err(|e| {
+        Error::Tokenizer(format!(
+            "{}: not a usable tokenizer.json: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Settings of [`train`].
@@ -54,7 +73,10 @@ pub struct TrainOptions {
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        TrainOptions { vocab_size: 8000, max_piece_length: 16 }
+        TrainOptions {
+            vocab_size: 8000,
+            max_piece_length: 16,
+        }
     }
 }
 
@@ -66,7 +88,10 @@ where
     S: AsRef<str> + Send,
 {
     let terr = |e: tokenizers::Error| Error::Tokenizer(format!("training the tokenizer: {e}"));
-    let specials: Vec<AddedToken> = [PAD, EOS, UNK].iter().map(|t| AddedToken::from(*t, true)).collect();
+    let specials: Vec<AddedToken> = [PAD, EOS, UNK]
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
     let trainer = UnigramTrainer::builder()
         .vocab_size(options.vocab_size)
         .special_tokens(specials)
@@ -76,7 +101,11 @@ where
         .build()
         .map_err(|e| Error::Tokenizer(format!("tokenizer trainer: {e}")))?;
     let mut tok = Tokenizer::new(ModelWrapper::Unigram(Unigram::default()));
-    let collapse = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ").map_err(terr)?;
+    let collapse = Replace::new(
+        tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+        " ",
+    )
+    .map_err(terr)?;
     tok.with_normalizer(Some(NormalizerWrapper::Sequence(Sequence::new(vec![
         NormalizerWrapper::NFKC(NFKC),
         NormalizerWrapper::Replace(collapse),
@@ -98,7 +127,10 @@ where
     tok.with_post_processor(Some(post));
     for (name, id) in [(PAD, PAD_ID), (EOS, EOS_ID), (UNK, 2)] {
         if tok.token_to_id(name) != Some(id) {
-            return Err(Error::Tokenizer(format!("trained tokenizer has {name} at {:?}, expected {id}", tok.token_to_id(name))));
+            return Err(Error::Tokenizer(format!(
+                "trained tokenizer has {name} at {:?}, expected {id}",
+                tok.token_to_id(name)
+            )));
         }
     }
     Ok(tok)
@@ -108,7 +140,8 @@ pub fn save(tok: &Tokenizer, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
     }
-    tok.save(path, true).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    tok.save(path, true)
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -118,9 +151,18 @@ mod tests {
     #[test]
     fn trains_t5_style_special_tokens_and_appends_eos() {
         let texts: Vec<String> = (0..200)
-            .map(|i| format!("how to sort a list number {i} in python\nsorted(x, key=lambda v: v[{i}])"))
+            .map(|i| {
+                format!("how to sort a list number {i} in python\nsorted(x, key=lambda v: v[{i}])")
+            })
             .collect();
-        let tok = train(texts.iter(), &TrainOptions { vocab_size: 150, max_piece_length: 8 }).unwrap();
+        let tok = train(
+            texts.iter(),
+            &TrainOptions {
+                vocab_size: 150,
+                max_piece_length: 8,
+            },
+        )
+        .unwrap();
         assert_eq!(tok.token_to_id("<pad>"), Some(0));
         assert_eq!(tok.token_to_id("</s>"), Some(1));
         assert_eq!(tok.token_to_id("<unk>"), Some(2));

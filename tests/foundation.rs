@@ -20,8 +20,14 @@ async fn run_plan(yaml: &str, ctx: &conala::Context) -> conala::Result<plans::Ru
 
 async fn count(ctx: &conala::Context, table: &str, path: &str, filter: &str) -> i64 {
     conala::sql::register_table(ctx, table, path).await.unwrap();
-    let b = conala::sql::query(ctx, &format!("select count(*) as n from {table} {filter}")).await.unwrap();
-    b[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0)
+    let b = conala::sql::query(ctx, &format!("select count(*) as n from {table} {filter}"))
+        .await
+        .unwrap();
+    b[0].column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap()
+        .value(0)
 }
 
 fn prep_plan(source: &str, out: &Path) -> String {
@@ -44,7 +50,10 @@ async fn offline_plan_prepares_2299_training_rows() {
     let tmp = tempfile::tempdir().unwrap();
     let ctx = context(None, tmp.path(), true);
     let out = tmp.path().join("out");
-    let source = format!("{{ uri: \"{}\", config: curated, split: train }}", data_dir().display());
+    let source = format!(
+        "{{ uri: \"{}\", config: curated, split: train }}",
+        data_dir().display()
+    );
     let s = run_plan(&prep_plan(&source, &out), &ctx).await.unwrap();
     assert_eq!(s.rows_per_step[0], ("1:source".to_string(), 2378));
     assert_eq!(s.rows_per_step[1].1, 2299);
@@ -60,17 +69,38 @@ async fn offline_plan_prepares_2299_training_rows() {
     )
     .await
     .unwrap();
-    assert_eq!(b[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0), 0);
+    assert_eq!(
+        b[0].column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0),
+        0
+    );
     // The manifest records the plan, counts and versions.
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("_manifest.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("_manifest.json")).unwrap())
+            .unwrap();
     assert_eq!(m["rows_written"], 2299);
     assert_eq!(m["plan_name"], "prep");
     assert_eq!(m["rows_per_step"]["2:filter"], 2299);
     assert!(m["versions"]["conala"].is_string());
     assert_eq!(m["parts"].as_array().unwrap().len(), 3);
     // Row ids are the source ordinals: stable, unique.
-    let b = conala::sql::query(&ctx, "select count(distinct row_id), min(row_id), max(row_id) from prep").await.unwrap();
-    assert_eq!(b[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0), 2299);
+    let b = conala::sql::query(
+        &ctx,
+        "select count(distinct row_id), min(row_id), max(row_id) from prep",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        b[0].column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0),
+        2299
+    );
 }
 
 #[tokio::test]
@@ -78,10 +108,22 @@ async fn rerun_overwrites_and_leaves_one_copy() {
     let tmp = tempfile::tempdir().unwrap();
     let ctx = context(None, tmp.path(), true);
     let out = tmp.path().join("out");
-    let source = format!("{{ uri: \"{}\", config: curated, split: test }}", data_dir().display());
+    let source = format!(
+        "{{ uri: \"{}\", config: curated, split: test }}",
+        data_dir().display()
+    );
     run_plan(&prep_plan(&source, &out), &ctx).await.unwrap();
     run_plan(&prep_plan(&source, &out), &ctx).await.unwrap();
-    let parts = std::fs::read_dir(&out).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".parquet")).count();
+    let parts = std::fs::read_dir(&out)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".parquet")
+        })
+        .count();
     assert_eq!(parts, 1);
     assert_eq!(count(&ctx, "t", out.to_str().unwrap(), "").await, 477);
 }
@@ -103,9 +145,16 @@ async fn json_and_jsonl_sources() {
     std::fs::write(tmp.path().join("b.jsonl"), lines.join("\n")).unwrap();
     for (src, name) in [(dir.clone(), "a"), (tmp.path().join("b.jsonl"), "b")] {
         let out = tmp.path().join(format!("out-{name}"));
-        let s = run_plan(&prep_plan(&format!("{{ uri: \"{}\" }}", src.display()), &out), &ctx).await.unwrap();
+        let s = run_plan(
+            &prep_plan(&format!("{{ uri: \"{}\" }}", src.display()), &out),
+            &ctx,
+        )
+        .await
+        .unwrap();
         assert_eq!(s.write.unwrap().rows_written, 2, "{name}");
-        let b = conala::sql::query(&ctx, &format!("select 1")).await.unwrap();
+        let b = conala::sql::query(&ctx, &format!("select 1"))
+            .await
+            .unwrap();
         assert_eq!(b.len(), 1);
     }
 }
@@ -117,7 +166,10 @@ async fn object_store_sources_and_sinks() {
     let ctx = context(None, tmp.path(), true);
     // file:// source
     let out = tmp.path().join("out-file");
-    let uri = format!("{{ uri: \"file://{}\", config: curated, split: test }}", data_dir().display());
+    let uri = format!(
+        "{{ uri: \"file://{}\", config: curated, split: test }}",
+        data_dir().display()
+    );
     let s = run_plan(&prep_plan(&uri, &out), &ctx).await.unwrap();
     assert_eq!(s.write.unwrap().rows_written, 477);
     // memory:// sink, then memory:// source, then SQL over memory://
@@ -129,7 +181,16 @@ async fn object_store_sources_and_sinks() {
     let s = run_plan(again, &ctx).await.unwrap();
     assert_eq!(s.write.unwrap().rows_written, 23);
     assert_eq!(count(&ctx, "nulls", "memory://bucket/nulls", "").await, 23);
-    assert_eq!(count(&ctx, "mem", "memory://bucket/curated-test", "where rewritten_intent is not null").await, 477);
+    assert_eq!(
+        count(
+            &ctx,
+            "mem",
+            "memory://bucket/curated-test",
+            "where rewritten_intent is not null"
+        )
+        .await,
+        477
+    );
 }
 
 fn write_parquet(path: &Path, batch: &RecordBatch) {
@@ -150,16 +211,30 @@ fn mined_sample(n: usize) -> RecordBatch {
         Field::new("intent", DataType::Utf8, true),
         Field::new("id", DataType::Utf8, true),
     ]));
-    let intents: Vec<Option<String>> = (0..n).map(|i| if i == 3 { None } else { Some(format!("how to sort list number {i}")) }).collect();
+    let intents: Vec<Option<String>> = (0..n)
+        .map(|i| {
+            if i == 3 {
+                None
+            } else {
+                Some(format!("how to sort list number {i}"))
+            }
+        })
+        .collect();
     RecordBatch::try_new(
         schema,
         vec![
             Arc::new(Int64Array::from((0..n as i64).collect::<Vec<_>>())),
             Arc::new(Int64Array::from((100..100 + n as i64).collect::<Vec<_>>())),
             Arc::new(Float64Array::from(vec![0.5; n])),
-            Arc::new(StringArray::from((0..n).map(|i| format!("sorted(x{i})")).collect::<Vec<_>>())),
+            Arc::new(StringArray::from(
+                (0..n).map(|i| format!("sorted(x{i})")).collect::<Vec<_>>(),
+            )),
             Arc::new(StringArray::from(intents)),
-            Arc::new(StringArray::from((0..n).map(|i| format!("{i}_{}", i + 100)).collect::<Vec<_>>())),
+            Arc::new(StringArray::from(
+                (0..n)
+                    .map(|i| format!("{i}_{}", i + 100))
+                    .collect::<Vec<_>>(),
+            )),
         ],
     )
     .unwrap()
@@ -170,16 +245,51 @@ fn mined_sample(n: usize) -> RecordBatch {
 fn hub_root(root: &Path) {
     let curated = data_dir().join("curated");
     for split in ["train", "test"] {
-        put_repo_file(root, "datasets", "neulab/conala", "refs/convert/parquet", &format!("curated/{split}/0000.parquet"), &curated.join(split).join("0000.parquet"));
+        put_repo_file(
+            root,
+            "datasets",
+            "neulab/conala",
+            "refs/convert/parquet",
+            &format!("curated/{split}/0000.parquet"),
+            &curated.join(split).join("0000.parquet"),
+        );
     }
     let tmp = root.join("_scratch");
     write_parquet(&tmp.join("mined.parquet"), &mined_sample(40));
-    put_repo_file(root, "datasets", "neulab/conala", "refs/convert/parquet", "mined/train/0000.parquet", &tmp.join("mined.parquet"));
-    put_repo_bytes(root, "datasets", "neulab/conala", "main", "README.md", b"# conala (no parquet on main)\n");
+    put_repo_file(
+        root,
+        "datasets",
+        "neulab/conala",
+        "refs/convert/parquet",
+        "mined/train/0000.parquet",
+        &tmp.join("mined.parquet"),
+    );
+    put_repo_bytes(
+        root,
+        "datasets",
+        "neulab/conala",
+        "main",
+        "README.md",
+        b"# conala (no parquet on main)\n",
+    );
     // A repo with parquet files on main.
-    put_repo_file(root, "datasets", "someone/pq", "main", "data/test-00000-of-00001.parquet", &curated.join("test/0000.parquet"));
+    put_repo_file(
+        root,
+        "datasets",
+        "someone/pq",
+        "main",
+        "data/test-00000-of-00001.parquet",
+        &curated.join("test/0000.parquet"),
+    );
     // A gated one.
-    put_repo_file(root, "datasets", "private/gated", "main", "data/train-00000-of-00001.parquet", &curated.join("test/0000.parquet"));
+    put_repo_file(
+        root,
+        "datasets",
+        "private/gated",
+        "main",
+        "data/train-00000-of-00001.parquet",
+        &curated.join("test/0000.parquet"),
+    );
     std::fs::write(root.join("datasets/private/gated/.token"), "hf_secret").unwrap();
 }
 
@@ -194,24 +304,63 @@ async fn hub_datasets_through_the_stand_in_server() {
 
     // Parquet conversion fallback (main has no parquet files).
     let out = tmp.path().join("o1");
-    let s = run_plan(&prep_plan("{ uri: hf://datasets/neulab/conala, config: curated, split: test }", &out), &ctx).await.unwrap();
+    let s = run_plan(
+        &prep_plan(
+            "{ uri: hf://datasets/neulab/conala, config: curated, split: test }",
+            &out,
+        ),
+        &ctx,
+    )
+    .await
+    .unwrap();
     assert_eq!(s.rows_per_step[0].1, 500);
     assert_eq!(s.write.unwrap().rows_written, 477);
-    let paths: Vec<String> = server.seen.lock().unwrap().iter().map(|s| s.path.clone()).collect();
-    assert!(paths.iter().any(|p| p.contains("/api/datasets/neulab/conala/revision/main")), "{paths:?}");
-    assert!(paths.iter().any(|p| p.contains("resolve/refs%2Fconvert%2Fparquet/curated/test/0000.parquet")), "{paths:?}");
+    let paths: Vec<String> = server
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.path.clone())
+        .collect();
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.contains("/api/datasets/neulab/conala/revision/main")),
+        "{paths:?}"
+    );
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.contains("resolve/refs%2Fconvert%2Fparquet/curated/test/0000.parquet")),
+        "{paths:?}"
+    );
     // Files land in the standard cache layout.
-    assert!(cache.join("datasets--neulab--conala/refs/refs/convert/parquet").is_file());
+    assert!(cache
+        .join("datasets--neulab--conala/refs/refs/convert/parquet")
+        .is_file());
 
     // Parquet files on main are used directly.
     let out = tmp.path().join("o2");
     let plan = "name: pq\nsteps:\n  - source: { uri: hf://datasets/someone/pq, split: test }\n  - write: { path: OUT }\n".replace("OUT", out.to_str().unwrap());
-    assert_eq!(run_plan(&plan, &ctx).await.unwrap().write.unwrap().rows_written, 500);
+    assert_eq!(
+        run_plan(&plan, &ctx)
+            .await
+            .unwrap()
+            .write
+            .unwrap()
+            .rows_written,
+        500
+    );
 
     // Unknown split: the error lists what exists.
     let plan = "name: bad\nsteps:\n  - source: { uri: hf://datasets/neulab/conala, config: curated, split: validation }\n  - write: { path: OUT }\n".replace("OUT", tmp.path().join("o3").to_str().unwrap());
     let e = run_plan(&plan, &ctx).await.unwrap_err().to_string();
-    assert!(e.contains("step 1 (source)") && e.contains("split `validation`") && e.contains("curated/test"), "{e}");
+    assert!(
+        e.contains("step 1 (source)")
+            && e.contains("split `validation`")
+            && e.contains("curated/test"),
+        "{e}"
+    );
     assert!(!tmp.path().join("o3").exists());
 
     // Gated: refused without a token, served with one.
@@ -219,17 +368,39 @@ async fn hub_datasets_through_the_stand_in_server() {
     let e = run_plan(&plan, &ctx).await.unwrap_err().to_string();
     assert!(e.contains("HF_TOKEN"), "{e}");
     let authed = context_with_token(&server.endpoint, &tmp.path().join("cache2"), "hf_secret");
-    assert_eq!(run_plan(&plan, &authed).await.unwrap().write.unwrap().rows_written, 500);
+    assert_eq!(
+        run_plan(&plan, &authed)
+            .await
+            .unwrap()
+            .write
+            .unwrap()
+            .rows_written,
+        500
+    );
 
     // Offline: the cache alone serves what was downloaded; what was not is a clear error.
     let offline = context(None, &cache, true);
     let out = tmp.path().join("o5");
-    let s = run_plan(&prep_plan("{ uri: hf://datasets/neulab/conala, config: curated, split: test }", &out), &offline).await.unwrap();
+    let s = run_plan(
+        &prep_plan(
+            "{ uri: hf://datasets/neulab/conala, config: curated, split: test }",
+            &out,
+        ),
+        &offline,
+    )
+    .await
+    .unwrap();
     assert_eq!(s.write.unwrap().rows_written, 477);
-    let e = run_plan(&prep_plan("{ uri: hf://datasets/neulab/conala, config: curated, split: train }", &tmp.path().join("o6")), &offline)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = run_plan(
+        &prep_plan(
+            "{ uri: hf://datasets/neulab/conala, config: curated, split: train }",
+            &tmp.path().join("o6"),
+        ),
+        &offline,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("HF_HUB_OFFLINE"), "{e}");
 }
 
@@ -242,36 +413,77 @@ fn mined_plan_validates_as_written_with_hf_env() {
     // google/flan-t5-base stand-in: a tiny flan-t5 with the shipped tokenizer.
     let model = tmp.path().join("model");
     let (ok, _, err) = run_cli(
-        &["model", "init", "--family", "flan-t5", "--size", "tiny", "--vocab", tokenizer_path().to_str().unwrap(), "--out", model.to_str().unwrap()],
+        &[
+            "model",
+            "init",
+            "--family",
+            "flan-t5",
+            "--size",
+            "tiny",
+            "--vocab",
+            tokenizer_path().to_str().unwrap(),
+            "--out",
+            model.to_str().unwrap(),
+        ],
         &[],
         &repo_root(),
     );
     assert!(ok, "{err}");
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        put_repo_file(&root, "models", "google/flan-t5-base", "main", f, &model.join(f));
+        put_repo_file(
+            &root,
+            "models",
+            "google/flan-t5-base",
+            "main",
+            f,
+            &model.join(f),
+        );
     }
     let server = HubServer::start(root);
     let home = tmp.path().join("hf-home");
-    let env = [("HF_ENDPOINT", server.endpoint.as_str()), ("HF_HOME", home.to_str().unwrap())];
-    let (ok, out, err) = run_cli(&["validate", "pipelines/conala-mined.yaml"], &env, &repo_root());
+    let env = [
+        ("HF_ENDPOINT", server.endpoint.as_str()),
+        ("HF_HOME", home.to_str().unwrap()),
+    ];
+    let (ok, out, err) = run_cli(
+        &["validate", "pipelines/conala-mined.yaml"],
+        &env,
+        &repo_root(),
+    );
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("valid plan `conala-mined`"), "{out}");
-    assert!(out.contains("rewritten_intent: Utf8") && out.contains("finish_reason"), "{out}");
+    assert!(
+        out.contains("rewritten_intent: Utf8") && out.contains("finish_reason"),
+        "{out}"
+    );
     // HF_HOME is honoured: the files are in $HF_HOME/hub.
     assert!(home.join("hub/datasets--neulab--conala").is_dir());
     assert!(home.join("hub/models--google--flan-t5-base").is_dir());
     // The training preparation plan runs end to end through the Hub and the model's tokenizer.
     let out_dir = tmp.path().join("prep");
     let (ok, out, err) = run_cli(
-        &["run", "pipelines/conala-train-prep.yaml", "--set", &format!("write.path={}", out_dir.display())],
+        &[
+            "run",
+            "pipelines/conala-train-prep.yaml",
+            "--set",
+            &format!("write.path={}", out_dir.display()),
+        ],
         &env,
         &repo_root(),
     );
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("wrote 2299 rows"), "{out}");
     // Offline with HF_HUB_OFFLINE, nothing reachable: validation still works from the cache.
-    let env_off = [("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HOME", home.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
-    let (ok, out, err) = run_cli(&["validate", "pipelines/conala-mined.yaml"], &env_off, &repo_root());
+    let env_off = [
+        ("HF_ENDPOINT", "http://127.0.0.1:9"),
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_HUB_OFFLINE", "1"),
+    ];
+    let (ok, out, err) = run_cli(
+        &["validate", "pipelines/conala-mined.yaml"],
+        &env_off,
+        &repo_root(),
+    );
     assert!(ok, "{out}\n{err}");
 }
 
@@ -279,29 +491,105 @@ fn mined_plan_validates_as_written_with_hf_env() {
 async fn sql_over_plan_outputs_in_every_format() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");
-    let (ok, stdout, err) = run_cli(&["run", "pipelines/conala-offline.yaml", "--set", &format!("write.path={}", out.display())], &[], &repo_root());
+    let (ok, stdout, err) = run_cli(
+        &[
+            "run",
+            "pipelines/conala-offline.yaml",
+            "--set",
+            &format!("write.path={}", out.display()),
+        ],
+        &[],
+        &repo_root(),
+    );
     assert!(ok, "{err}");
     assert!(stdout.contains("wrote 2299 rows"), "{stdout}");
     let plan_path = tmp.path().join("p.yaml");
-    std::fs::write(&plan_path, std::fs::read_to_string(repo_root().join("pipelines/conala-offline.yaml")).unwrap().replace("out/conala-offline", out.to_str().unwrap())).unwrap();
-    let (ok, stdout, err) = run_cli(&["sql", "--plan", plan_path.to_str().unwrap(), "select count(*) as n from conala_offline"], &[], &repo_root());
+    std::fs::write(
+        &plan_path,
+        std::fs::read_to_string(repo_root().join("pipelines/conala-offline.yaml"))
+            .unwrap()
+            .replace("out/conala-offline", out.to_str().unwrap()),
+    )
+    .unwrap();
+    let (ok, stdout, err) = run_cli(
+        &[
+            "sql",
+            "--plan",
+            plan_path.to_str().unwrap(),
+            "select count(*) as n from conala_offline",
+        ],
+        &[],
+        &repo_root(),
+    );
     assert!(ok, "{err}");
     assert!(stdout.contains("2299"), "{stdout}");
     let table = format!("t={}", out.display());
     let csv = tmp.path().join("r.csv");
-    let (ok, _, err) = run_cli(&["sql", "--table", &table, "--format", "csv", "--output", csv.to_str().unwrap(), "select row_id, intent from t order by row_id limit 3"], &[], &repo_root());
+    let (ok, _, err) = run_cli(
+        &[
+            "sql",
+            "--table",
+            &table,
+            "--format",
+            "csv",
+            "--output",
+            csv.to_str().unwrap(),
+            "select row_id, intent from t order by row_id limit 3",
+        ],
+        &[],
+        &repo_root(),
+    );
     assert!(ok, "{err}");
     let text = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(text.lines().count(), 4);
     assert!(text.starts_with("row_id,intent"));
-    let (ok, stdout, _) = run_cli(&["sql", "--table", &table, "--format", "json", "select count(*) as n from t"], &[], &repo_root());
+    let (ok, stdout, _) = run_cli(
+        &[
+            "sql",
+            "--table",
+            &table,
+            "--format",
+            "json",
+            "select count(*) as n from t",
+        ],
+        &[],
+        &repo_root(),
+    );
     assert!(ok && stdout.trim() == "{\"n\":2299}", "{stdout}");
     let pq = tmp.path().join("r.parquet");
-    let (ok, _, err) = run_cli(&["sql", "--table", &table, "--format", "parquet", "--output", pq.to_str().unwrap(), "select * from t where row_id < 10"], &[], &repo_root());
+    let (ok, _, err) = run_cli(
+        &[
+            "sql",
+            "--table",
+            &table,
+            "--format",
+            "parquet",
+            "--output",
+            pq.to_str().unwrap(),
+            "select * from t where row_id < 10",
+        ],
+        &[],
+        &repo_root(),
+    );
     assert!(ok, "{err}");
-    let (ok, stdout, _) = run_cli(&["sql", "--table", &format!("r={}", pq.display()), "--format", "csv", "select count(*) from r"], &[], &repo_root());
+    let (ok, stdout, _) = run_cli(
+        &[
+            "sql",
+            "--table",
+            &format!("r={}", pq.display()),
+            "--format",
+            "csv",
+            "select count(*) from r",
+        ],
+        &[],
+        &repo_root(),
+    );
     assert!(ok && stdout.lines().nth(1) == Some("10"), "{stdout}");
-    let (ok, _, err) = run_cli(&["sql", "--table", &table, "select nope from t"], &[], &repo_root());
+    let (ok, _, err) = run_cli(
+        &["sql", "--table", &table, "select nope from t"],
+        &[],
+        &repo_root(),
+    );
     assert!(!ok && err.contains("nope"), "{err}");
 }
 
@@ -317,18 +605,46 @@ async fn bad_input_fails_clearly_and_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let ctx = context(None, tmp.path(), true);
     let out = tmp.path().join("out");
-    let data = format!("{{ uri: \"{}\", config: curated, split: test }}", data_dir().display());
+    let data = format!(
+        "{{ uri: \"{}\", config: curated, split: test }}",
+        data_dir().display()
+    );
 
     // Malformed YAML.
-    let e = run_plan("name: x\nsteps: [ { source: ", &ctx).await.unwrap_err().to_string();
+    let e = run_plan("name: x\nsteps: [ { source: ", &ctx)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("test.yaml: malformed YAML"), "{e}");
     // Unknown key, with a suggestion.
-    let e = expect_plan_error(run_plan(&prep_plan(&data, &out).replace("rows_per_file", "rows_per_fille"), &ctx).await);
-    assert_eq!((e.at.step.clone().unwrap().1.as_str(), e.at.key.as_deref(), e.suggestion.as_deref()), ("write", Some("rows_per_fille"), Some("rows_per_file")));
+    let e = expect_plan_error(
+        run_plan(
+            &prep_plan(&data, &out).replace("rows_per_file", "rows_per_fille"),
+            &ctx,
+        )
+        .await,
+    );
+    assert_eq!(
+        (
+            e.at.step.clone().unwrap().1.as_str(),
+            e.at.key.as_deref(),
+            e.suggestion.as_deref()
+        ),
+        ("write", Some("rows_per_fille"), Some("rows_per_file"))
+    );
     // Missing column, named with the input's columns.
-    let e = expect_plan_error(run_plan(&prep_plan(&data, &out).replace("{snippet}", "{snipet}"), &ctx).await);
+    let e = expect_plan_error(
+        run_plan(
+            &prep_plan(&data, &out).replace("{snippet}", "{snipet}"),
+            &ctx,
+        )
+        .await,
+    );
     assert_eq!(e.at.step, Some((2, "format".into())));
-    assert!(e.message.contains("missing column `snipet`") && e.suggestion.as_deref() == Some("snippet"), "{e}");
+    assert!(
+        e.message.contains("missing column `snipet`") && e.suggestion.as_deref() == Some("snippet"),
+        "{e}"
+    );
     // Missing file.
     let e = expect_plan_error(run_plan(&prep_plan("{ uri: /no/such/folder }", &out), &ctx).await);
     assert_eq!(e.at.key.as_deref(), Some("uri"));
@@ -337,12 +653,31 @@ async fn bad_input_fails_clearly_and_leaves_nothing() {
     let bad = tmp.path().join("bad");
     std::fs::create_dir_all(&bad).unwrap();
     std::fs::write(bad.join("0000.parquet"), b"PAR1 this is not parquet").unwrap();
-    let e = run_plan(&prep_plan(&format!("{{ uri: \"{}\" }}", bad.display()), &out), &ctx).await.unwrap_err().to_string();
-    assert!(e.contains("0000.parquet") && e.contains("not a readable parquet file"), "{e}");
+    let e = run_plan(
+        &prep_plan(&format!("{{ uri: \"{}\" }}", bad.display()), &out),
+        &ctx,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("0000.parquet") && e.contains("not a readable parquet file"),
+        "{e}"
+    );
     // Non-UTF-8 bytes in JSON.
     let j = tmp.path().join("bad.json");
-    std::fs::write(&j, b"[{\"intent\": \"ok\", \"rewritten_intent\": \"x\", \"snippet\": \"\xff\xfe\"}]").unwrap();
-    let e = run_plan(&prep_plan(&format!("{{ uri: \"{}\" }}", j.display()), &out), &ctx).await.unwrap_err().to_string();
+    std::fs::write(
+        &j,
+        b"[{\"intent\": \"ok\", \"rewritten_intent\": \"x\", \"snippet\": \"\xff\xfe\"}]",
+    )
+    .unwrap();
+    let e = run_plan(
+        &prep_plan(&format!("{{ uri: \"{}\" }}", j.display()), &out),
+        &ctx,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("bad.json") && e.contains("invalid JSON"), "{e}");
     // Null fields with `on_null: error`: the row is named, and no partial output is left.
     let strict = prep_plan(&data, &out).replace("filter: \"intent IS NOT NULL AND rewritten_intent IS NOT NULL\"", "filter: \"true\"").replace(
@@ -354,11 +689,24 @@ async fn bad_input_fails_clearly_and_leaves_nothing() {
     let leftovers = std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0);
     assert_eq!(leftovers, 0, "no partial output");
     // A plan whose --set names nothing.
-    let plan = plans::load_str(&prep_plan(&data, &out), "test.yaml", &["sink.path=x".into()]);
+    let plan = plans::load_str(
+        &prep_plan(&data, &out),
+        "test.yaml",
+        &["sink.path=x".into()],
+    );
     let e = plan.unwrap_err().to_string();
-    assert!(e.contains("--set sink.path=x") && e.contains("names nothing"), "{e}");
+    assert!(
+        e.contains("--set sink.path=x") && e.contains("names nothing"),
+        "{e}"
+    );
     // Wrong order of steps.
-    let e = run_plan("name: x\nsteps:\n  - filter: \"true\"\n  - write: { path: o }\n", &ctx).await.unwrap_err().to_string();
+    let e = run_plan(
+        "name: x\nsteps:\n  - filter: \"true\"\n  - write: { path: o }\n",
+        &ctx,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("first step must be a `source`"), "{e}");
     assert!(!out.exists() || std::fs::read_dir(&out).unwrap().count() == 0);
 }
@@ -367,13 +715,25 @@ async fn bad_input_fails_clearly_and_leaves_nothing() {
 fn cli_errors_name_file_step_and_key() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("plan.yaml");
-    std::fs::write(&p, std::fs::read_to_string(repo_root().join("pipelines/conala-offline.yaml")).unwrap().replace("max_input_tokens", "max_input_token")).unwrap();
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(repo_root().join("pipelines/conala-offline.yaml"))
+            .unwrap()
+            .replace("max_input_tokens", "max_input_token"),
+    )
+    .unwrap();
     let (ok, _, err) = run_cli(&["validate", p.to_str().unwrap()], &[], &repo_root());
     assert!(!ok);
-    assert!(err.contains("plan.yaml: step 4 (tokenize): key `max_input_token`: unknown key"), "{err}");
+    assert!(
+        err.contains("plan.yaml: step 4 (tokenize): key `max_input_token`: unknown key"),
+        "{err}"
+    );
     assert!(err.contains("did you mean `max_input_tokens`"), "{err}");
     let (ok, _, err) = run_cli(&["run", "--set", "wirte.path=x"], &[], &repo_root());
-    assert!(!ok && err.contains("names nothing") && err.contains("did you mean `write`"), "{err}");
+    assert!(
+        !ok && err.contains("names nothing") && err.contains("did you mean `write`"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -386,17 +746,47 @@ async fn shard_and_limit_select_rows_by_id() {
         ctx.shard = Some(conala::context::Shard { index: i, count: 3 });
         let out = tmp.path().join(format!("s{i}"));
         let plan = format!("name: s\nsteps:\n  - source: {{ uri: \"{data}\", config: curated, split: test }}\n  - write: {{ path: \"{}\" }}\n", out.display());
-        total += run_plan(&plan, &ctx).await.unwrap().write.unwrap().rows_written;
-        let c = count(&ctx, &format!("s{i}"), out.to_str().unwrap(), &format!("where row_id % 3 <> {i}")).await;
+        total += run_plan(&plan, &ctx)
+            .await
+            .unwrap()
+            .write
+            .unwrap()
+            .rows_written;
+        let c = count(
+            &ctx,
+            &format!("s{i}"),
+            out.to_str().unwrap(),
+            &format!("where row_id % 3 <> {i}"),
+        )
+        .await;
         assert_eq!(c, 0);
     }
     assert_eq!(total, 500);
     ctx.shard = None;
     let out = tmp.path().join("lim");
     let plan = format!("name: l\nsteps:\n  - source: {{ uri: \"{data}\", config: curated, split: train, limit: 10, repeat: 3 }}\n  - write: {{ path: \"{}\" }}\n", out.display());
-    assert_eq!(run_plan(&plan, &ctx).await.unwrap().write.unwrap().rows_written, 10);
+    assert_eq!(
+        run_plan(&plan, &ctx)
+            .await
+            .unwrap()
+            .write
+            .unwrap()
+            .rows_written,
+        10
+    );
     let out = tmp.path().join("rep");
     let plan = format!("name: r\nsteps:\n  - source: {{ uri: \"{data}\", config: curated, split: test, repeat: 3 }}\n  - write: {{ path: \"{}\" }}\n", out.display());
-    assert_eq!(run_plan(&plan, &ctx).await.unwrap().write.unwrap().rows_written, 1500);
-    assert_eq!(count(&ctx, "rep", out.to_str().unwrap(), "where row_id >= 1000").await, 500);
+    assert_eq!(
+        run_plan(&plan, &ctx)
+            .await
+            .unwrap()
+            .write
+            .unwrap()
+            .rows_written,
+        1500
+    );
+    assert_eq!(
+        count(&ctx, "rep", out.to_str().unwrap(), "where row_id >= 1000").await,
+        500
+    );
 }

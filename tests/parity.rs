@@ -16,13 +16,25 @@ use conala::model::weights::Weights;
 use conala::model::{T5Config, T5};
 
 fn fixture(family: &str) -> PathBuf {
-    common::repo_root().join("tests/fixtures/parity").join(family)
+    common::repo_root()
+        .join("tests/fixtures/parity")
+        .join(family)
 }
 
 fn load(family: &str) -> (T5, HashMap<String, Tensor>) {
     let dir = fixture(family);
-    let cfg = T5Config::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap(), family).unwrap();
-    let w = Weights::open(&[dir.join("model.safetensors")], family, &Device::Cpu, DType::F32).unwrap();
+    let cfg = T5Config::from_json(
+        &std::fs::read_to_string(dir.join("config.json")).unwrap(),
+        family,
+    )
+    .unwrap();
+    let w = Weights::open(
+        &[dir.join("model.safetensors")],
+        family,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
     let model = T5::load(&cfg, &w).unwrap();
     let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap();
     (model, io)
@@ -36,7 +48,16 @@ fn as_u32(t: &Tensor) -> Tensor {
 fn rows(io: &HashMap<String, Tensor>) -> Vec<Vec<u32>> {
     let ids: Vec<Vec<i64>> = io["input_ids"].to_vec2().unwrap();
     let mask: Vec<Vec<i64>> = io["attention_mask"].to_vec2().unwrap();
-    ids.iter().zip(&mask).map(|(r, m)| r.iter().zip(m).filter(|(_, k)| **k == 1).map(|(t, _)| *t as u32).collect()).collect()
+    ids.iter()
+        .zip(&mask)
+        .map(|(r, m)| {
+            r.iter()
+                .zip(m)
+                .filter(|(_, k)| **k == 1)
+                .map(|(t, _)| *t as u32)
+                .collect()
+        })
+        .collect()
 }
 
 /// HF sequences (start token, generated tokens, then padding) as our outputs (generated tokens up to
@@ -62,7 +83,16 @@ fn hf_outputs(t: &Tensor) -> Vec<Vec<u32>> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 /// Within 1e-4 of HF relative to the outputs' magnitude, and no further from the exact (float64)
@@ -70,14 +100,41 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// 4e-3 away from f64: absolute agreement tighter than the rounding of either is not meaningful.
 fn assert_close(what: &str, ours: &Tensor, hf: &Tensor, exact: &Tensor, mask: Option<&Tensor>) {
     let (ours, hf, exact) = match mask {
-        Some(m) => (ours.broadcast_mul(m).unwrap(), hf.broadcast_mul(m).unwrap(), exact.to_dtype(DType::F32).unwrap().broadcast_mul(m).unwrap()),
-        None => (ours.clone(), hf.clone(), exact.to_dtype(DType::F32).unwrap()),
+        Some(m) => (
+            ours.broadcast_mul(m).unwrap(),
+            hf.broadcast_mul(m).unwrap(),
+            exact
+                .to_dtype(DType::F32)
+                .unwrap()
+                .broadcast_mul(m)
+                .unwrap(),
+        ),
+        None => (
+            ours.clone(),
+            hf.clone(),
+            exact.to_dtype(DType::F32).unwrap(),
+        ),
     };
-    let scale: f32 = hf.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    let scale: f32 = hf
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
     let d = max_diff(&ours, &hf);
-    assert!(d <= 1e-4 * scale, "{what}: differs from HF by {d} (scale {scale})");
+    assert!(
+        d <= 1e-4 * scale,
+        "{what}: differs from HF by {d} (scale {scale})"
+    );
     let (ours_err, hf_err) = (max_diff(&ours, &exact), max_diff(&hf, &exact));
-    assert!(ours_err <= (4.0 * hf_err).max(1e-5 * scale), "{what}: {ours_err} from the f64 answer, HF f32 is {hf_err} from it");
+    assert!(
+        ours_err <= (4.0 * hf_err).max(1e-5 * scale),
+        "{what}: {ours_err} from the f64 answer, HF f32 is {hf_err} from it"
+    );
 }
 
 fn gen(model: &T5, rows: &[Vec<u32>], o: &DecodeOptions) -> Vec<Generated> {
@@ -95,31 +152,90 @@ fn check_family(family: &str) {
     let mask = io["attention_mask"].to_dtype(DType::U8).unwrap();
     // Encoder states at real (unpadded) positions.
     let enc = model.encode(&ids, &mask, &Mode::INFER).unwrap();
-    let m = io["attention_mask"].to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
-    assert_close(&format!("{family} encoder"), &enc, &io["encoder_hidden"], &io["encoder_hidden_f64"], Some(&m));
-    let d = max_diff(&enc.broadcast_mul(&m).unwrap(), &io["encoder_hidden"].broadcast_mul(&m).unwrap());
+    let m = io["attention_mask"]
+        .to_dtype(DType::F32)
+        .unwrap()
+        .unsqueeze(2)
+        .unwrap();
+    assert_close(
+        &format!("{family} encoder"),
+        &enc,
+        &io["encoder_hidden"],
+        &io["encoder_hidden_f64"],
+        Some(&m),
+    );
+    let d = max_diff(
+        &enc.broadcast_mul(&m).unwrap(),
+        &io["encoder_hidden"].broadcast_mul(&m).unwrap(),
+    );
     assert!(d < 1e-4, "{family}: encoder differs by {d}");
     // Teacher-forced logits over 24 decoder positions.
-    let logits = model.forward(&ids, &mask, &as_u32(&io["decoder_input_ids"]), &Mode::INFER).unwrap();
-    assert_close(&format!("{family} logits"), &logits, &io["logits"], &io["logits_f64"], None);
+    let logits = model
+        .forward(&ids, &mask, &as_u32(&io["decoder_input_ids"]), &Mode::INFER)
+        .unwrap();
+    assert_close(
+        &format!("{family} logits"),
+        &logits,
+        &io["logits"],
+        &io["logits_f64"],
+        None,
+    );
     // Greedy, with and without repetition penalty; beam search.
     let r = rows(&io);
-    let o = DecodeOptions { max_new_tokens: 32, ..Default::default() };
-    assert_eq!(tokens(&gen(&model, &r, &o)), hf_outputs(&io["greedy"]), "{family}: greedy");
-    let rep = DecodeOptions { repetition_penalty: 1.3, ..o.clone() };
-    assert_eq!(tokens(&gen(&model, &r, &rep)), hf_outputs(&io["greedy_rep"]), "{family}: greedy with repetition penalty");
-    let beam = DecodeOptions { num_beams: 3, ..o.clone() };
-    assert_eq!(tokens(&gen(&model, &r, &beam)), hf_outputs(&io["beam"]), "{family}: beam");
-    let beam_lp = DecodeOptions { num_beams: 3, length_penalty: 0.6, early_stopping: true, ..o.clone() };
-    assert_eq!(tokens(&gen(&model, &r, &beam_lp)), hf_outputs(&io["beam_lp"]), "{family}: beam with length penalty");
+    let o = DecodeOptions {
+        max_new_tokens: 32,
+        ..Default::default()
+    };
+    assert_eq!(
+        tokens(&gen(&model, &r, &o)),
+        hf_outputs(&io["greedy"]),
+        "{family}: greedy"
+    );
+    let rep = DecodeOptions {
+        repetition_penalty: 1.3,
+        ..o.clone()
+    };
+    assert_eq!(
+        tokens(&gen(&model, &r, &rep)),
+        hf_outputs(&io["greedy_rep"]),
+        "{family}: greedy with repetition penalty"
+    );
+    let beam = DecodeOptions {
+        num_beams: 3,
+        ..o.clone()
+    };
+    assert_eq!(
+        tokens(&gen(&model, &r, &beam)),
+        hf_outputs(&io["beam"]),
+        "{family}: beam"
+    );
+    let beam_lp = DecodeOptions {
+        num_beams: 3,
+        length_penalty: 0.6,
+        early_stopping: true,
+        ..o.clone()
+    };
+    assert_eq!(
+        tokens(&gen(&model, &r, &beam_lp)),
+        hf_outputs(&io["beam_lp"]),
+        "{family}: beam with length penalty"
+    );
     // Padding changes nothing: each row alone gives the batch's answer.
     let batched = gen(&model, &r, &o);
     for (i, row) in r.iter().enumerate() {
-        assert_eq!(gen(&model, std::slice::from_ref(row), &o)[0], batched[i], "{family}: row {i} alone");
+        assert_eq!(
+            gen(&model, std::slice::from_ref(row), &o)[0],
+            batched[i],
+            "{family}: row {i} alone"
+        );
     }
     let batched_beam = gen(&model, &r, &beam);
     for (i, row) in r.iter().enumerate() {
-        assert_eq!(gen(&model, std::slice::from_ref(row), &beam)[0], batched_beam[i], "{family}: beam row {i} alone");
+        assert_eq!(
+            gen(&model, std::slice::from_ref(row), &beam)[0],
+            batched_beam[i],
+            "{family}: beam row {i} alone"
+        );
     }
 }
 
@@ -140,12 +256,17 @@ fn ul2_matches_transformers() {
 
 #[test]
 fn position_buckets_match_transformers() {
-    let io = candle_core::safetensors::load(fixture("t5").join("io.safetensors"), &Device::Cpu).unwrap();
+    let io =
+        candle_core::safetensors::load(fixture("t5").join("io.safetensors"), &Device::Cpu).unwrap();
     let bi: Vec<i64> = io["buckets_bi"].to_vec1().unwrap();
     let uni: Vec<i64> = io["buckets_uni"].to_vec1().unwrap();
     for (k, r) in (-300i64..300).enumerate() {
         assert_eq!(bucket(r, true, 32, 128) as i64, bi[k], "bidirectional {r}");
-        assert_eq!(bucket(r, false, 32, 128) as i64, uni[k], "unidirectional {r}");
+        assert_eq!(
+            bucket(r, false, 32, 128) as i64,
+            uni[k],
+            "unidirectional {r}"
+        );
     }
 }
 
@@ -157,19 +278,45 @@ fn single_row_matches_candle_transformers_t5() {
     let dir = fixture("flan-t5");
     let (model, io) = load("flan-t5");
     let row = rows(&io)[1].clone();
-    let cfg: ct5::Config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
+    let cfg: ct5::Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     let mut theirs = ct5::T5ForConditionalGeneration::load(vb, &cfg).unwrap();
-    let ids = Tensor::new(row.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ids = Tensor::new(row.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let mask = Tensor::ones((1, row.len()), DType::U8, &Device::Cpu).unwrap();
     let ours_enc = model.encode(&ids, &mask, &Mode::INFER).unwrap();
     let their_enc = theirs.encode(&ids).unwrap();
     assert!(max_diff(&ours_enc, &their_enc) < 1e-4);
     let dec = Tensor::new(&[[0u32, 17, 23, 5, 41]], &Device::Cpu).unwrap();
-    let ours = model.forward(&ids, &mask, &dec, &Mode::INFER).unwrap().narrow(1, 4, 1).unwrap().squeeze(1).unwrap();
+    let ours = model
+        .forward(&ids, &mask, &dec, &Mode::INFER)
+        .unwrap()
+        .narrow(1, 4, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
     let their = theirs.decode(&dec, &their_enc).unwrap();
     let d = max_diff(&ours, &their);
-    let scale: f32 = their.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    let scale: f32 = their
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
     assert!(d <= 1e-4 * scale, "differs by {d} (logits up to {scale})");
 }
 
@@ -181,8 +328,16 @@ fn bad_checkpoints_are_named() {
     let cfg_text = std::fs::read_to_string(src.join("config.json")).unwrap();
     let cfg = T5Config::from_json(&cfg_text, "x").unwrap();
     // Unknown feed_forward_proj.
-    let e = T5Config::from_json(&cfg_text.replace("gated-gelu", "gated-swiglu"), "m/config.json").unwrap_err().to_string();
-    assert!(e.contains("m/config.json") && e.contains("gated-swiglu"), "{e}");
+    let e = T5Config::from_json(
+        &cfg_text.replace("gated-gelu", "gated-swiglu"),
+        "m/config.json",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("m/config.json") && e.contains("gated-swiglu"),
+        "{e}"
+    );
     // Missing tensor and wrong shape.
     let full = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     let mut missing = full.clone();
@@ -191,9 +346,15 @@ fn bad_checkpoints_are_named() {
     candle_core::safetensors::save(&missing, &p).unwrap();
     let w = Weights::open(&[p], "missing", &Device::Cpu, DType::F32).unwrap();
     let e = T5::load(&cfg, &w).err().unwrap().to_string();
-    assert!(e.contains("missing tensor `decoder.block.1.layer.2.DenseReluDense.wo.weight`"), "{e}");
+    assert!(
+        e.contains("missing tensor `decoder.block.1.layer.2.DenseReluDense.wo.weight`"),
+        "{e}"
+    );
     let mut wrong = full.clone();
-    wrong.insert("encoder.block.0.layer.0.SelfAttention.q.weight".into(), Tensor::zeros((16, 32), DType::F32, &Device::Cpu).unwrap());
+    wrong.insert(
+        "encoder.block.0.layer.0.SelfAttention.q.weight".into(),
+        Tensor::zeros((16, 32), DType::F32, &Device::Cpu).unwrap(),
+    );
     let p = tmp.path().join("wrong.safetensors");
     candle_core::safetensors::save(&wrong, &p).unwrap();
     let w = Weights::open(&[p], "wrong", &Device::Cpu, DType::F32).unwrap();
@@ -203,11 +364,21 @@ fn bad_checkpoints_are_named() {
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let p = tmp.path().join("cut.safetensors");
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    let e = Weights::open(&[p], "cut", &Device::Cpu, DType::F32).err().unwrap().to_string();
-    assert!(e.contains("cut.safetensors") && e.contains("corrupt safetensors"), "{e}");
+    let e = Weights::open(&[p], "cut", &Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("cut.safetensors") && e.contains("corrupt safetensors"),
+        "{e}"
+    );
     let p = tmp.path().join("junk.safetensors");
     std::fs::write(&p, b"not a safetensors file at all").unwrap();
-    assert!(Weights::open(&[p], "junk", &Device::Cpu, DType::F32).err().unwrap().to_string().contains("corrupt safetensors"));
+    assert!(Weights::open(&[p], "junk", &Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("corrupt safetensors"));
 }
 
 /// Sharded checkpoints with an index load like a single file; a missing file is named.
@@ -221,13 +392,21 @@ async fn sharded_checkpoints_and_missing_files() {
     let (mut a, mut b) = (HashMap::new(), HashMap::new());
     let mut map = serde_json::Map::new();
     for (i, (k, v)) in full.iter().enumerate() {
-        let (target, name) = if i % 2 == 0 { (&mut a, "model-00001-of-00002.safetensors") } else { (&mut b, "model-00002-of-00002.safetensors") };
+        let (target, name) = if i % 2 == 0 {
+            (&mut a, "model-00001-of-00002.safetensors")
+        } else {
+            (&mut b, "model-00002-of-00002.safetensors")
+        };
         target.insert(k.clone(), v.clone());
         map.insert(k.clone(), name.into());
     }
     candle_core::safetensors::save(&a, dir.join("model-00001-of-00002.safetensors")).unwrap();
     candle_core::safetensors::save(&b, dir.join("model-00002-of-00002.safetensors")).unwrap();
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     let ctx = common::context(None, tmp.path(), true);
     let spec = conala::plans::spec::ModelSpec {
@@ -247,9 +426,20 @@ async fn sharded_checkpoints_and_missing_files() {
     let b = reference.encode(&ids, &mask, &Mode::INFER).unwrap();
     assert_eq!(max_diff(&a, &b), 0.0);
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
-    let e = conala::model::load(&spec, &ctx.hub).await.err().unwrap().to_string();
-    assert!(e.contains("missing shard") && e.contains("model-00002-of-00002.safetensors"), "{e}");
+    let e = conala::model::load(&spec, &ctx.hub)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("missing shard") && e.contains("model-00002-of-00002.safetensors"),
+        "{e}"
+    );
     std::fs::remove_file(dir.join("config.json")).unwrap();
-    let e = conala::model::load(&spec, &ctx.hub).await.err().unwrap().to_string();
+    let e = conala::model::load(&spec, &ctx.hub)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("missing file config.json"), "{e}");
 }

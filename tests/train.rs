@@ -22,15 +22,27 @@ fn peft_dir() -> PathBuf {
 
 fn base_model() -> T5 {
     let dir = peft_dir().join("base");
-    let cfg = T5Config::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap(), "base").unwrap();
-    let w = Weights::open(&[dir.join("model.safetensors")], "base", &Device::Cpu, DType::F32).unwrap();
+    let cfg = T5Config::from_json(
+        &std::fs::read_to_string(dir.join("config.json")).unwrap(),
+        "base",
+    )
+    .unwrap();
+    let w = Weights::open(
+        &[dir.join("model.safetensors")],
+        "base",
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
     T5::load(&cfg, &w).unwrap()
 }
 
 async fn with_adapter(name: &str) -> (T5, Vec<(String, candle_core::Var)>) {
     let mut m = base_model();
     let ctx = context(None, Path::new("/tmp"), true);
-    let a = AdapterFiles::locate(peft_dir().join(name).to_str().unwrap(), &ctx.hub).await.unwrap();
+    let a = AdapterFiles::locate(peft_dir().join(name).to_str().unwrap(), &ctx.hub)
+        .await
+        .unwrap();
     let vars = a.apply(&mut m).unwrap();
     (m, vars)
 }
@@ -55,14 +67,32 @@ fn batch(io: &HashMap<String, Tensor>) -> (Tensor, Tensor, Tensor, Tensor, Tenso
     }
     let (b, t) = (labels.len(), labels[0].len());
     let d = |v: Vec<u32>| Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap();
-    (ids, mask, d(dec), d(lab), Tensor::from_vec(lmask, (b, t), &Device::Cpu).unwrap())
+    (
+        ids,
+        mask,
+        d(dec),
+        d(lab),
+        Tensor::from_vec(lmask, (b, t), &Device::Cpu).unwrap(),
+    )
 }
 
 /// The training-mode loss (differentiable softmax; dropout 0 as in the fixture).
 fn loss(m: &T5, io: &HashMap<String, Tensor>) -> Tensor {
     let (ids, mask, dec, lab, lmask) = batch(io);
-    let state = std::cell::RefCell::new(TrainState { dropout: 0.0, rng: conala::rng::Rng::new(0) });
-    let logits = m.forward(&ids, &mask, &dec, &Mode { train: Some(&state) }).unwrap();
+    let state = std::cell::RefCell::new(TrainState {
+        dropout: 0.0,
+        rng: conala::rng::Rng::new(0),
+    });
+    let logits = m
+        .forward(
+            &ids,
+            &mask,
+            &dec,
+            &Mode {
+                train: Some(&state),
+            },
+        )
+        .unwrap();
     let (sum, n) = token_loss_sum(&logits, &lab, &lmask, 0.0).unwrap();
     (sum / n).unwrap()
 }
@@ -74,30 +104,75 @@ async fn loss_gradients_and_adamw_steps_match_peft() {
     let hf_losses: Vec<f32> = io["losses"].to_vec1().unwrap();
     let l = loss(&model, &io);
     let ours = l.to_scalar::<f32>().unwrap();
-    assert!((ours - hf_losses[0]).abs() < 1e-4 * hf_losses[0].abs().max(1.0), "loss {ours} vs HF {}", hf_losses[0]);
+    assert!(
+        (ours - hf_losses[0]).abs() < 1e-4 * hf_losses[0].abs().max(1.0),
+        "loss {ours} vs HF {}",
+        hf_losses[0]
+    );
     let grads = l.backward().unwrap();
     // q and v of 2 encoder blocks, and of the self- and cross-attention of 2 decoder blocks: 12 modules, A and B.
     assert_eq!(vars.len(), 24);
     for (name, v) in &vars {
         let g = grads.get(v.as_tensor()).unwrap();
         let hf = &io[&format!("grad.{name}")];
-        let rel = ((g - hf).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt())
-            / hf.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt().max(1e-12);
+        let rel = ((g - hf)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt())
+            / hf.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt()
+                .max(1e-12);
         assert!(rel < 1e-3, "{name}: relative gradient error {rel}");
     }
     // Five AdamW steps (lr 1e-3, weight decay 0.01 on LoRA weights, as torch.optim.AdamW in the fixture).
-    let mut opt = AdamW::new(vars.clone(), AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }, |_| true).unwrap();
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        |_| true,
+    )
+    .unwrap();
     for step in 0..5 {
         let l = loss(&model, &io);
         let got = l.to_scalar::<f32>().unwrap();
-        assert!((got - hf_losses[step]).abs() < 1e-3 * hf_losses[step].abs().max(1.0), "step {step}: {got} vs {}", hf_losses[step]);
+        assert!(
+            (got - hf_losses[step]).abs() < 1e-3 * hf_losses[step].abs().max(1.0),
+            "step {step}: {got} vs {}",
+            hf_losses[step]
+        );
         let g = l.backward().unwrap();
-        let gs: Vec<Tensor> = vars.iter().map(|(_, v)| g.get(v.as_tensor()).unwrap().clone()).collect();
+        let gs: Vec<Tensor> = vars
+            .iter()
+            .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
+            .collect();
         opt.apply(&gs, 1e-3).unwrap();
     }
     for (name, v) in &vars {
         let hf = &io[&format!("after.{name}")];
-        let d: f32 = (v.as_tensor() - hf).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        let d: f32 = (v.as_tensor() - hf)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(d < 1e-4, "{name}: after 5 steps differs by {d}");
     }
 }
@@ -108,9 +183,22 @@ async fn peft_trained_adapter_reproduces_hf_generations() {
     let (model, _) = with_adapter("adapter_trained").await;
     let ids: Vec<Vec<i64>> = io["input_ids"].to_vec2().unwrap();
     let mask: Vec<Vec<i64>> = io["attention_mask"].to_vec2().unwrap();
-    let rows: Vec<Vec<u32>> = ids.iter().zip(&mask).map(|(r, m)| r.iter().zip(m).filter(|(_, k)| **k == 1).map(|(t, _)| *t as u32).collect()).collect();
+    let rows: Vec<Vec<u32>> = ids
+        .iter()
+        .zip(&mask)
+        .map(|(r, m)| {
+            r.iter()
+                .zip(m)
+                .filter(|(_, k)| **k == 1)
+                .map(|(t, _)| *t as u32)
+                .collect()
+        })
+        .collect();
     let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-    let o = conala::model::decoding::DecodeOptions { max_new_tokens: 32, ..Default::default() };
+    let o = conala::model::decoding::DecodeOptions {
+        max_new_tokens: 32,
+        ..Default::default()
+    };
     let got = conala::model::decoding::generate(&model, &refs, &[0; 4], &o).unwrap();
     let hf: Vec<Vec<i64>> = io["greedy_trained"].to_vec2().unwrap();
     for (g, h) in got.iter().zip(&hf) {
@@ -135,12 +223,20 @@ async fn adapter_for_another_base_is_refused() {
     // The t5 parity model has the same shapes but no lm_head; use a differently sized random model.
     let other = tmp.path().join("other");
     let vocab = 64;
-    let mut cfg = conala::model::init::config(conala::model::init::Family::FlanT5, conala::model::init::Size::Tiny, vocab);
+    let mut cfg = conala::model::init::config(
+        conala::model::init::Family::FlanT5,
+        conala::model::init::Size::Tiny,
+        vocab,
+    );
     cfg.d_model = 48;
     std::fs::create_dir_all(&other).unwrap();
     let w = conala::model::init::random_weights(&cfg, 1).unwrap();
     conala::model::weights::save_safetensors(&w, &other.join("model.safetensors")).unwrap();
-    std::fs::write(other.join("config.json"), conala::model::init::config_json(&cfg).to_string()).unwrap();
+    std::fs::write(
+        other.join("config.json"),
+        conala::model::init::config_json(&cfg).to_string(),
+    )
+    .unwrap();
     let spec = conala::plans::spec::ModelSpec {
         path: other.display().to_string(),
         revision: None,
@@ -149,8 +245,15 @@ async fn adapter_for_another_base_is_refused() {
         device: "cpu".into(),
         init: None,
     };
-    let e = conala::model::load(&spec, &ctx.hub).await.err().unwrap().to_string();
-    assert!(e.contains("has shape") && e.contains("does the adapter belong to this base model"), "{e}");
+    let e = conala::model::load(&spec, &ctx.hub)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("has shape") && e.contains("does the adapter belong to this base model"),
+        "{e}"
+    );
 }
 
 fn train_plan(model: &Path, out: &Path, train: &str) -> String {
@@ -173,10 +276,22 @@ steps:
     )
 }
 
-fn tiny(dir: &Path, family: conala::model::init::Family, size: conala::model::init::Size) -> PathBuf {
+fn tiny(
+    dir: &Path,
+    family: conala::model::init::Family,
+    size: conala::model::init::Size,
+) -> PathBuf {
     let out = dir.join("base");
-    let vocab = conala::tokenizer::load(&tokenizer_path()).unwrap().get_vocab_size(true);
-    conala::model::init::write_random_model(&conala::model::init::config(family, size, vocab), 5, &tokenizer_path(), &out).unwrap();
+    let vocab = conala::tokenizer::load(&tokenizer_path())
+        .unwrap()
+        .get_vocab_size(true);
+    conala::model::init::write_random_model(
+        &conala::model::init::config(family, size, vocab),
+        5,
+        &tokenizer_path(),
+        &out,
+    )
+    .unwrap();
     out
 }
 
@@ -184,56 +299,155 @@ fn tiny(dir: &Path, family: conala::model::init::Family, size: conala::model::in
 async fn train_plan_writes_peft_adapter_merged_model_metrics_and_plot() {
     let tmp = tempfile::tempdir().unwrap();
     let ctx = context(None, tmp.path(), true);
-    let base = tiny(tmp.path(), conala::model::init::Family::FlanT5, conala::model::init::Size::Tiny);
+    let base = tiny(
+        tmp.path(),
+        conala::model::init::Family::FlanT5,
+        conala::model::init::Size::Tiny,
+    );
     let out = tmp.path().join("run");
     let yaml = train_plan(&base, &out, "lora: { r: 4, alpha: 8, targets: [q, v] }\n      max_steps: 12\n      batch_size: 8\n      learning_rate: 1.0e-2\n      warmup_steps: 2\n      log_every: 3\n      eval_every: 4\n      save_every: 4\n      save_total_limit: 1\n      baseline: intent");
     let plan = plans::load_str(&yaml, "train.yaml", &[]).unwrap();
-    let s = plans::build(&plan, &ctx).await.unwrap().run(&ctx).await.unwrap();
+    let s = plans::build(&plan, &ctx)
+        .await
+        .unwrap()
+        .run(&ctx)
+        .await
+        .unwrap();
     let t = s.train.unwrap();
     assert_eq!(t.steps, 12);
     assert!(t.final_eval_loss.unwrap().is_finite());
     let scores = t.eval_scores.unwrap();
     assert_eq!(scores.rows as usize, t.eval_examples);
     assert!(t.baseline_scores.unwrap().bleu > 0.0);
-    for f in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "model/config.json", "model/model.safetensors", "model/tokenizer.json", "metrics.jsonl", "loss.png", "eval_predictions.parquet", "summary.json"] {
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "metrics.jsonl",
+        "loss.png",
+        "eval_predictions.parquet",
+        "summary.json",
+    ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
     // save_total_limit 1 keeps the newest and the best.
     let cks: Vec<u64> = conala::training::checkpoint::list(&out);
     assert!(cks.contains(&12) && cks.len() <= 2, "{cks:?}");
     // metrics.jsonl: loss every 3 steps, eval every 4.
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.iter().filter(|l| l.get("loss").is_some()).count(), 4);
-    assert_eq!(lines.iter().filter(|l| l.get("eval_loss").is_some()).count(), 3);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.get("eval_loss").is_some())
+            .count(),
+        3
+    );
     assert!(lines.iter().any(|l| l.get("eval_bleu").is_some()));
     // PEFT keys and shapes.
-    let a = candle_core::safetensors::load(out.join("adapter/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let a =
+        candle_core::safetensors::load(out.join("adapter/adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
     let k = "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight";
     assert_eq!(a[k].dims(), &[4, 64]);
-    assert_eq!(a["base_model.model.decoder.block.1.layer.1.EncDecAttention.v.lora_B.weight"].dims(), &[64, 4]);
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap()).unwrap();
-    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64(), cfg["peft_type"].as_str()), (Some(4), Some(8.0), Some("LORA")));
+    assert_eq!(
+        a["base_model.model.decoder.block.1.layer.1.EncDecAttention.v.lora_B.weight"].dims(),
+        &[64, 4]
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            cfg["r"].as_u64(),
+            cfg["lora_alpha"].as_f64(),
+            cfg["peft_type"].as_str()
+        ),
+        (Some(4), Some(8.0), Some("LORA"))
+    );
     // The merged checkpoint gives the same greedy outputs as base + adapter.
-    let merged = conala::model::load(&conala::plans::spec::ModelSpec { path: out.join("model").display().to_string(), revision: None, adapter: None, dtype: "f32".into(), device: "cpu".into(), init: None }, &ctx.hub).await.unwrap();
-    let with = conala::model::load(&conala::plans::spec::ModelSpec { path: base.display().to_string(), revision: None, adapter: Some(out.join("adapter").display().to_string()), dtype: "f32".into(), device: "cpu".into(), init: None }, &ctx.hub).await.unwrap();
+    let merged = conala::model::load(
+        &conala::plans::spec::ModelSpec {
+            path: out.join("model").display().to_string(),
+            revision: None,
+            adapter: None,
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            init: None,
+        },
+        &ctx.hub,
+    )
+    .await
+    .unwrap();
+    let with = conala::model::load(
+        &conala::plans::spec::ModelSpec {
+            path: base.display().to_string(),
+            revision: None,
+            adapter: Some(out.join("adapter").display().to_string()),
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            init: None,
+        },
+        &ctx.hub,
+    )
+    .await
+    .unwrap();
     let rows: Vec<Vec<u32>> = (0..4).map(|i| (3..(10 + i * 5)).collect()).collect();
     let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-    let o = conala::model::decoding::DecodeOptions { max_new_tokens: 16, ..Default::default() };
+    let o = conala::model::decoding::DecodeOptions {
+        max_new_tokens: 16,
+        ..Default::default()
+    };
     assert_eq!(
         conala::model::decoding::generate(&merged.model, &refs, &[0; 4], &o).unwrap(),
         conala::model::decoding::generate(&with.model, &refs, &[0; 4], &o).unwrap()
     );
     // `conala merge` writes the same checkpoint.
     let m2 = tmp.path().join("merged2");
-    let (ok, _, err) = run_cli(&["merge", "--base", base.to_str().unwrap(), "--adapter", out.join("adapter").to_str().unwrap(), "--out", m2.to_str().unwrap()], &[], &repo_root());
+    let (ok, _, err) = run_cli(
+        &[
+            "merge",
+            "--base",
+            base.to_str().unwrap(),
+            "--adapter",
+            out.join("adapter").to_str().unwrap(),
+            "--out",
+            m2.to_str().unwrap(),
+        ],
+        &[],
+        &repo_root(),
+    );
     assert!(ok, "{err}");
     let x = candle_core::safetensors::load(m2.join("model.safetensors"), &Device::Cpu).unwrap();
-    let y = candle_core::safetensors::load(out.join("model/model.safetensors"), &Device::Cpu).unwrap();
+    let y =
+        candle_core::safetensors::load(out.join("model/model.safetensors"), &Device::Cpu).unwrap();
     let q = "encoder.block.1.layer.0.SelfAttention.q.weight";
-    let d: f32 = (&x[q] - &y[q]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    let d: f32 = (&x[q] - &y[q])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(d < 1e-6);
     // Running again without --resume refuses to clobber the checkpoints.
-    let e = plans::build(&plan, &ctx).await.unwrap().run(&ctx).await.unwrap_err().to_string();
+    let e = plans::build(&plan, &ctx)
+        .await
+        .unwrap()
+        .run(&ctx)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--resume"), "{e}");
 }
 
@@ -242,18 +456,33 @@ async fn train_plan_writes_peft_adapter_merged_model_metrics_and_plot() {
 async fn full_finetuning_is_seeded_and_reproducible() {
     let tmp = tempfile::tempdir().unwrap();
     let ctx = context(None, tmp.path(), true);
-    let base = tiny(tmp.path(), conala::model::init::Family::T5, conala::model::init::Size::Tiny);
+    let base = tiny(
+        tmp.path(),
+        conala::model::init::Family::T5,
+        conala::model::init::Size::Tiny,
+    );
     let mut losses = vec![];
     for run in 0..2 {
         let out = tmp.path().join(format!("run{run}"));
         let yaml = train_plan(&base, &out, "lora: null\n      max_steps: 6\n      batch_size: 8\n      learning_rate: 1.0e-3\n      log_every: 1\n      eval_every: 3\n      save_every: 3\n      lr_scheduler: cosine\n      gradient_accumulation_steps: 2\n      label_smoothing: 0.1");
         let plan = plans::load_str(&yaml, "t.yaml", &[]).unwrap();
-        plans::build(&plan, &ctx).await.unwrap().run(&ctx).await.unwrap();
+        plans::build(&plan, &ctx)
+            .await
+            .unwrap()
+            .run(&ctx)
+            .await
+            .unwrap();
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         let values: Vec<(u64, Option<f64>, Option<f64>)> = metrics
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64(), v["eval_loss"].as_f64()))
+            .map(|v| {
+                (
+                    v["step"].as_u64().unwrap(),
+                    v["loss"].as_f64(),
+                    v["eval_loss"].as_f64(),
+                )
+            })
             .collect();
         assert_eq!(values.iter().filter(|v| v.1.is_some()).count(), 6);
         losses.push(values);
@@ -275,12 +504,20 @@ fn adapter_tensors(dir: &Path) -> HashMap<String, Vec<f32>> {
 #[test]
 fn killed_training_resumes_to_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = tiny(tmp.path(), conala::model::init::Family::FlanT5, conala::model::init::Size::Small);
+    let base = tiny(
+        tmp.path(),
+        conala::model::init::Family::FlanT5,
+        conala::model::init::Size::Small,
+    );
     let settings = "lora: { r: 8, alpha: 16, dropout: 0.1, targets: [q, v] }\n      max_steps: 8\n      batch_size: 8\n      learning_rate: 1.0e-3\n      warmup_steps: 2\n      log_every: 1\n      eval_every: 4\n      save_every: 2\n      save_total_limit: 2";
     let write = |name: &str| {
         let out = tmp.path().join(name);
         let p = tmp.path().join(format!("{name}.yaml"));
-        std::fs::write(&p, train_plan(&base, &out, settings).replace("limit: 40", "limit: 8")).unwrap();
+        std::fs::write(
+            &p,
+            train_plan(&base, &out, settings).replace("limit: 40", "limit: 8"),
+        )
+        .unwrap();
         (p, out)
     };
     let (plan_a, out_a) = write("a");
@@ -297,7 +534,10 @@ fn killed_training_resumes_to_the_same_weights() {
     let started = std::time::Instant::now();
     while conala::training::checkpoint::list(&out_b).is_empty() {
         assert!(started.elapsed().as_secs() < 600, "no checkpoint written");
-        assert!(child.try_wait().unwrap().is_none(), "finished before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     child.kill().unwrap();
@@ -306,17 +546,30 @@ fn killed_training_resumes_to_the_same_weights() {
     assert!(*at_kill.last().unwrap() < 8, "{at_kill:?}");
     let (ok, _, err) = run_cli(&["run", plan_b.to_str().unwrap()], &[], &repo_root());
     assert!(!ok && err.contains("--resume"), "{err}");
-    let (ok, _, err) = run_cli(&["run", plan_b.to_str().unwrap(), "--resume"], &[], &repo_root());
+    let (ok, _, err) = run_cli(
+        &["run", plan_b.to_str().unwrap(), "--resume"],
+        &[],
+        &repo_root(),
+    );
     assert!(ok, "{err}");
     let (a, b) = (adapter_tensors(&out_a), adapter_tensors(&out_b));
     assert_eq!(a.len(), b.len());
     for (k, va) in &a {
-        let d = va.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d = va
+            .iter()
+            .zip(&b[k])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(d <= 1e-6, "{k} differs by {d} after resume");
     }
     let la = std::fs::read_to_string(out_a.join("metrics.jsonl")).unwrap();
     let lb = std::fs::read_to_string(out_b.join("metrics.jsonl")).unwrap();
-    let losses = |t: &str| t.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter_map(|v| v["loss"].as_f64()).collect::<Vec<_>>();
+    let losses = |t: &str| {
+        t.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["loss"].as_f64())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(losses(&la), losses(&lb));
 }
 
@@ -324,7 +577,11 @@ fn killed_training_resumes_to_the_same_weights() {
 async fn bad_training_input_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let ctx = context(None, tmp.path(), true);
-    let base = tiny(tmp.path(), conala::model::init::Family::FlanT5, conala::model::init::Size::Tiny);
+    let base = tiny(
+        tmp.path(),
+        conala::model::init::Family::FlanT5,
+        conala::model::init::Size::Tiny,
+    );
     let run = |yaml: String| {
         let ctx = &ctx;
         async move {
@@ -333,23 +590,35 @@ async fn bad_training_input_is_reported() {
         }
     };
     // Empty training set.
-    let yaml = train_plan(&base, &tmp.path().join("e"), "max_steps: 2").replace("rewritten_intent IS NOT NULL\"", "rewritten_intent IS NOT NULL AND false\"");
+    let yaml = train_plan(&base, &tmp.path().join("e"), "max_steps: 2").replace(
+        "rewritten_intent IS NOT NULL\"",
+        "rewritten_intent IS NOT NULL AND false\"",
+    );
     let e = run(yaml).await.unwrap_err().to_string();
     assert!(e.contains("empty training set"), "{e}");
     // Eval rows without the target column.
     let j = tmp.path().join("eval.jsonl");
     std::fs::write(&j, "{\"intent\": \"a\", \"snippet\": \"b\"}\n").unwrap();
     let yaml = train_plan(&base, &tmp.path().join("f"), "max_steps: 2").replace(
-        &format!("{{ uri: \"{}\", config: curated, split: test, limit: 40 }}", data_dir().display()),
+        &format!(
+            "{{ uri: \"{}\", config: curated, split: test, limit: 40 }}",
+            data_dir().display()
+        ),
         &format!("{{ uri: \"{}\" }}", j.display()),
     );
     let e = run(yaml).await.unwrap_err().to_string();
-    assert!(e.contains("rewritten_intent") && e.contains("eval rows"), "{e}");
+    assert!(
+        e.contains("rewritten_intent") && e.contains("eval rows"),
+        "{e}"
+    );
     // A loss that becomes NaN stops the run and names the last good checkpoint.
     let out = tmp.path().join("nan");
     let yaml = train_plan(&base, &out, "lora: null\n      max_steps: 50\n      batch_size: 8\n      learning_rate: 1.0e+30\n      max_grad_norm: 0\n      save_every: 1\n      eval_every: 100");
     let e = run(yaml).await.unwrap_err().to_string();
-    assert!(e.contains("loss became") && e.contains("checkpoint-"), "{e}");
+    assert!(
+        e.contains("loss became") && e.contains("checkpoint-"),
+        "{e}"
+    );
     let kept = conala::training::checkpoint::list(&out);
     assert!(!kept.is_empty());
 }

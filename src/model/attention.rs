@@ -12,7 +12,12 @@ pub const MASKED: f64 = -1e9;
 
 /// HF's `_relative_position_bucket` for one relative position (memory - query), with the same f32
 /// arithmetic, so buckets match transformers exactly (checked against it in the parity fixtures).
-pub fn bucket(relative_position: i64, bidirectional: bool, num_buckets: usize, max_distance: usize) -> u32 {
+pub fn bucket(
+    relative_position: i64,
+    bidirectional: bool,
+    num_buckets: usize,
+    max_distance: usize,
+) -> u32 {
     let mut nb = num_buckets as i64;
     let mut ret = 0i64;
     let mut rel = relative_position;
@@ -45,20 +50,41 @@ pub struct BucketTable {
 }
 
 impl BucketTable {
-    pub fn new(bidirectional: bool, num_buckets: usize, max_distance: usize, device: &Device) -> Result<Self> {
+    pub fn new(
+        bidirectional: bool,
+        num_buckets: usize,
+        max_distance: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let md = max_distance as i64;
-        let values: Vec<u32> = (-md..=md).map(|r| bucket(r, bidirectional, num_buckets, max_distance)).collect();
-        Ok(BucketTable { table: Tensor::new(values, device)?, max_distance })
+        let values: Vec<u32> = (-md..=md)
+            .map(|r| bucket(r, bidirectional, num_buckets, max_distance))
+            .collect();
+        Ok(BucketTable {
+            table: Tensor::new(values, device)?,
+            max_distance,
+        })
     }
 
     /// (q_len, k_len) buckets for queries at positions offset..offset+q_len over keys 0..k_len.
     pub fn buckets(&self, q_len: usize, k_len: usize, offset: usize) -> Result<Tensor> {
         let dev = self.table.device();
         let md = self.max_distance as f64;
-        let mem = Tensor::arange(0u32, k_len as u32, dev)?.to_dtype(DType::F32)?.reshape((1, k_len))?;
-        let ctx = Tensor::arange(offset as u32, (offset + q_len) as u32, dev)?.to_dtype(DType::F32)?.reshape((q_len, 1))?;
-        let idx = mem.broadcast_sub(&ctx)?.clamp(-md, md)?.affine(1.0, md)?.to_dtype(DType::U32)?;
-        Ok(self.table.index_select(&idx.flatten_all()?, 0)?.reshape((q_len, k_len))?)
+        let mem = Tensor::arange(0u32, k_len as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((1, k_len))?;
+        let ctx = Tensor::arange(offset as u32, (offset + q_len) as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((q_len, 1))?;
+        let idx = mem
+            .broadcast_sub(&ctx)?
+            .clamp(-md, md)?
+            .affine(1.0, md)?
+            .to_dtype(DType::U32)?;
+        Ok(self
+            .table
+            .index_select(&idx.flatten_all()?, 0)?
+            .reshape((q_len, k_len))?)
     }
 }
 
@@ -76,7 +102,10 @@ impl PositionBias {
         let b = self.table.buckets(q_len, k_len, offset)?;
         let heads = self.weight.dims()[1];
         let bias = self.weight.index_select(&b.flatten_all()?, 0)?; // (q*k, heads)
-        Ok(bias.reshape((q_len, k_len, heads))?.permute((2, 0, 1))?.unsqueeze(0)?)
+        Ok(bias
+            .reshape((q_len, k_len, heads))?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?)
     }
 }
 
@@ -90,9 +119,20 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(rows: usize, heads: usize, max_len: usize, d_kv: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        rows: usize,
+        heads: usize,
+        max_len: usize,
+        d_kv: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let k = Tensor::zeros((rows, heads, max_len, d_kv), dtype, device)?;
-        Ok(KvCache { v: k.zeros_like()?, k, len: 0 })
+        Ok(KvCache {
+            v: k.zeros_like()?,
+            k,
+            len: 0,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -112,7 +152,10 @@ impl KvCache {
             let extra = (self.len + t).max(cap * 2) - cap;
             let pad = |x: &Tensor| -> Result<Tensor> {
                 let (r, h, _, d) = x.dims4()?;
-                Ok(Tensor::cat(&[x, &Tensor::zeros((r, h, extra, d), x.dtype(), x.device())?], 2)?)
+                Ok(Tensor::cat(
+                    &[x, &Tensor::zeros((r, h, extra, d), x.dtype(), x.device())?],
+                    2,
+                )?)
             };
             self.k = pad(&self.k)?;
             self.v = pad(&self.v)?;
@@ -120,7 +163,10 @@ impl KvCache {
         self.k.slice_set(&k.contiguous()?, 2, self.len)?;
         self.v.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len += t;
-        Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
     }
 
     fn select_rows(&mut self, idx: &Tensor) -> Result<()> {
@@ -159,17 +205,74 @@ pub struct Attention {
     pub o: Linear,
     pub heads: usize,
     pub d_kv: usize,
+    /// Inference only: q, k and v stacked (3 x inner, d) so one matmul projects all three; q, k, v
+    /// then hold views of it.
+    pub qkv: Option<Tensor>,
+    /// Inference only: k and v stacked, for projecting the encoder output in cross-attention.
+    pub kv: Option<Tensor>,
 }
 
 impl Attention {
+    pub fn new(q: Linear, k: Linear, v: Linear, o: Linear, heads: usize, d_kv: usize) -> Self {
+        Attention {
+            q,
+            k,
+            v,
+            o,
+            heads,
+            d_kv,
+            qkv: None,
+            kv: None,
+        }
+    }
+
+    /// Stack the projections for inference (adapters must be merged first). `self_attention` stacks
+    /// q, k, v; otherwise k, v (cross-attention projects queries and memory separately).
+    pub fn fuse(&mut self, self_attention: bool) -> Result<()> {
+        if self.q.lora.is_some() || self.k.lora.is_some() || self.v.lora.is_some() {
+            return Ok(());
+        }
+        let inner = self.q.out_dim();
+        if self_attention {
+            let w = Tensor::cat(&[&self.q.weight, &self.k.weight, &self.v.weight], 0)?;
+            self.q.weight = w.narrow(0, 0, inner)?;
+            self.k.weight = w.narrow(0, inner, inner)?;
+            self.v.weight = w.narrow(0, 2 * inner, inner)?;
+            self.qkv = Some(w);
+        } else {
+            let w = Tensor::cat(&[&self.k.weight, &self.v.weight], 0)?;
+            self.k.weight = w.narrow(0, 0, inner)?;
+            self.v.weight = w.narrow(0, inner, inner)?;
+            self.kv = Some(w);
+        }
+        Ok(())
+    }
+
+    /// Project with a stacked weight and split the result into `n` (b, heads, t, d_kv) tensors.
+    fn project_stacked(&self, x: &Tensor, w: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+        let y = Linear::new(w.clone()).forward(x, &Mode::INFER)?;
+        let inner = self.heads * self.d_kv;
+        (0..n)
+            .map(|i| self.split_heads(&y.narrow(2, i * inner, inner)?))
+            .collect()
+    }
+
     /// (b, t, heads*d_kv) -> (b, heads, t, d_kv)
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        Ok(x.reshape((b, t, self.heads, self.d_kv))?.transpose(1, 2)?.contiguous()?)
+        Ok(x.reshape((b, t, self.heads, self.d_kv))?
+            .transpose(1, 2)?
+            .contiguous()?)
     }
 
     /// Project keys and values of `memory` (for cross-attention, once per sequence).
     pub fn cross_kv(&self, memory: &Tensor) -> Result<CrossKv> {
+        if let Some(w) = &self.kv {
+            let mut kv = self.project_stacked(memory, w, 2)?;
+            let v = kv.pop().expect("two");
+            let k = kv.pop().expect("two");
+            return Ok(CrossKv { k, v });
+        }
         Ok(CrossKv {
             k: self.split_heads(&self.k.forward(memory, &Mode::INFER)?)?,
             v: self.split_heads(&self.v.forward(memory, &Mode::INFER)?)?,
@@ -178,7 +281,23 @@ impl Attention {
 
     /// Attention of `x` over keys/values `k`, `v` (b, heads, s, d_kv) with additive `bias`
     /// (broadcastable to (b, heads, t, s)).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, mode: &Mode) -> Result<Tensor> {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+        mode: &Mode,
+    ) -> Result<Tensor> {
+        // One query per row (a decoding step): the fused kernel. Longer queries (the encoder) are
+        // faster as batched matmuls.
+        if mode.train.is_none() && q.dims()[2] == 1 && super::cpu_attention::applies(q) {
+            let (b, h, t, d) = q.dims4()?;
+            let out = super::cpu_attention::attention(q, k, v, bias)?;
+            return self
+                .o
+                .forward(&out.transpose(1, 2)?.reshape((b, t, h * d))?, mode);
+        }
         let scores = q.matmul(&k.t()?)?;
         let scores = scores.broadcast_add(bias)?;
         let w = softmax_last_dim(&scores, mode.train.is_some())?;
@@ -190,7 +309,17 @@ impl Attention {
     }
 
     /// Full (uncached) attention: self-attention when `memory` is None.
-    pub fn forward(&self, x: &Tensor, memory: Option<&Tensor>, bias: &Tensor, mode: &Mode) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        memory: Option<&Tensor>,
+        bias: &Tensor,
+        mode: &Mode,
+    ) -> Result<Tensor> {
+        if let (None, Some(w), None) = (memory, &self.qkv, mode.train) {
+            let qkv = self.project_stacked(x, w, 3)?;
+            return self.attend(&qkv[0], &qkv[1], &qkv[2], bias, mode);
+        }
         let src = memory.unwrap_or(x);
         let q = self.split_heads(&self.q.forward(x, mode)?)?;
         let k = self.split_heads(&self.k.forward(src, mode)?)?;
@@ -200,9 +329,19 @@ impl Attention {
 
     /// Decoder self-attention for new positions, appending their keys/values to `cache`.
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache, bias: &Tensor) -> Result<Tensor> {
-        let q = self.split_heads(&self.q.forward(x, &Mode::INFER)?)?;
-        let k = self.split_heads(&self.k.forward(x, &Mode::INFER)?)?;
-        let v = self.split_heads(&self.v.forward(x, &Mode::INFER)?)?;
+        let (q, k, v) = match &self.qkv {
+            Some(w) => {
+                let mut p = self.project_stacked(x, w, 3)?;
+                let v = p.pop().expect("three");
+                let k = p.pop().expect("three");
+                (p.pop().expect("three"), k, v)
+            }
+            None => (
+                self.split_heads(&self.q.forward(x, &Mode::INFER)?)?,
+                self.split_heads(&self.k.forward(x, &Mode::INFER)?)?,
+                self.split_heads(&self.v.forward(x, &Mode::INFER)?)?,
+            ),
+        };
         let (k, v) = cache.append(&k, &v)?;
         self.attend(&q, &k, &v, bias, &Mode::INFER)
     }
@@ -224,7 +363,9 @@ pub fn padding_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// Additive causal bias (1, 1, t, t).
 pub fn causal_bias(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j > i { MASKED as f32 } else { 0.0 })).collect();
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { MASKED as f32 } else { 0.0 }))
+        .collect();
     Ok(Tensor::from_vec(v, (1, 1, t, t), device)?.to_dtype(dtype)?)
 }
 
@@ -255,7 +396,11 @@ mod tests {
         let m: Vec<Vec<u32>> = t.buckets(5, 300, 2).unwrap().to_vec2().unwrap();
         for (i, row) in m.iter().enumerate() {
             for (j, b) in row.iter().enumerate() {
-                assert_eq!(*b, bucket(j as i64 - (i as i64 + 2), true, 32, 128), "q {i} k {j}");
+                assert_eq!(
+                    *b,
+                    bucket(j as i64 - (i as i64 + 2), true, 32, 128),
+                    "q {i} k {j}"
+                );
             }
         }
     }
@@ -269,7 +414,13 @@ mod tests {
             let (kk, _) = c.append(&k, &k).unwrap();
             assert_eq!(kk.dims(), &[2, 1, step + 1, 3]);
         }
-        let all: Vec<f32> = c.k.narrow(2, 0, 3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let all: Vec<f32> =
+            c.k.narrow(2, 0, 3)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
         assert_eq!(&all[..9], &[0., 0., 0., 1., 1., 1., 2., 2., 2.]);
         c.select(&Tensor::new(&[1u32], &dev).unwrap()).unwrap();
         assert_eq!(c.k.dims()[0], 1);

@@ -5,8 +5,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::decoding::{pad_batch, DecodeOptions, Finish, Generated};
-use super::layers::Mode;
+use super::decoding::{encode_rows, DecodeOptions, Finish, Generated};
 use super::t5::T5;
 use crate::error::Result;
 
@@ -39,7 +38,9 @@ fn log_softmax(xs: &mut [f32]) {
 fn top_k(xs: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..xs.len()).collect();
     let k = k.min(xs.len());
-    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| xs[b].total_cmp(&xs[a]).then(a.cmp(&b)));
+    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| {
+        xs[b].total_cmp(&xs[a]).then(a.cmp(&b))
+    });
     idx.truncate(k);
     idx.sort_by(|&a, &b| xs[b].total_cmp(&xs[a]).then(a.cmp(&b)));
     idx
@@ -50,10 +51,11 @@ pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec
     let (eos, start) = (cfg.eos_token_id, cfg.decoder_start());
     let nb = o.num_beams;
     let keep_k = 2 * nb; // max(2, 1 + number of eos tokens) * num_beams, with one eos token
-    let (ids, mask) = pad_batch(rows, cfg.pad_token_id, &model.device)?;
-    let enc = model.encode(&ids, &mask, &Mode::INFER)?;
+    let (enc, mask) = encode_rows(model, rows, o.encoder_batch_tokens)?;
     // Every row's encoder output repeated for its beams.
-    let expand: Vec<u32> = (0..rows.len() as u32).flat_map(|r| std::iter::repeat_n(r, nb)).collect();
+    let expand: Vec<u32> = (0..rows.len() as u32)
+        .flat_map(|r| std::iter::repeat_n(r, nb))
+        .collect();
     let expand_t = Tensor::new(expand.as_slice(), &model.device)?;
     let enc = enc.index_select(&expand_t, 0)?;
     let mask = mask.index_select(&expand_t, 0)?;
@@ -62,8 +64,23 @@ pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec
 
     let mut rs: Vec<RowState> = (0..rows.len())
         .map(|_| RowState {
-            running: (0..nb).map(|b| Hyp { tokens: vec![start], score: if b == 0 { 0.0 } else { NEG } }).collect(),
-            finished: (0..nb).map(|_| (Hyp { tokens: vec![], score: NEG }, false)).collect(),
+            running: (0..nb)
+                .map(|b| Hyp {
+                    tokens: vec![start],
+                    score: if b == 0 { 0.0 } else { NEG },
+                })
+                .collect(),
+            finished: (0..nb)
+                .map(|_| {
+                    (
+                        Hyp {
+                            tokens: vec![],
+                            score: NEG,
+                        },
+                        false,
+                    )
+                })
+                .collect(),
             heuristic_unsatisfied: true,
             done: false,
         })
@@ -72,7 +89,15 @@ pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec
     let mut active: Vec<usize> = (0..rows.len()).collect();
     let lp = o.length_penalty as f32;
     for step in 0..o.max_new_tokens {
-        let last: Vec<u32> = active.iter().flat_map(|&r| rs[r].running.iter().map(|h| *h.tokens.last().expect("start"))).collect();
+        let last: Vec<u32> = active
+            .iter()
+            .flat_map(|&r| {
+                rs[r]
+                    .running
+                    .iter()
+                    .map(|h| *h.tokens.last().expect("start"))
+            })
+            .collect();
         let logits = model.decode_step(&mut state, &Tensor::new(last, &model.device)?)?;
         let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         let vocab = logits.first().map_or(0, |l| l.len());
@@ -90,8 +115,14 @@ pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec
                 acc.extend(lpb.iter().map(|x| x + hyp.score));
             }
             let top = top_k(&acc, keep_k);
-            let cands: Vec<(usize, u32, f32)> = top.iter().map(|&i| (i / vocab, (i % vocab) as u32, acc[i])).collect();
-            let hits: Vec<bool> = cands.iter().map(|&(_, t, _)| t == eos || gen_len >= o.max_new_tokens).collect();
+            let cands: Vec<(usize, u32, f32)> = top
+                .iter()
+                .map(|&i| (i / vocab, (i % vocab) as u32, acc[i]))
+                .collect();
+            let hits: Vec<bool> = cands
+                .iter()
+                .map(|&(_, t, _)| t == eos || gen_len >= o.max_new_tokens)
+                .collect();
 
             // Finished hypotheses: only candidates ranked within the top nb may finish.
             let all_finished = st.finished.iter().all(|(_, f)| *f);
@@ -113,17 +144,27 @@ pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec
                 merged.push((Hyp { tokens, score }, just_finished));
             }
             let scores: Vec<f32> = merged.iter().map(|(h, _)| h.score).collect();
-            st.finished = top_k(&scores, nb).into_iter().map(|i| merged[i].clone()).collect();
+            st.finished = top_k(&scores, nb)
+                .into_iter()
+                .map(|i| merged[i].clone())
+                .collect();
 
             // Running beams for the next step: the best nb candidates that did not stop.
-            let run_scores: Vec<f32> = cands.iter().zip(&hits).map(|(&(_, _, s), &h)| if h { s + NEG } else { s }).collect();
+            let run_scores: Vec<f32> = cands
+                .iter()
+                .zip(&hits)
+                .map(|(&(_, _, s), &h)| if h { s + NEG } else { s })
+                .collect();
             let chosen = top_k(&run_scores, nb);
             let mut next = Vec::with_capacity(nb);
             for &c in &chosen {
                 let (b, t, _) = cands[c];
                 let mut tokens = st.running[b].tokens.clone();
                 tokens.push(t);
-                next.push(Hyp { tokens, score: run_scores[c] });
+                next.push(Hyp {
+                    tokens,
+                    score: run_scores[c],
+                });
                 select.push((slot * nb + b) as u32);
             }
             st.running = next;
@@ -131,8 +172,15 @@ pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec
             // HF's early-stop heuristic (best running score with the current length vs worst finished).
             let best_len = if gen_len == 0 { 1 } else { gen_len } as f32;
             let best_possible = st.running[0].score / best_len.powf(lp);
-            let min_finished = st.finished.iter().map(|(h, _)| h.score).fold(f32::INFINITY, f32::min);
-            let improvable = st.finished.iter().any(|(_, f)| best_possible > if *f { min_finished } else { NEG });
+            let min_finished = st
+                .finished
+                .iter()
+                .map(|(h, _)| h.score)
+                .fold(f32::INFINITY, f32::min);
+            let improvable = st
+                .finished
+                .iter()
+                .any(|(_, f)| best_possible > if *f { min_finished } else { NEG });
             st.heuristic_unsatisfied &= improvable;
             let all_done = st.finished.iter().all(|(_, f)| *f) && o.early_stopping;
             let no_continuation = hits.iter().all(|h| *h);
@@ -153,9 +201,18 @@ pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec
     Ok(rs
         .into_iter()
         .map(|st| {
-            let best = st.finished.into_iter().next().map(|(h, _)| h.tokens).unwrap_or_default();
+            let best = st
+                .finished
+                .into_iter()
+                .next()
+                .map(|(h, _)| h.tokens)
+                .unwrap_or_default();
             let tokens: Vec<u32> = best.into_iter().skip(1).collect();
-            let finish = if tokens.last() == Some(&eos) { Finish::Eos } else { Finish::Length };
+            let finish = if tokens.last() == Some(&eos) {
+                Finish::Eos
+            } else {
+                Finish::Length
+            };
             Generated { tokens, finish }
         })
         .collect())

@@ -27,7 +27,11 @@ impl FeedForward {
         let (gated, act) = match s.split_once('-') {
             Some(("gated", act)) => (true, act),
             None => (false, s),
-            Some(_) => return Err(Error::model(format!("unknown feed_forward_proj `{s}` (expected ACT or gated-ACT)"))),
+            Some(_) => {
+                return Err(Error::model(format!(
+                    "unknown feed_forward_proj `{s}` (expected ACT or gated-ACT)"
+                )))
+            }
         };
         let activation = match (act, gated) {
             ("gelu", true) => Activation::GeluNew,
@@ -111,14 +115,15 @@ pub struct T5Config {
 
 impl T5Config {
     pub fn from_json(text: &str, origin: &str) -> Result<T5Config> {
-        let cfg: T5Config =
-            serde_json::from_str(text).map_err(|e| Error::model(format!("{origin}: not a T5 config.json: {e}")))?;
+        let cfg: T5Config = serde_json::from_str(text)
+            .map_err(|e| Error::model(format!("{origin}: not a T5 config.json: {e}")))?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
 
     pub fn validate(&self, origin: &str) -> Result<()> {
-        self.feed_forward().map_err(|e| Error::model(format!("{origin}: {e}")))?;
+        self.feed_forward()
+            .map_err(|e| Error::model(format!("{origin}: {e}")))?;
         for (name, v) in [
             ("vocab_size", self.vocab_size),
             ("d_model", self.d_model),
@@ -126,7 +131,10 @@ impl T5Config {
             ("d_ff", self.d_ff),
             ("num_layers", self.num_layers),
             ("num_heads", self.num_heads),
-            ("relative_attention_num_buckets", self.relative_attention_num_buckets),
+            (
+                "relative_attention_num_buckets",
+                self.relative_attention_num_buckets,
+            ),
         ] {
             if v == 0 {
                 return Err(Error::model(format!("{origin}: `{name}` must be positive")));
@@ -134,7 +142,9 @@ impl T5Config {
         }
         if let Some(t) = &self.model_type {
             if !matches!(t.as_str(), "t5" | "mt5" | "umt5" | "longt5") && !t.is_empty() {
-                log::warn!("{origin}: model_type `{t}` is not t5; loading it as a T5 encoder-decoder");
+                log::warn!(
+                    "{origin}: model_type `{t}` is not t5; loading it as a T5 encoder-decoder"
+                );
             }
         }
         Ok(())
@@ -146,7 +156,8 @@ impl T5Config {
 
     /// Whether logits are computed from decoder outputs scaled by d_model^-0.5 (original T5, tied).
     pub fn scales_logits(&self) -> bool {
-        self.scale_decoder_outputs.unwrap_or(self.tie_word_embeddings)
+        self.scale_decoder_outputs
+            .unwrap_or(self.tie_word_embeddings)
     }
 
     pub fn decoder_layers(&self) -> usize {
@@ -169,10 +180,31 @@ mod tests {
 
     #[test]
     fn feed_forward_variants() {
-        assert_eq!(FeedForward::parse("relu").unwrap(), FeedForward { activation: Activation::Relu, gated: false });
-        assert_eq!(FeedForward::parse("gated-gelu").unwrap(), FeedForward { activation: Activation::GeluNew, gated: true });
-        assert_eq!(FeedForward::parse("gated-silu").unwrap(), FeedForward { activation: Activation::Silu, gated: true });
-        assert_eq!(FeedForward::parse("gelu").unwrap().activation, Activation::Gelu);
+        assert_eq!(
+            FeedForward::parse("relu").unwrap(),
+            FeedForward {
+                activation: Activation::Relu,
+                gated: false
+            }
+        );
+        assert_eq!(
+            FeedForward::parse("gated-gelu").unwrap(),
+            FeedForward {
+                activation: Activation::GeluNew,
+                gated: true
+            }
+        );
+        assert_eq!(
+            FeedForward::parse("gated-silu").unwrap(),
+            FeedForward {
+                activation: Activation::Silu,
+                gated: true
+            }
+        );
+        assert_eq!(
+            FeedForward::parse("gelu").unwrap().activation,
+            Activation::Gelu
+        );
         assert!(FeedForward::parse("gated-tanhh").is_err());
         assert!(FeedForward::parse("fancy-relu").is_err());
     }
@@ -186,7 +218,12 @@ mod tests {
         assert_eq!(c.decoder_layers(), 12);
         assert!(!c.tie_word_embeddings);
         let bad = json.replace("gated-gelu", "gated-mish");
-        let e = T5Config::from_json(&bad, "m/config.json").unwrap_err().to_string();
-        assert!(e.contains("m/config.json") && e.contains("gated-mish"), "{e}");
+        let e = T5Config::from_json(&bad, "m/config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m/config.json") && e.contains("gated-mish"),
+            "{e}"
+        );
     }
 }

@@ -29,6 +29,9 @@ pub struct DecodeOptions {
     pub num_beams: usize,
     pub length_penalty: f64,
     pub early_stopping: bool,
+    /// Rows are encoded in chunks of about this many (padded) tokens, then decoded together: the
+    /// encoder wants length-homogeneous chunks, the decoder wants many rows per step.
+    pub encoder_batch_tokens: usize,
 }
 
 impl Default for DecodeOptions {
@@ -45,8 +48,54 @@ impl Default for DecodeOptions {
             num_beams: 1,
             length_penalty: 1.0,
             early_stopping: false,
+            encoder_batch_tokens: 4096,
         }
     }
+}
+
+/// Encode rows in chunks of about `budget` padded tokens (rows in the order given; sort them by
+/// length for little padding) and stack the results, padded to the longest row: (rows, len, d) hidden
+/// states and their (rows, len) mask.
+pub fn encode_rows(model: &T5, rows: &[&[u32]], budget: usize) -> Result<(Tensor, Tensor)> {
+    let width = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
+    let mut hidden = vec![];
+    let mut masks = vec![];
+    let mut i = 0;
+    while i < rows.len() {
+        let mut j = i + 1;
+        let mut longest = rows[i].len().max(1);
+        while j < rows.len() && (j - i + 1) * longest.max(rows[j].len()) <= budget.max(longest) {
+            longest = longest.max(rows[j].len());
+            j += 1;
+        }
+        let (ids, mask) = pad_batch(&rows[i..j], model.cfg.pad_token_id, &model.device)?;
+        let h = model.encode(&ids, &mask, &super::layers::Mode::INFER)?;
+        let (b, s, d) = h.dims3()?;
+        if s < width {
+            hidden.push(Tensor::cat(
+                &[
+                    &h,
+                    &Tensor::zeros((b, width - s, d), h.dtype(), h.device())?,
+                ],
+                1,
+            )?);
+            masks.push(Tensor::cat(
+                &[
+                    &mask,
+                    &Tensor::zeros((b, width - s), mask.dtype(), mask.device())?,
+                ],
+                1,
+            )?);
+        } else {
+            hidden.push(h);
+            masks.push(mask);
+        }
+        i = j;
+    }
+    if hidden.len() == 1 {
+        return Ok((hidden.remove(0), masks.remove(0)));
+    }
+    Ok((Tensor::cat(&hidden, 0)?, Tensor::cat(&masks, 0)?))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +121,11 @@ pub struct Generated {
 }
 
 /// Right-padded ids and 0/1 mask for a batch of rows.
-pub fn pad_batch(rows: &[&[u32]], pad: u32, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+pub fn pad_batch(
+    rows: &[&[u32]],
+    pad: u32,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
     let len = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
     let mut ids = Vec::with_capacity(rows.len() * len);
     let mut mask = Vec::with_capacity(rows.len() * len);
@@ -82,7 +135,10 @@ pub fn pad_batch(rows: &[&[u32]], pad: u32, device: &candle_core::Device) -> Res
         mask.extend(std::iter::repeat_n(1u8, r.len()));
         mask.extend(std::iter::repeat_n(0u8, len - r.len()));
     }
-    Ok((Tensor::from_vec(ids, (rows.len(), len), device)?, Tensor::from_vec(mask, (rows.len(), len), device)?))
+    Ok((
+        Tensor::from_vec(ids, (rows.len(), len), device)?,
+        Tensor::from_vec(mask, (rows.len(), len), device)?,
+    ))
 }
 
 /// Apply HF's processors to one row's logits in place. `seq` is the decoder sequence so far (with the
@@ -142,7 +198,10 @@ fn sample(logits: &mut [f32], o: &DecodeOptions, rng: &mut Rng) -> u32 {
         keep = keep.min(o.top_k);
     }
     let max = logits[order[0] as usize];
-    let probs: Vec<f64> = order[..keep].iter().map(|&i| ((logits[i as usize] - max) as f64).exp()).collect();
+    let probs: Vec<f64> = order[..keep]
+        .iter()
+        .map(|&i| ((logits[i as usize] - max) as f64).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     if o.top_p < 1.0 {
         // Keep the smallest prefix whose mass reaches top_p (at least one token).
@@ -169,21 +228,30 @@ fn sample(logits: &mut [f32], o: &DecodeOptions, rng: &mut Rng) -> u32 {
 }
 
 /// Generate for a batch of rows. `seeds` (one per row) make sampling independent of batching.
-pub fn generate(model: &T5, rows: &[&[u32]], seeds: &[u64], o: &DecodeOptions) -> Result<Vec<Generated>> {
+pub fn generate(
+    model: &T5,
+    rows: &[&[u32]],
+    seeds: &[u64],
+    o: &DecodeOptions,
+) -> Result<Vec<Generated>> {
     if rows.is_empty() {
         return Ok(vec![]);
     }
     if o.num_beams > 1 {
         if o.do_sample {
-            return Err(Error::model("beam sampling (num_beams > 1 with do_sample) is not supported"));
+            return Err(Error::model(
+                "beam sampling (num_beams > 1 with do_sample) is not supported",
+            ));
         }
         return super::beam::beam_search(model, rows, o);
     }
     let cfg = &model.cfg;
     let (eos, start) = (cfg.eos_token_id, cfg.decoder_start());
-    let (ids, mask) = pad_batch(rows, cfg.pad_token_id, &model.device)?;
-    let enc = model.encode(&ids, &mask, &super::layers::Mode::INFER)?;
+    let t0 = std::time::Instant::now();
+    let (enc, mask) = encode_rows(model, rows, o.encoder_batch_tokens)?;
+    let t_enc = t0.elapsed();
     let mut state = model.start_decoding(&enc, &mask, o.max_new_tokens + 1)?;
+    let t_cross = t0.elapsed() - t_enc;
     drop(enc);
     let n = rows.len();
     let mut seqs: Vec<Vec<u32>> = vec![vec![start]; n];
@@ -192,7 +260,10 @@ pub fn generate(model: &T5, rows: &[&[u32]], seeds: &[u64], o: &DecodeOptions) -
     // Positions (in the original batch) of the rows still decoding, in state order.
     let mut active: Vec<usize> = (0..n).collect();
     for step in 0..o.max_new_tokens {
-        let last: Vec<u32> = active.iter().map(|&r| *seqs[r].last().expect("start token")).collect();
+        let last: Vec<u32> = active
+            .iter()
+            .map(|&r| *seqs[r].last().expect("start token"))
+            .collect();
         let tokens = Tensor::new(last, &model.device)?;
         let logits = model.decode_step(&mut state, &tokens)?;
         let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
@@ -200,7 +271,11 @@ pub fn generate(model: &T5, rows: &[&[u32]], seeds: &[u64], o: &DecodeOptions) -
         let mut still: Vec<usize> = vec![];
         for (slot, (&r, mut l)) in active.iter().zip(logits).enumerate() {
             process(&mut l, &seqs[r], step, eos, o);
-            let next = if o.do_sample { sample(&mut l, o, &mut rngs[r]) } else { argmax(&l) };
+            let next = if o.do_sample {
+                sample(&mut l, o, &mut rngs[r])
+            } else {
+                argmax(&l)
+            };
             seqs[r].push(next);
             if next == eos {
                 done[r] = Some(Finish::Eos);
@@ -219,10 +294,21 @@ pub fn generate(model: &T5, rows: &[&[u32]], seeds: &[u64], o: &DecodeOptions) -
         }
         active = still;
     }
+    log::debug!(
+        "generate: {} rows x {} input tokens: encode {:.0} ms, cross K/V {:.0} ms, decode {:.0} ms",
+        n,
+        mask.dims()[1],
+        t_enc.as_secs_f64() * 1e3,
+        t_cross.as_secs_f64() * 1e3,
+        (t0.elapsed() - t_enc - t_cross).as_secs_f64() * 1e3
+    );
     Ok(seqs
         .into_iter()
         .zip(done)
-        .map(|(s, d)| Generated { tokens: s[1..].to_vec(), finish: d.unwrap_or(Finish::Length) })
+        .map(|(s, d)| Generated {
+            tokens: s[1..].to_vec(),
+            finish: d.unwrap_or(Finish::Length),
+        })
         .collect())
 }
 
@@ -237,7 +323,10 @@ mod tests {
     #[test]
     fn repetition_penalty_follows_hf() {
         let mut l = vec![2.0f32, -2.0, 1.0, 4.0];
-        let o = DecodeOptions { repetition_penalty: 2.0, ..opts() };
+        let o = DecodeOptions {
+            repetition_penalty: 2.0,
+            ..opts()
+        };
         process(&mut l, &[0, 1, 1], 2, 3, &o);
         assert_eq!(l, vec![1.0, -4.0, 1.0, 4.0]);
     }
@@ -245,7 +334,11 @@ mod tests {
     #[test]
     fn no_repeat_ngram_and_min_new_tokens() {
         let mut l = vec![0.0f32; 6];
-        let o = DecodeOptions { no_repeat_ngram_size: 2, min_new_tokens: 3, ..opts() };
+        let o = DecodeOptions {
+            no_repeat_ngram_size: 2,
+            min_new_tokens: 3,
+            ..opts()
+        };
         // seq ... 4 5 ... 4 : the bigram (4, 5) was seen, so 5 is banned after 4.
         process(&mut l, &[0, 4, 5, 2, 4], 1, 1, &o);
         assert_eq!(l[5], f32::NEG_INFINITY);
@@ -256,26 +349,54 @@ mod tests {
     #[test]
     fn sampling_respects_top_k_top_p_and_seed() {
         let base = vec![5.0f32, 4.9, 0.0, -3.0];
-        let o = DecodeOptions { do_sample: true, top_k: 2, ..opts() };
+        let o = DecodeOptions {
+            do_sample: true,
+            top_k: 2,
+            ..opts()
+        };
         let mut rng = Rng::new(1);
         for _ in 0..200 {
             let t = sample(&mut base.clone(), &o, &mut rng);
             assert!(t == 0 || t == 1);
         }
-        let o = DecodeOptions { do_sample: true, top_p: 0.3, ..opts() };
+        let o = DecodeOptions {
+            do_sample: true,
+            top_p: 0.3,
+            ..opts()
+        };
         for _ in 0..50 {
             assert_eq!(sample(&mut base.clone(), &o, &mut rng), 0);
         }
-        let o = DecodeOptions { do_sample: true, temperature: 0.7, ..opts() };
-        let a: Vec<u32> = { let mut r = Rng::new(9); (0..20).map(|_| sample(&mut base.clone(), &o, &mut r)).collect() };
-        let b: Vec<u32> = { let mut r = Rng::new(9); (0..20).map(|_| sample(&mut base.clone(), &o, &mut r)).collect() };
+        let o = DecodeOptions {
+            do_sample: true,
+            temperature: 0.7,
+            ..opts()
+        };
+        let a: Vec<u32> = {
+            let mut r = Rng::new(9);
+            (0..20)
+                .map(|_| sample(&mut base.clone(), &o, &mut r))
+                .collect()
+        };
+        let b: Vec<u32> = {
+            let mut r = Rng::new(9);
+            (0..20)
+                .map(|_| sample(&mut base.clone(), &o, &mut r))
+                .collect()
+        };
         assert_eq!(a, b);
     }
 
     #[test]
     fn pads_rows_with_masks() {
         let (ids, mask) = pad_batch(&[&[5, 6, 7], &[8]], 0, &candle_core::Device::Cpu).unwrap();
-        assert_eq!(ids.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7], vec![8, 0, 0]]);
-        assert_eq!(mask.to_vec2::<u8>().unwrap(), vec![vec![1, 1, 1], vec![1, 0, 0]]);
+        assert_eq!(
+            ids.to_vec2::<u32>().unwrap(),
+            vec![vec![5, 6, 7], vec![8, 0, 0]]
+        );
+        assert_eq!(
+            mask.to_vec2::<u8>().unwrap(),
+            vec![vec![1, 1, 1], vec![1, 0, 0]]
+        );
     }
 }

@@ -56,13 +56,26 @@ pub fn materialize(path: &Path, init: &crate::plans::spec::InitSpec) -> Result<(
     if path.join(CONFIG).is_file() {
         return Ok(());
     }
-    let family = Family::parse(&init.family)
-        .ok_or_else(|| Error::model(format!("model.init.family `{}`: expected t5, flan-t5 or ul2", init.family)))?;
-    let size = Size::parse(&init.size)
-        .ok_or_else(|| Error::model(format!("model.init.size `{}`: expected tiny, small or base", init.size)))?;
+    let family = Family::parse(&init.family).ok_or_else(|| {
+        Error::model(format!(
+            "model.init.family `{}`: expected t5, flan-t5 or ul2",
+            init.family
+        ))
+    })?;
+    let size = Size::parse(&init.size).ok_or_else(|| {
+        Error::model(format!(
+            "model.init.size `{}`: expected tiny, small or base",
+            init.size
+        ))
+    })?;
     let tok = Path::new(&init.tokenizer);
     let vocab = crate::tokenizer::load(tok)?.get_vocab_size(true);
-    log::info!("creating a random {} {} model at {}", init.family, init.size, path.display());
+    log::info!(
+        "creating a random {} {} model at {}",
+        init.family,
+        init.size,
+        path.display()
+    );
     write_random_model(&config(family, size, vocab), init.seed, tok, path)
 }
 
@@ -110,10 +123,21 @@ pub fn config_json(cfg: &T5Config) -> serde_json::Value {
     let m = v.as_object_mut().expect("object");
     let gated = cfg.feed_forward_proj.starts_with("gated-");
     let act = cfg.feed_forward_proj.trim_start_matches("gated-");
-    m.insert("architectures".into(), serde_json::json!(["T5ForConditionalGeneration"]));
+    m.insert(
+        "architectures".into(),
+        serde_json::json!(["T5ForConditionalGeneration"]),
+    );
     m.insert("is_encoder_decoder".into(), true.into());
     m.insert("is_gated_act".into(), gated.into());
-    m.insert("dense_act_fn".into(), (if cfg.feed_forward_proj == "gated-gelu" { "gelu_new" } else { act }).into());
+    m.insert(
+        "dense_act_fn".into(),
+        (if cfg.feed_forward_proj == "gated-gelu" {
+            "gelu_new"
+        } else {
+            act
+        })
+        .into(),
+    );
     m.insert("use_cache".into(), true.into());
     m.insert("n_positions".into(), 512.into());
     v
@@ -149,19 +173,40 @@ impl Init {
             Some(s) => normal(&mut self.rng, n, self.factor * s),
             None => vec![self.factor as f32; n],
         };
-        self.out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        self.out
+            .insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
         Ok(())
     }
 
     fn attention(&mut self, prefix: &str, cfg: &T5Config, with_bias: bool) -> Result<()> {
         let (d, dkv, h) = (cfg.d_model, cfg.d_kv, cfg.num_heads);
         let inner = h * dkv;
-        self.put(format!("{prefix}.q.weight"), &[inner, d], Some(((d * dkv) as f64).powf(-0.5)))?;
-        self.put(format!("{prefix}.k.weight"), &[inner, d], Some((d as f64).powf(-0.5)))?;
-        self.put(format!("{prefix}.v.weight"), &[inner, d], Some((d as f64).powf(-0.5)))?;
-        self.put(format!("{prefix}.o.weight"), &[d, inner], Some((inner as f64).powf(-0.5)))?;
+        self.put(
+            format!("{prefix}.q.weight"),
+            &[inner, d],
+            Some(((d * dkv) as f64).powf(-0.5)),
+        )?;
+        self.put(
+            format!("{prefix}.k.weight"),
+            &[inner, d],
+            Some((d as f64).powf(-0.5)),
+        )?;
+        self.put(
+            format!("{prefix}.v.weight"),
+            &[inner, d],
+            Some((d as f64).powf(-0.5)),
+        )?;
+        self.put(
+            format!("{prefix}.o.weight"),
+            &[d, inner],
+            Some((inner as f64).powf(-0.5)),
+        )?;
         if with_bias {
-            self.put(format!("{prefix}.relative_attention_bias.weight"), &[cfg.relative_attention_num_buckets, h], Some((d as f64).powf(-0.5)))?;
+            self.put(
+                format!("{prefix}.relative_attention_bias.weight"),
+                &[cfg.relative_attention_num_buckets, h],
+                Some((d as f64).powf(-0.5)),
+            )?;
         }
         Ok(())
     }
@@ -171,12 +216,19 @@ impl Init {
 pub fn random_weights(cfg: &T5Config, seed: u64) -> Result<BTreeMap<String, Tensor>> {
     let (d, dff, v) = (cfg.d_model, cfg.d_ff, cfg.vocab_size);
     let gated = cfg.feed_forward()?.gated;
-    let mut w = Init { rng: Rng::new(seed), factor: cfg.initializer_factor, out: BTreeMap::new() };
+    let mut w = Init {
+        rng: Rng::new(seed),
+        factor: cfg.initializer_factor,
+        out: BTreeMap::new(),
+    };
     w.put("shared.weight".into(), &[v, d], Some(1.0))?;
     if !cfg.tie_word_embeddings {
         w.put("lm_head.weight".into(), &[v, d], Some(1.0))?;
     }
-    for (stack, layers) in [("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers())] {
+    for (stack, layers) in [
+        ("encoder", cfg.num_layers),
+        ("decoder", cfg.decoder_layers()),
+    ] {
         for i in 0..layers {
             let p = format!("{stack}.block.{i}.layer");
             w.attention(&format!("{p}.0.SelfAttention"), cfg, i == 0)?;
@@ -196,7 +248,11 @@ pub fn random_weights(cfg: &T5Config, seed: u64) -> Result<BTreeMap<String, Tens
             } else {
                 w.put(format!("{fp}.wi.weight"), &[dff, d], d_scale)?;
             }
-            w.put(format!("{fp}.wo.weight"), &[d, dff], Some((dff as f64).powf(-0.5)))?;
+            w.put(
+                format!("{fp}.wo.weight"),
+                &[d, dff],
+                Some((dff as f64).powf(-0.5)),
+            )?;
             w.put(format!("{p}.{ff_layer}.layer_norm.weight"), &[d], None)?;
         }
         w.put(format!("{stack}.final_layer_norm.weight"), &[d], None)?;
@@ -205,14 +261,36 @@ pub fn random_weights(cfg: &T5Config, seed: u64) -> Result<BTreeMap<String, Tens
 }
 
 /// Write a random model folder: config.json, model.safetensors and the given tokenizer.json.
-pub fn write_random_model(cfg: &T5Config, seed: u64, tokenizer_json: &Path, out: &Path) -> Result<()> {
+pub fn write_random_model(
+    cfg: &T5Config,
+    seed: u64,
+    tokenizer_json: &Path,
+    out: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out.display(), e))?;
     let weights = random_weights(cfg, seed)?;
     save_safetensors(&weights, &out.join(SAFETENSORS))?;
-    let text = serde_json::to_string_pretty(&config_json(cfg)).map_err(|e| Error::model(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(&config_json(cfg)).map_err(|e| Error::model(e.to_string()))?;
     std::fs::write(out.join(CONFIG), text).map_err(|e| Error::io(out.join(CONFIG).display(), e))?;
-    std::fs::copy(tokenizer_json, out.join(TOKENIZER)).map_err(|e| Error::io(tokenizer_json.display(), e))?;
-    Ok(())
+    std::fs::copy(tokenizer_json, out.join(TOKENIZER))
+        .map_err(|e| Error::io(tokenizer_json.display(), e))?;
+    write_tokenizer_config(out)
+}
+
+/// tokenizer_config.json so `AutoTokenizer` loads tokenizer.json as it is (a plain fast tokenizer;
+/// T5's own class would add 100 `<extra_id_*>` tokens the model does not have).
+pub fn write_tokenizer_config(out: &Path) -> Result<()> {
+    let cfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": "<pad>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "model_max_length": 512
+    });
+    let p = out.join("tokenizer_config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&cfg).unwrap_or_default())
+        .map_err(|e| Error::io(p.display(), e))
 }
 
 #[cfg(test)]
@@ -224,8 +302,15 @@ mod tests {
         let t5 = config(Family::T5, Size::Small, 8000);
         assert!(t5.tie_word_embeddings && t5.feed_forward_proj == "relu" && t5.num_layers == 6);
         let flan = config(Family::FlanT5, Size::Small, 8000);
-        assert!(!flan.tie_word_embeddings && flan.feed_forward_proj == "gated-gelu" && flan.d_ff == 1024);
-        assert_eq!(config(Family::Ul2, Size::Tiny, 100).feed_forward_proj, "gated-silu");
+        assert!(
+            !flan.tie_word_embeddings
+                && flan.feed_forward_proj == "gated-gelu"
+                && flan.d_ff == 1024
+        );
+        assert_eq!(
+            config(Family::Ul2, Size::Tiny, 100).feed_forward_proj,
+            "gated-silu"
+        );
         let j = config_json(&flan);
         assert_eq!(j["dense_act_fn"], "gelu_new");
         assert_eq!(j["is_gated_act"], true);
@@ -238,13 +323,21 @@ mod tests {
         let w = random_weights(&cfg, 1).unwrap();
         assert!(w.contains_key("lm_head.weight"));
         assert!(w.contains_key("decoder.block.1.layer.2.DenseReluDense.wi_1.weight"));
-        assert!(w.contains_key("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"));
-        assert!(!w.contains_key("encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"));
+        assert!(
+            w.contains_key("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        );
+        assert!(
+            !w.contains_key("encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight")
+        );
         let s: Vec<f32> = w["shared.weight"].flatten_all().unwrap().to_vec1().unwrap();
         let var = s.iter().map(|x| (x * x) as f64).sum::<f64>() / s.len() as f64;
         assert!((var - 1.0).abs() < 0.15, "{var}");
         let again = random_weights(&cfg, 1).unwrap();
-        let a: Vec<f32> = again["shared.weight"].flatten_all().unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = again["shared.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(s, a);
     }
 }

@@ -24,7 +24,9 @@ pub struct TrainState {
 
 /// Inverted dropout with a mask drawn from our own seeded generator (candle's CPU RNG cannot be seeded).
 pub fn dropout(x: &Tensor, p: f64, mode: &Mode) -> Result<Tensor> {
-    let Some(state) = mode.train else { return Ok(x.clone()) };
+    let Some(state) = mode.train else {
+        return Ok(x.clone());
+    };
     if p <= 0.0 {
         return Ok(x.clone());
     }
@@ -32,7 +34,9 @@ pub fn dropout(x: &Tensor, p: f64, mode: &Mode) -> Result<Tensor> {
     let scale = (1.0 / (1.0 - p)) as f32;
     let mask: Vec<f32> = {
         let mut st = state.borrow_mut();
-        (0..n).map(|_| if st.rng.next_f64() < p { 0.0 } else { scale }).collect()
+        (0..n)
+            .map(|_| if st.rng.next_f64() < p { 0.0 } else { scale })
+            .collect()
     };
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok(x.mul(&mask)?)
@@ -114,7 +118,11 @@ impl Linear {
         match &self.lora {
             None => Ok(self.weight.clone()),
             Some(l) => {
-                let delta = (l.b.as_tensor().to_dtype(DType::F32)?.matmul(&l.a.as_tensor().to_dtype(DType::F32)?)? * l.scale)?;
+                let delta =
+                    (l.b.as_tensor()
+                        .to_dtype(DType::F32)?
+                        .matmul(&l.a.as_tensor().to_dtype(DType::F32)?)?
+                        * l.scale)?;
                 Ok((self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.weight.dtype())?)
             }
         }
@@ -130,12 +138,21 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // One fused pass at inference on the CPU; the composed form when gradients flow.
+        if super::cpu_attention::applies(x) && !x.track_op() && !self.weight.track_op() {
+            return super::cpu_attention::rms_norm(x, &self.weight, self.eps);
+        }
+        self.forward_composed(x)
+    }
+
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         // x * rsqrt(var + eps), as HF computes it.
         let y = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
-        Ok(y.to_dtype(dtype)?.broadcast_mul(&self.weight.to_dtype(dtype)?)?)
+        Ok(y.to_dtype(dtype)?
+            .broadcast_mul(&self.weight.to_dtype(dtype)?)?)
     }
 }
 
@@ -183,8 +200,17 @@ mod tests {
     #[test]
     fn rms_norm_matches_formula() {
         let x = Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu).unwrap();
-        let n = RmsNorm { weight: Tensor::new(&[1f32, 1., 2., 1.], &Device::Cpu).unwrap(), eps: 1e-6 };
-        let y: Vec<f32> = n.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let n = RmsNorm {
+            weight: Tensor::new(&[1f32, 1., 2., 1.], &Device::Cpu).unwrap(),
+            eps: 1e-6,
+        };
+        let y: Vec<f32> = n
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let rms = ((1. + 4. + 9. + 16.) / 4f32 + 1e-6).sqrt();
         let want = [1. / rms, 2. / rms, 6. / rms, 4. / rms];
         for (a, b) in y.iter().zip(want) {
@@ -197,12 +223,27 @@ mod tests {
         let v = Var::new(&[[1f32, 2., 3.], [0., -1., 5.]], &Device::Cpu).unwrap();
         let a = softmax_last_dim(v.as_tensor(), true).unwrap();
         let b = softmax_last_dim(v.as_tensor(), false).unwrap();
-        let d: f32 = (a.clone() - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let d: f32 = (a.clone() - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(d < 1e-6);
         // d/dx of softmax(x)[0,0]: nonzero gradient flows back.
         let loss = a.narrow(1, 0, 1).unwrap().sum_all().unwrap();
         let g = loss.backward().unwrap();
-        let gx = g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let gx = g
+            .get(v.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(gx > 0.0);
     }
 
@@ -212,24 +253,68 @@ mod tests {
         let w = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 1.]], &dev).unwrap(); // out 3, in 2
         let a = Var::new(&[[1f32, 2.]], &dev).unwrap(); // r=1, in=2
         let b = Var::new(&[[1f32], [0.], [-1.]], &dev).unwrap(); // out=3, r=1
-        let lin = Linear { weight: w, lora: Some(Lora { a, b, scale: 2.0, dropout: 0.0 }) };
+        let lin = Linear {
+            weight: w,
+            lora: Some(Lora {
+                a,
+                b,
+                scale: 2.0,
+                dropout: 0.0,
+            }),
+        };
         let x = Tensor::new(&[[1f32, 1.]], &dev).unwrap();
-        let y: Vec<f32> = lin.forward(&x, &Mode::INFER).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = lin
+            .forward(&x, &Mode::INFER)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // base: [1,1,2]; delta: x@A^T = 3; @B^T = [3,0,-3]; * 2 = [6,0,-6]
         assert_eq!(y, vec![7., 1., -4.]);
         let merged = Linear::new(lin.merged_weight().unwrap());
-        let y2: Vec<f32> = merged.forward(&x, &Mode::INFER).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let y2: Vec<f32> = merged
+            .forward(&x, &Mode::INFER)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(y, y2);
     }
 
     #[test]
     fn dropout_is_seeded_and_inactive_at_inference() {
         let x = Tensor::ones((4, 8), DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(dropout(&x, 0.5, &Mode::INFER).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 32.0);
-        let st = std::cell::RefCell::new(TrainState { dropout: 0.5, rng: Rng::new(3) });
-        let a: Vec<f32> = dropout(&x, 0.5, &Mode { train: Some(&st) }).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let st2 = std::cell::RefCell::new(TrainState { dropout: 0.5, rng: Rng::new(3) });
-        let b: Vec<f32> = dropout(&x, 0.5, &Mode { train: Some(&st2) }).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(
+            dropout(&x, 0.5, &Mode::INFER)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            32.0
+        );
+        let st = std::cell::RefCell::new(TrainState {
+            dropout: 0.5,
+            rng: Rng::new(3),
+        });
+        let a: Vec<f32> = dropout(&x, 0.5, &Mode { train: Some(&st) })
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let st2 = std::cell::RefCell::new(TrainState {
+            dropout: 0.5,
+            rng: Rng::new(3),
+        });
+        let b: Vec<f32> = dropout(&x, 0.5, &Mode { train: Some(&st2) })
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(a, b);
         assert!(a.iter().all(|v| *v == 0.0 || *v == 2.0));
     }

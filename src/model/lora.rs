@@ -61,9 +61,12 @@ impl TargetModules {
     /// match the whole path.
     pub fn matches(&self, module: &str) -> Result<bool> {
         Ok(match self {
-            TargetModules::Names(names) => names.iter().any(|n| module == n || module.ends_with(&format!(".{n}"))),
+            TargetModules::Names(names) => names
+                .iter()
+                .any(|n| module == n || module.ends_with(&format!(".{n}"))),
             TargetModules::Regex(re) => {
-                let r = regex::Regex::new(&format!("^(?:{re})$")).map_err(|e| Error::model(format!("target_modules regex: {e}")))?;
+                let r = regex::Regex::new(&format!("^(?:{re})$"))
+                    .map_err(|e| Error::model(format!("target_modules regex: {e}")))?;
                 r.is_match(module)
             }
         })
@@ -99,17 +102,24 @@ impl AdapterConfig {
     fn check(&self, origin: &str) -> Result<()> {
         if let Some(t) = &self.peft_type {
             if t != "LORA" {
-                return Err(Error::model(format!("{origin}: peft_type `{t}` is not LORA")));
+                return Err(Error::model(format!(
+                    "{origin}: peft_type `{t}` is not LORA"
+                )));
             }
         }
         if self.r == 0 {
             return Err(Error::model(format!("{origin}: r must be positive")));
         }
         if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
-            return Err(Error::model(format!("{origin}: rank_pattern / alpha_pattern are not supported")));
+            return Err(Error::model(format!(
+                "{origin}: rank_pattern / alpha_pattern are not supported"
+            )));
         }
         if self.bias.as_deref().is_some_and(|b| b != "none") {
-            return Err(Error::model(format!("{origin}: LoRA bias `{}` is not supported (T5 has no biases)", self.bias.as_deref().unwrap_or(""))));
+            return Err(Error::model(format!(
+                "{origin}: LoRA bias `{}` is not supported (T5 has no biases)",
+                self.bias.as_deref().unwrap_or("")
+            )));
         }
         Ok(())
     }
@@ -142,15 +152,31 @@ pub fn attach_new(model: &mut T5, cfg: &AdapterConfig, seed: u64) -> Result<Vec<
         hits += 1;
         let (out, inp) = lin.weight.dims2()?;
         let bound = 1.0 / (inp as f64).sqrt();
-        let a: Vec<f32> = (0..cfg.r * inp).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), &Device::Cpu)?.to_device(lin.weight.device())?)?;
-        let b = Var::from_tensor(&Tensor::zeros((out, cfg.r), DType::F32, lin.weight.device())?)?;
+        let a: Vec<f32> = (0..cfg.r * inp)
+            .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        let a = Var::from_tensor(
+            &Tensor::from_vec(a, (cfg.r, inp), &Device::Cpu)?.to_device(lin.weight.device())?,
+        )?;
+        let b = Var::from_tensor(&Tensor::zeros(
+            (out, cfg.r),
+            DType::F32,
+            lin.weight.device(),
+        )?)?;
         vars.push((format!("{KEY_PREFIX}{name}.lora_A.weight"), a.clone()));
         vars.push((format!("{KEY_PREFIX}{name}.lora_B.weight"), b.clone()));
-        lin.lora = Some(Lora { a, b, scale: cfg.scale(), dropout: cfg.lora_dropout });
+        lin.lora = Some(Lora {
+            a,
+            b,
+            scale: cfg.scale(),
+            dropout: cfg.lora_dropout,
+        });
     }
     if hits == 0 {
-        return Err(Error::model(format!("LoRA targets {:?} match no module (T5 modules: q, k, v, o, wi, wi_0, wi_1, wo)", cfg.target_modules)));
+        return Err(Error::model(format!(
+            "LoRA targets {:?} match no module (T5 modules: q, k, v, o, wi, wi_0, wi_1, wo)",
+            cfg.target_modules
+        )));
     }
     Ok(vars)
 }
@@ -170,25 +196,47 @@ impl AdapterFiles {
             (dir.join(ADAPTER_CONFIG), dir.join(ADAPTER_WEIGHTS))
         } else if looks_like_repo_id(spec) {
             let repo = RepoId::model(spec);
-            (hub.fetch(&repo, "main", ADAPTER_CONFIG).await?, hub.fetch(&repo, "main", ADAPTER_WEIGHTS).await?)
+            (
+                hub.fetch(&repo, "main", ADAPTER_CONFIG).await?,
+                hub.fetch(&repo, "main", ADAPTER_WEIGHTS).await?,
+            )
         } else {
-            return Err(Error::model(format!("adapter {spec}: no such folder or Hub id")));
+            return Err(Error::model(format!(
+                "adapter {spec}: no such folder or Hub id"
+            )));
         };
         for f in [&cfg_path, &weights] {
             if !f.is_file() {
-                return Err(Error::model(format!("adapter {spec}: missing file {}", f.display())));
+                return Err(Error::model(format!(
+                    "adapter {spec}: missing file {}",
+                    f.display()
+                )));
             }
         }
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(cfg_path.display(), e))?;
-        let config: AdapterConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::model(format!("{}: not a LoRA adapter_config.json: {e}", cfg_path.display())))?;
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(cfg_path.display(), e))?;
+        let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| {
+            Error::model(format!(
+                "{}: not a LoRA adapter_config.json: {e}",
+                cfg_path.display()
+            ))
+        })?;
         config.check(spec)?;
-        Ok(AdapterFiles { dir: spec.to_string(), config, weights })
+        Ok(AdapterFiles {
+            dir: spec.to_string(),
+            config,
+            weights,
+        })
     }
 
     /// Load the adapter's A/B into the model's target modules (as variables, so they can keep training).
     pub fn apply(&self, model: &mut T5) -> Result<Vec<(String, Var)>> {
-        let w = Weights::open(std::slice::from_ref(&self.weights), &self.dir, &model.device, DType::F32)?;
+        let w = Weights::open(
+            std::slice::from_ref(&self.weights),
+            &self.dir,
+            &model.device,
+            DType::F32,
+        )?;
         let r = self.config.r;
         let mut vars = vec![];
         let mut used = 0usize;
@@ -199,21 +247,36 @@ impl AdapterFiles {
             let (ka, kb) = if w.contains(&ka) {
                 (ka, kb)
             } else {
-                (format!("{KEY_PREFIX}{name}.lora_A.default.weight"), format!("{KEY_PREFIX}{name}.lora_B.default.weight"))
+                (
+                    format!("{KEY_PREFIX}{name}.lora_A.default.weight"),
+                    format!("{KEY_PREFIX}{name}.lora_B.default.weight"),
+                )
             };
             if !w.contains(&ka) {
                 if self.config.target_modules.matches(&name)? && name != "lm_head" {
-                    return Err(Error::model(format!("adapter {}: missing tensor `{ka}`", self.dir)));
+                    return Err(Error::model(format!(
+                        "adapter {}: missing tensor `{ka}`",
+                        self.dir
+                    )));
                 }
                 continue;
             }
             let (out, inp) = lin.weight.dims2()?;
-            let a = w.get(&ka, &[r, inp]).map_err(|e| Error::model(format!("{e} (does the adapter belong to this base model?)")))?;
-            let b = w.get(&kb, &[out, r]).map_err(|e| Error::model(format!("{e} (does the adapter belong to this base model?)")))?;
+            let a = w.get(&ka, &[r, inp]).map_err(|e| {
+                Error::model(format!("{e} (does the adapter belong to this base model?)"))
+            })?;
+            let b = w.get(&kb, &[out, r]).map_err(|e| {
+                Error::model(format!("{e} (does the adapter belong to this base model?)"))
+            })?;
             let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
             vars.push((ka.clone(), a.clone()));
             vars.push((kb.clone(), b.clone()));
-            lin.lora = Some(Lora { a, b, scale: self.config.scale(), dropout: self.config.lora_dropout });
+            lin.lora = Some(Lora {
+                a,
+                b,
+                scale: self.config.scale(),
+                dropout: self.config.lora_dropout,
+            });
             used += 2;
         }
         let total = w.names().filter(|n| n.contains(".lora_")).count();
@@ -233,22 +296,34 @@ pub fn save_adapter(model: &mut T5, cfg: &AdapterConfig, dir: &Path) -> Result<(
     let mut tensors = BTreeMap::new();
     for (name, lin) in model.linears_mut() {
         if let Some(l) = &lin.lora {
-            tensors.insert(format!("{KEY_PREFIX}{name}.lora_A.weight"), l.a.as_tensor().clone());
-            tensors.insert(format!("{KEY_PREFIX}{name}.lora_B.weight"), l.b.as_tensor().clone());
+            tensors.insert(
+                format!("{KEY_PREFIX}{name}.lora_A.weight"),
+                l.a.as_tensor().clone(),
+            );
+            tensors.insert(
+                format!("{KEY_PREFIX}{name}.lora_B.weight"),
+                l.b.as_tensor().clone(),
+            );
         }
     }
     if tensors.is_empty() {
         return Err(Error::model("the model has no LoRA adapters to save"));
     }
     save_safetensors(&tensors, &dir.join(ADAPTER_WEIGHTS))?;
-    let json = serde_json::to_string_pretty(&cfg.to_json()).map_err(|e| Error::model(e.to_string()))?;
+    let json =
+        serde_json::to_string_pretty(&cfg.to_json()).map_err(|e| Error::model(e.to_string()))?;
     let p = dir.join(ADAPTER_CONFIG);
     std::fs::write(&p, json).map_err(|e| Error::io(p.display(), e))
 }
 
 /// Write the model (adapters folded in) as a plain HF checkpoint folder: config.json,
 /// model.safetensors, and tokenizer.json when given.
-pub fn save_merged(model: &mut T5, config_json: &serde_json::Value, tokenizer: Option<&Path>, out: &Path) -> Result<()> {
+pub fn save_merged(
+    model: &mut T5,
+    config_json: &serde_json::Value,
+    tokenizer: Option<&Path>,
+    out: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out.display(), e))?;
     let mut sd = model.state_dict()?;
     if model.lm_head.is_none() {
@@ -256,7 +331,8 @@ pub fn save_merged(model: &mut T5, config_json: &serde_json::Value, tokenizer: O
     }
     save_safetensors(&sd, &out.join(super::weights::SAFETENSORS))?;
     let cfg = out.join(super::weights::CONFIG);
-    let text = serde_json::to_string_pretty(config_json).map_err(|e| Error::model(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(config_json).map_err(|e| Error::model(e.to_string()))?;
     std::fs::write(&cfg, text).map_err(|e| Error::io(cfg.display(), e))?;
     if let Some(t) = tokenizer {
         let dst = out.join(super::weights::TOKENIZER);
@@ -272,18 +348,37 @@ mod tests {
     #[test]
     fn target_matching_follows_peft() {
         let t = TargetModules::Names(vec!["q".into(), "v".into()]);
-        assert!(t.matches("encoder.block.0.layer.0.SelfAttention.q").unwrap());
-        assert!(t.matches("decoder.block.1.layer.1.EncDecAttention.v").unwrap());
-        assert!(!t.matches("decoder.block.1.layer.1.EncDecAttention.o").unwrap());
-        assert!(!t.matches("encoder.block.0.layer.1.DenseReluDense.wi_0").unwrap());
+        assert!(t
+            .matches("encoder.block.0.layer.0.SelfAttention.q")
+            .unwrap());
+        assert!(t
+            .matches("decoder.block.1.layer.1.EncDecAttention.v")
+            .unwrap());
+        assert!(!t
+            .matches("decoder.block.1.layer.1.EncDecAttention.o")
+            .unwrap());
+        assert!(!t
+            .matches("encoder.block.0.layer.1.DenseReluDense.wi_0")
+            .unwrap());
         let r = TargetModules::Regex(r".*encoder.*\.(q|v)".into());
-        assert!(r.matches("encoder.block.0.layer.0.SelfAttention.q").unwrap());
-        assert!(!r.matches("decoder.block.0.layer.0.SelfAttention.q").unwrap());
+        assert!(r
+            .matches("encoder.block.0.layer.0.SelfAttention.q")
+            .unwrap());
+        assert!(!r
+            .matches("decoder.block.0.layer.0.SelfAttention.q")
+            .unwrap());
     }
 
     #[test]
     fn scale_and_rslora() {
-        let mut c = AdapterConfig::from_spec(&LoraSpec { r: 16, alpha: 32.0, ..Default::default() }, "base");
+        let mut c = AdapterConfig::from_spec(
+            &LoraSpec {
+                r: 16,
+                alpha: 32.0,
+                ..Default::default()
+            },
+            "base",
+        );
         assert_eq!(c.scale(), 2.0);
         c.use_rslora = true;
         assert_eq!(c.scale(), 8.0);

@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod beam;
 pub mod config;
+pub mod cpu_attention;
 pub mod decoding;
 pub mod init;
 pub mod layers;
@@ -30,7 +31,8 @@ use crate::plans::spec::ModelSpec;
 /// The device a `device:` setting names. `auto` is the first GPU of the kind the binary was built
 /// for, else the CPU.
 pub fn select_device(spec: &str) -> Result<Device> {
-    let gpu_err = |what: &str, e: candle_core::Error| Error::model(format!("device `{spec}`: {what}: {e}"));
+    let gpu_err =
+        |what: &str, e: candle_core::Error| Error::model(format!("device `{spec}`: {what}: {e}"));
     match spec {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
@@ -42,14 +44,21 @@ pub fn select_device(spec: &str) -> Result<Device> {
                 Ok(Device::Cpu)
             }
         }
-        "metal" => Device::new_metal(0).map_err(|e| gpu_err("Metal (build with --features metal)", e)),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = s.strip_prefix("cuda:").map(|n| n.parse::<usize>()).transpose().map_err(|_| {
-                Error::model(format!("device `{spec}`: expected cuda or cuda:N"))
-            })?;
-            Device::new_cuda(ordinal.unwrap_or(0)).map_err(|e| gpu_err("CUDA (build with --features cuda)", e))
+        "metal" => {
+            Device::new_metal(0).map_err(|e| gpu_err("Metal (build with --features metal)", e))
         }
-        other => Err(Error::model(format!("unknown device `{other}` (auto, cpu, cuda, cuda:N, metal)"))),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<usize>())
+                .transpose()
+                .map_err(|_| Error::model(format!("device `{spec}`: expected cuda or cuda:N")))?;
+            Device::new_cuda(ordinal.unwrap_or(0))
+                .map_err(|e| gpu_err("CUDA (build with --features cuda)", e))
+        }
+        other => Err(Error::model(format!(
+            "unknown device `{other}` (auto, cpu, cuda, cuda:N, metal)"
+        ))),
     }
 }
 
@@ -57,14 +66,20 @@ pub fn select_device(spec: &str) -> Result<Device> {
 /// allowed but warned about: T5 activations overflow in f16.
 pub fn select_dtype(spec: &str, device: &Device) -> Result<DType> {
     match spec {
-        "auto" => Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 }),
+        "auto" => Ok(if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        }),
         "f32" | "float32" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f16" | "float16" => {
             log::warn!("dtype f16: T5 activations overflow in float16 (inf/NaN outputs are likely); prefer bf16 or f32");
             Ok(DType::F16)
         }
-        other => Err(Error::model(format!("unknown dtype `{other}` (auto, f32, bf16, f16)"))),
+        other => Err(Error::model(format!(
+            "unknown dtype `{other}` (auto, f32, bf16, f16)"
+        ))),
     }
 }
 
@@ -85,7 +100,8 @@ pub async fn load_config(spec: &ModelSpec, hub: &Hub) -> Result<(weights::ModelF
         init::materialize(std::path::Path::new(&spec.path), init)?;
     }
     let files = weights::locate(&spec.path, spec.revision.as_deref(), hub).await?;
-    let text = std::fs::read_to_string(&files.config).map_err(|e| Error::io(files.config.display(), e))?;
+    let text =
+        std::fs::read_to_string(&files.config).map_err(|e| Error::io(files.config.display(), e))?;
     let cfg = T5Config::from_json(&text, &files.config.display().to_string())?;
     Ok((files, cfg))
 }
@@ -112,5 +128,11 @@ pub async fn load(spec: &ModelSpec, hub: &Hub) -> Result<LoadedModel> {
     let hash = tokio::task::spawn_blocking(move || weights::content_hash(&weight_files))
         .await
         .map_err(|e| Error::model(format!("hashing weights: {e}")))??;
-    Ok(LoadedModel { model, tokenizer, files, hash, adapter_hash })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        files,
+        hash,
+        adapter_hash,
+    })
 }

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::attention::{causal_bias, padding_bias, Attention, BucketTable, CrossKv, KvCache, PositionBias};
+use super::attention::{
+    causal_bias, padding_bias, Attention, BucketTable, CrossKv, KvCache, PositionBias,
+};
 use super::config::T5Config;
 use super::layers::{model_dropout, Ffn, Linear, Mode, RmsNorm};
 use super::weights::Weights;
@@ -77,18 +79,21 @@ impl DecodeState {
 
 fn attention(w: &Weights, prefix: &str, cfg: &T5Config) -> Result<Attention> {
     let (d, inner) = (cfg.d_model, cfg.inner_dim());
-    Ok(Attention {
-        q: Linear::new(w.get(&format!("{prefix}.q.weight"), &[inner, d])?),
-        k: Linear::new(w.get(&format!("{prefix}.k.weight"), &[inner, d])?),
-        v: Linear::new(w.get(&format!("{prefix}.v.weight"), &[inner, d])?),
-        o: Linear::new(w.get(&format!("{prefix}.o.weight"), &[d, inner])?),
-        heads: cfg.num_heads,
-        d_kv: cfg.d_kv,
-    })
+    Ok(Attention::new(
+        Linear::new(w.get(&format!("{prefix}.q.weight"), &[inner, d])?),
+        Linear::new(w.get(&format!("{prefix}.k.weight"), &[inner, d])?),
+        Linear::new(w.get(&format!("{prefix}.v.weight"), &[inner, d])?),
+        Linear::new(w.get(&format!("{prefix}.o.weight"), &[d, inner])?),
+        cfg.num_heads,
+        cfg.d_kv,
+    ))
 }
 
 fn norm(w: &Weights, name: &str, cfg: &T5Config) -> Result<RmsNorm> {
-    Ok(RmsNorm { weight: w.get(name, &[cfg.d_model])?, eps: cfg.layer_norm_epsilon })
+    Ok(RmsNorm {
+        weight: w.get(name, &[cfg.d_model])?,
+        eps: cfg.layer_norm_epsilon,
+    })
 }
 
 fn ffn(w: &Weights, prefix: &str, cfg: &T5Config) -> Result<Ffn> {
@@ -96,14 +101,28 @@ fn ffn(w: &Weights, prefix: &str, cfg: &T5Config) -> Result<Ffn> {
     let (d, f) = (cfg.d_model, cfg.d_ff);
     let get = |n: &str, shape: &[usize]| w.get(&format!("{prefix}.{n}.weight"), shape);
     Ok(if kind.gated {
-        Ffn { kind, wi: Linear::new(get("wi_0", &[f, d])?), wi_1: Some(Linear::new(get("wi_1", &[f, d])?)), wo: Linear::new(get("wo", &[d, f])?) }
+        Ffn {
+            kind,
+            wi: Linear::new(get("wi_0", &[f, d])?),
+            wi_1: Some(Linear::new(get("wi_1", &[f, d])?)),
+            wo: Linear::new(get("wo", &[d, f])?),
+        }
     } else {
-        Ffn { kind, wi: Linear::new(get("wi", &[f, d])?), wi_1: None, wo: Linear::new(get("wo", &[d, f])?) }
+        Ffn {
+            kind,
+            wi: Linear::new(get("wi", &[f, d])?),
+            wi_1: None,
+            wo: Linear::new(get("wo", &[d, f])?),
+        }
     })
 }
 
 fn stack(w: &Weights, cfg: &T5Config, decoder: bool) -> Result<Stack> {
-    let (name, layers) = if decoder { ("decoder", cfg.decoder_layers()) } else { ("encoder", cfg.num_layers) };
+    let (name, layers) = if decoder {
+        ("decoder", cfg.decoder_layers())
+    } else {
+        ("encoder", cfg.num_layers)
+    };
     let mut blocks = Vec::with_capacity(layers);
     for i in 0..layers {
         let p = format!("{name}.block.{i}.layer");
@@ -111,7 +130,10 @@ fn stack(w: &Weights, cfg: &T5Config, decoder: bool) -> Result<Stack> {
         let self_norm = norm(w, &format!("{p}.0.layer_norm.weight"), cfg)?;
         let (cross, ff_layer) = if decoder {
             let a = attention(w, &format!("{p}.1.EncDecAttention"), cfg)?;
-            (Some((a, norm(w, &format!("{p}.1.layer_norm.weight"), cfg)?)), 2)
+            (
+                Some((a, norm(w, &format!("{p}.1.layer_norm.weight"), cfg)?)),
+                2,
+            )
         } else {
             (None, 1)
         };
@@ -132,7 +154,12 @@ fn stack(w: &Weights, cfg: &T5Config, decoder: bool) -> Result<Stack> {
         final_norm: norm(w, &format!("{name}.final_layer_norm.weight"), cfg)?,
         bias: PositionBias {
             weight: bias_w,
-            table: BucketTable::new(!decoder, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, &w.device)?,
+            table: BucketTable::new(
+                !decoder,
+                cfg.relative_attention_num_buckets,
+                cfg.relative_attention_max_distance,
+                &w.device,
+            )?,
         },
     })
 }
@@ -141,10 +168,14 @@ impl T5 {
     /// Build the model from checkpoint tensors (HF names); errors name the missing or misshapen tensor.
     pub fn load(cfg: &T5Config, w: &Weights) -> Result<T5> {
         let (v, d) = (cfg.vocab_size, cfg.d_model);
-        let shared_name = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
-            .into_iter()
-            .find(|n| w.contains(n))
-            .unwrap_or("shared.weight");
+        let shared_name = [
+            "shared.weight",
+            "encoder.embed_tokens.weight",
+            "decoder.embed_tokens.weight",
+        ]
+        .into_iter()
+        .find(|n| w.contains(n))
+        .unwrap_or("shared.weight");
         let shared = w.get(shared_name, &[v, d])?;
         // The checkpoint's own output layer when it has one (untied v1.1 / flan / UL2 models do; tied
         // ones either omit it or store a copy of `shared`), else the shared embedding.
@@ -176,9 +207,16 @@ impl T5 {
     pub fn encode(&self, ids: &Tensor, mask: &Tensor, mode: &Mode) -> Result<Tensor> {
         let (_, s) = ids.dims2()?;
         let mut x = model_dropout(&self.embed(ids)?, mode)?;
-        let bias = self.encoder.bias.forward(s, s, 0)?.to_dtype(self.dtype)?.broadcast_add(&padding_bias(mask, self.dtype)?)?;
+        let bias = self
+            .encoder
+            .bias
+            .forward(s, s, 0)?
+            .to_dtype(self.dtype)?
+            .broadcast_add(&padding_bias(mask, self.dtype)?)?;
         for b in &self.encoder.blocks {
-            let h = b.self_attn.forward(&b.self_norm.forward(&x)?, None, &bias, mode)?;
+            let h = b
+                .self_attn
+                .forward(&b.self_norm.forward(&x)?, None, &bias, mode)?;
             x = (x + model_dropout(&h, mode)?)?;
             let h = b.ffn.forward(&b.ffn_norm.forward(&x)?, mode)?;
             x = (x + model_dropout(&h, mode)?)?;
@@ -187,15 +225,31 @@ impl T5 {
     }
 
     /// Decoder hidden states for a whole target sequence (teacher forcing), causal.
-    pub fn decode_full(&self, dec_ids: &Tensor, enc: &Tensor, enc_mask: &Tensor, mode: &Mode) -> Result<Tensor> {
+    pub fn decode_full(
+        &self,
+        dec_ids: &Tensor,
+        enc: &Tensor,
+        enc_mask: &Tensor,
+        mode: &Mode,
+    ) -> Result<Tensor> {
         let (_, t) = dec_ids.dims2()?;
         let mut x = model_dropout(&self.embed(dec_ids)?, mode)?;
-        let self_bias = self.decoder.bias.forward(t, t, 0)?.to_dtype(self.dtype)?.broadcast_add(&causal_bias(t, self.dtype, &self.device)?)?;
+        let self_bias = self
+            .decoder
+            .bias
+            .forward(t, t, 0)?
+            .to_dtype(self.dtype)?
+            .broadcast_add(&causal_bias(t, self.dtype, &self.device)?)?;
         let cross_bias = padding_bias(enc_mask, self.dtype)?;
         for b in &self.decoder.blocks {
-            let h = b.self_attn.forward(&b.self_norm.forward(&x)?, None, &self_bias, mode)?;
+            let h = b
+                .self_attn
+                .forward(&b.self_norm.forward(&x)?, None, &self_bias, mode)?;
             x = (x + model_dropout(&h, mode)?)?;
-            let (ca, cn) = b.cross.as_ref().expect("decoder blocks have cross-attention");
+            let (ca, cn) = b
+                .cross
+                .as_ref()
+                .expect("decoder blocks have cross-attention");
             let h = ca.forward(&cn.forward(&x)?, Some(enc), &cross_bias, mode)?;
             x = (x + model_dropout(&h, mode)?)?;
             let h = b.ffn.forward(&b.ffn_norm.forward(&x)?, mode)?;
@@ -206,7 +260,11 @@ impl T5 {
 
     /// Logits (…, vocab) in f32 from decoder hidden states (…, d).
     pub fn logits(&self, hidden: &Tensor, mode: &Mode) -> Result<Tensor> {
-        let hidden = if self.cfg.scales_logits() { (hidden * (self.cfg.d_model as f64).powf(-0.5))? } else { hidden.clone() };
+        let hidden = if self.cfg.scales_logits() {
+            (hidden * (self.cfg.d_model as f64).powf(-0.5))?
+        } else {
+            hidden.clone()
+        };
         let l = match &self.lm_head {
             Some(h) => h.forward(&hidden, mode)?,
             None => Linear::new(self.shared.clone()).forward(&hidden, mode)?,
@@ -215,7 +273,13 @@ impl T5 {
     }
 
     /// Teacher-forced logits for every target position: (b, t, vocab).
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor, dec_ids: &Tensor, mode: &Mode) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        dec_ids: &Tensor,
+        mode: &Mode,
+    ) -> Result<Tensor> {
         let enc = self.encode(ids, mask, mode)?;
         let h = self.decode_full(dec_ids, &enc, mask, mode)?;
         self.logits(&h, mode)
@@ -223,31 +287,65 @@ impl T5 {
 
     /// Prepare to decode up to `max_len` tokens for encoded rows: cross-attention K/V of every layer
     /// are computed here, once.
-    pub fn start_decoding(&self, enc: &Tensor, enc_mask: &Tensor, max_len: usize) -> Result<DecodeState> {
+    pub fn start_decoding(
+        &self,
+        enc: &Tensor,
+        enc_mask: &Tensor,
+        max_len: usize,
+    ) -> Result<DecodeState> {
         let rows = enc.dims()[0];
         let mut cross = Vec::with_capacity(self.decoder.blocks.len());
         let mut caches = Vec::with_capacity(self.decoder.blocks.len());
         for b in &self.decoder.blocks {
-            let (ca, _) = b.cross.as_ref().expect("decoder blocks have cross-attention");
+            let (ca, _) = b
+                .cross
+                .as_ref()
+                .expect("decoder blocks have cross-attention");
             cross.push(ca.cross_kv(enc)?);
-            caches.push(KvCache::new(rows, self.cfg.num_heads, max_len.max(1), self.cfg.d_kv, self.dtype, &self.device)?);
+            caches.push(KvCache::new(
+                rows,
+                self.cfg.num_heads,
+                max_len.max(1),
+                self.cfg.d_kv,
+                self.dtype,
+                &self.device,
+            )?);
         }
-        Ok(DecodeState { cross, caches, cross_bias: padding_bias(enc_mask, self.dtype)?, step: 0 })
+        Ok(DecodeState {
+            cross,
+            caches,
+            cross_bias: padding_bias(enc_mask, self.dtype)?,
+            step: 0,
+        })
     }
 
     /// One decoding step: `tokens` (rows,) are the newest tokens; returns next-token logits (rows, vocab).
     pub fn decode_step(&self, st: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
         let rows = tokens.dims1()?;
         if rows != st.rows() {
-            return Err(Error::model(format!("decode_step: {rows} tokens for {} rows", st.rows())));
+            return Err(Error::model(format!(
+                "decode_step: {rows} tokens for {} rows",
+                st.rows()
+            )));
         }
         let mut x = self.embed(&tokens.reshape((rows, 1))?)?;
         let pos = st.step;
-        let self_bias = self.decoder.bias.forward(1, pos + 1, pos)?.to_dtype(self.dtype)?;
+        let self_bias = self
+            .decoder
+            .bias
+            .forward(1, pos + 1, pos)?
+            .to_dtype(self.dtype)?;
         for (i, b) in self.decoder.blocks.iter().enumerate() {
-            let h = b.self_attn.forward_cached(&b.self_norm.forward(&x)?, &mut st.caches[i], &self_bias)?;
+            let h = b.self_attn.forward_cached(
+                &b.self_norm.forward(&x)?,
+                &mut st.caches[i],
+                &self_bias,
+            )?;
             x = (x + h)?;
-            let (ca, cn) = b.cross.as_ref().expect("decoder blocks have cross-attention");
+            let (ca, cn) = b
+                .cross
+                .as_ref()
+                .expect("decoder blocks have cross-attention");
             let h = ca.forward_cross(&cn.forward(&x)?, &st.cross[i], &st.cross_bias)?;
             x = (x + h)?;
             let h = b.ffn.forward(&b.ffn_norm.forward(&x)?, &Mode::INFER)?;
@@ -258,10 +356,33 @@ impl T5 {
         Ok(self.logits(&h, &Mode::INFER)?.squeeze(1)?)
     }
 
+    /// Ready the model for generation only: fold any LoRA adapters into their weights and stack the
+    /// attention projections (one matmul for q, k, v). The model can no longer be trained after this.
+    pub fn prepare_for_inference(&mut self) -> Result<()> {
+        for (_, lin) in self.linears_mut() {
+            if lin.lora.is_some() {
+                lin.weight = lin.merged_weight()?;
+                lin.lora = None;
+            }
+        }
+        for stack in [&mut self.encoder, &mut self.decoder] {
+            for b in &mut stack.blocks {
+                b.self_attn.fuse(true)?;
+                if let Some((c, _)) = &mut b.cross {
+                    c.fuse(false)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every Linear with its HF name (without `.weight`), for LoRA and merging.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out: Vec<(String, &mut Linear)> = vec![];
-        for (stack_name, stack) in [("encoder", &mut self.encoder), ("decoder", &mut self.decoder)] {
+        for (stack_name, stack) in [
+            ("encoder", &mut self.encoder),
+            ("decoder", &mut self.decoder),
+        ] {
             for (i, b) in stack.blocks.iter_mut().enumerate() {
                 let p = format!("{stack_name}.block.{i}.layer");
                 let ff_layer = if b.cross.is_some() { 2 } else { 1 };
@@ -278,7 +399,13 @@ impl T5 {
                 }
                 let f = &mut b.ffn;
                 let gated = f.wi_1.is_some();
-                out.push((format!("{p}.{ff_layer}.DenseReluDense.{}", if gated { "wi_0" } else { "wi" }), &mut f.wi));
+                out.push((
+                    format!(
+                        "{p}.{ff_layer}.DenseReluDense.{}",
+                        if gated { "wi_0" } else { "wi" }
+                    ),
+                    &mut f.wi,
+                ));
                 if let Some(w1) = &mut f.wi_1 {
                     out.push((format!("{p}.{ff_layer}.DenseReluDense.wi_1"), w1));
                 }
@@ -295,8 +422,14 @@ impl T5 {
     pub fn state_dict(&mut self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         out.insert("shared.weight".to_string(), self.shared.clone());
-        out.insert("encoder.embed_tokens.weight".to_string(), self.shared.clone());
-        out.insert("decoder.embed_tokens.weight".to_string(), self.shared.clone());
+        out.insert(
+            "encoder.embed_tokens.weight".to_string(),
+            self.shared.clone(),
+        );
+        out.insert(
+            "decoder.embed_tokens.weight".to_string(),
+            self.shared.clone(),
+        );
         for (name, lin) in self.linears_mut() {
             out.insert(format!("{name}.weight"), lin.merged_weight()?);
         }
@@ -304,15 +437,26 @@ impl T5 {
             for (i, b) in stack.blocks.iter().enumerate() {
                 let p = format!("{stack_name}.block.{i}.layer");
                 let ff_layer = if b.cross.is_some() { 2 } else { 1 };
-                out.insert(format!("{p}.0.layer_norm.weight"), b.self_norm.weight.clone());
+                out.insert(
+                    format!("{p}.0.layer_norm.weight"),
+                    b.self_norm.weight.clone(),
+                );
                 if let Some((_, n)) = &b.cross {
                     out.insert(format!("{p}.1.layer_norm.weight"), n.weight.clone());
                 }
-                out.insert(format!("{p}.{ff_layer}.layer_norm.weight"), b.ffn_norm.weight.clone());
+                out.insert(
+                    format!("{p}.{ff_layer}.layer_norm.weight"),
+                    b.ffn_norm.weight.clone(),
+                );
             }
-            out.insert(format!("{stack_name}.final_layer_norm.weight"), stack.final_norm.weight.clone());
             out.insert(
-                format!("{stack_name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+                format!("{stack_name}.final_layer_norm.weight"),
+                stack.final_norm.weight.clone(),
+            );
+            out.insert(
+                format!(
+                    "{stack_name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+                ),
                 stack.bias.weight.clone(),
             );
         }
@@ -329,9 +473,20 @@ impl T5 {
             Ok(())
         };
         wrap("shared.weight".into(), &mut self.shared)?;
-        for (stack_name, stack) in [("encoder", &mut self.encoder), ("decoder", &mut self.decoder)] {
-            wrap(format!("{stack_name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"), &mut stack.bias.weight)?;
-            wrap(format!("{stack_name}.final_layer_norm.weight"), &mut stack.final_norm.weight)?;
+        for (stack_name, stack) in [
+            ("encoder", &mut self.encoder),
+            ("decoder", &mut self.decoder),
+        ] {
+            wrap(
+                format!(
+                    "{stack_name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+                ),
+                &mut stack.bias.weight,
+            )?;
+            wrap(
+                format!("{stack_name}.final_layer_norm.weight"),
+                &mut stack.final_norm.weight,
+            )?;
             for (i, b) in stack.blocks.iter_mut().enumerate() {
                 let p = format!("{stack_name}.block.{i}.layer");
                 let ff_layer = if b.cross.is_some() { 2 } else { 1 };
@@ -339,7 +494,10 @@ impl T5 {
                 if let Some((_, n)) = &mut b.cross {
                     wrap(format!("{p}.1.layer_norm.weight"), &mut n.weight)?;
                 }
-                wrap(format!("{p}.{ff_layer}.layer_norm.weight"), &mut b.ffn_norm.weight)?;
+                wrap(
+                    format!("{p}.{ff_layer}.layer_norm.weight"),
+                    &mut b.ffn_norm.weight,
+                )?;
             }
         }
         for (name, lin) in self.linears_mut() {

@@ -30,14 +30,20 @@ pub struct ModelFiles {
 
 fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index.display(), e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::model(format!("{}: invalid index JSON: {e}", index.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::model(format!("{}: invalid index JSON: {e}", index.display())))?;
     let map = v["weight_map"]
         .as_object()
         .ok_or_else(|| Error::model(format!("{}: no `weight_map`", index.display())))?;
-    let files: BTreeSet<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    let files: BTreeSet<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
     if files.is_empty() {
-        return Err(Error::model(format!("{}: empty `weight_map`", index.display())));
+        return Err(Error::model(format!(
+            "{}: empty `weight_map`",
+            index.display()
+        )));
     }
     Ok(files.into_iter().collect())
 }
@@ -56,7 +62,10 @@ pub async fn locate(path: &str, revision: Option<&str>, hub: &Hub) -> Result<Mod
             let names = shard_names(&dir.join(SAFETENSORS_INDEX))?;
             let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
             if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-                return Err(Error::model(format!("{path}: missing shard {} named in {SAFETENSORS_INDEX}", missing.display())));
+                return Err(Error::model(format!(
+                    "{path}: missing shard {} named in {SAFETENSORS_INDEX}",
+                    missing.display()
+                )));
             }
             files
         } else if dir.join("pytorch_model.bin").is_file() {
@@ -64,13 +73,22 @@ pub async fn locate(path: &str, revision: Option<&str>, hub: &Hub) -> Result<Mod
                 "{path}: only pytorch_model.bin found; conala reads safetensors (convert with `model.save_pretrained(dir, safe_serialization=True)`)"
             )));
         } else {
-            return Err(Error::model(format!("{path}: missing file {SAFETENSORS} (or {SAFETENSORS_INDEX})")));
+            return Err(Error::model(format!(
+                "{path}: missing file {SAFETENSORS} (or {SAFETENSORS_INDEX})"
+            )));
         };
         let tok = dir.join(TOKENIZER);
-        return Ok(ModelFiles { origin: path.to_string(), config, weights, tokenizer: tok.is_file().then_some(tok) });
+        return Ok(ModelFiles {
+            origin: path.to_string(),
+            config,
+            weights,
+            tokenizer: tok.is_file().then_some(tok),
+        });
     }
     if dir.exists() {
-        return Err(Error::model(format!("{path}: is a file; a model is a folder or a Hub model id")));
+        return Err(Error::model(format!(
+            "{path}: is a file; a model is a folder or a Hub model id"
+        )));
     }
     if !looks_like_repo_id(path) || path.starts_with('.') || path.contains('\\') {
         return Err(Error::model(format!("{path}: no such model folder")));
@@ -92,7 +110,12 @@ pub async fn locate(path: &str, revision: Option<&str>, hub: &Hub) -> Result<Mod
         },
     };
     let tokenizer = hub.fetch(&repo, rev, TOKENIZER).await.ok();
-    Ok(ModelFiles { origin: path.to_string(), config, weights, tokenizer })
+    Ok(ModelFiles {
+        origin: path.to_string(),
+        config,
+        weights,
+        tokenizer,
+    })
 }
 
 /// Tensors of a checkpoint, read on demand and converted to the model's dtype and device.
@@ -113,8 +136,18 @@ impl Weights {
         // model is loaded from them.
         let st = unsafe { MmapedSafetensors::multi(files) }
             .map_err(|e| Error::model(format!("{origin}: corrupt safetensors: {e}")))?;
-        let names = st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
-        Ok(Weights { st, origin: origin.to_string(), names, device: device.clone(), dtype })
+        let names = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.shape().to_vec()))
+            .collect();
+        Ok(Weights {
+            st,
+            origin: origin.to_string(),
+            names,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -128,7 +161,10 @@ impl Weights {
     /// The tensor `name` with exactly `shape`, in the model's dtype and device.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let Some(found) = self.names.get(name) else {
-            return Err(Error::model(format!("{}: missing tensor `{name}`", self.origin)));
+            return Err(Error::model(format!(
+                "{}: missing tensor `{name}`",
+                self.origin
+            )));
         };
         if found.as_slice() != shape {
             return Err(Error::model(format!(
@@ -136,7 +172,10 @@ impl Weights {
                 self.origin
             )));
         }
-        let t = self.st.load(name, &Device::Cpu).map_err(|e| Error::model(format!("{}: reading `{name}`: {e}", self.origin)))?;
+        let t = self
+            .st
+            .load(name, &Device::Cpu)
+            .map_err(|e| Error::model(format!("{}: reading `{name}`: {e}", self.origin)))?;
         Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
 }
@@ -146,16 +185,22 @@ impl Weights {
 fn check_safetensors_header(path: &Path) -> Result<()> {
     let bad = |why: &str| Error::model(format!("{}: corrupt safetensors ({why})", path.display()));
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path.display(), e))?;
-    let size = f.metadata().map_err(|e| Error::io(path.display(), e))?.len();
+    let size = f
+        .metadata()
+        .map_err(|e| Error::io(path.display(), e))?
+        .len();
     let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|_| bad("shorter than its header"))?;
+    f.read_exact(&mut len)
+        .map_err(|_| bad("shorter than its header"))?;
     let n = u64::from_le_bytes(len);
     if n == 0 || n > 100_000_000 || 8 + n > size {
         return Err(bad("invalid header length"));
     }
     let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|_| bad("truncated header"))?;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|_| bad("header is not JSON"))?;
+    f.read_exact(&mut header)
+        .map_err(|_| bad("truncated header"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|_| bad("header is not JSON"))?;
     let max_end = v
         .as_object()
         .map(|m| {
@@ -167,7 +212,9 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
         })
         .unwrap_or(0);
     if 8 + n + max_end > size {
-        return Err(bad("file is truncated: tensor data ends past the end of the file"));
+        return Err(bad(
+            "file is truncated: tensor data ends past the end of the file",
+        ));
     }
     Ok(())
 }
@@ -196,16 +243,46 @@ pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Resu
     for (name, t) in tensors {
         let t = t.to_device(&Device::Cpu)?.contiguous()?;
         let (bytes, dtype) = match t.dtype() {
-            DType::F32 => (t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32),
-            DType::BF16 => (t.flatten_all()?.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::BF16),
-            DType::F16 => (t.flatten_all()?.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F16),
-            other => return Err(Error::model(format!("saving `{name}`: unsupported dtype {other:?}"))),
+            DType::F32 => (
+                t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                Dtype::F32,
+            ),
+            DType::BF16 => (
+                t.flatten_all()?
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                Dtype::BF16,
+            ),
+            DType::F16 => (
+                t.flatten_all()?
+                    .to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                Dtype::F16,
+            ),
+            other => {
+                return Err(Error::model(format!(
+                    "saving `{name}`: unsupported dtype {other:?}"
+                )))
+            }
         };
         owned.push((name.clone(), bytes, t.dims().to_vec(), dtype));
     }
     let views: Vec<(String, TensorView)> = owned
         .iter()
-        .map(|(n, b, s, d)| Ok((n.clone(), TensorView::new(*d, s.clone(), b).map_err(|e| Error::model(format!("{n}: {e}")))?)))
+        .map(|(n, b, s, d)| {
+            Ok((
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).map_err(|e| Error::model(format!("{n}: {e}")))?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
@@ -213,7 +290,8 @@ pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Resu
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
     }
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::model(format!("{}: {e}", path.display())))?;
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| Error::model(format!("{}: {e}", path.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path.display(), e))?;
     Ok(())
 }

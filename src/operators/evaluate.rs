@@ -5,7 +5,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray};
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
@@ -41,10 +43,20 @@ impl Evaluate {
     }
 }
 
-fn score_batch(batch: &RecordBatch, pred: usize, reference: usize, scorer: &Mutex<Scorer>, schema: &SchemaRef) -> Result<RecordBatch> {
+fn score_batch(
+    batch: &RecordBatch,
+    pred: usize,
+    reference: usize,
+    scorer: &Mutex<Scorer>,
+    schema: &SchemaRef,
+) -> Result<RecordBatch> {
     let as_text = |i: usize| -> Result<StringArray> {
-        let c = datafusion::arrow::compute::cast(batch.column(i), &DataType::Utf8).map_err(|e| Error::arrow("evaluate", e))?;
-        Ok(c.as_any().downcast_ref::<StringArray>().expect("Utf8").clone())
+        let c = datafusion::arrow::compute::cast(batch.column(i), &DataType::Utf8)
+            .map_err(|e| Error::arrow("evaluate", e))?;
+        Ok(c.as_any()
+            .downcast_ref::<StringArray>()
+            .expect("Utf8")
+            .clone())
     };
     let (p, r) = (as_text(pred)?, as_text(reference)?);
     let mut bleu = Vec::with_capacity(batch.num_rows());
@@ -75,11 +87,16 @@ impl Operator for Evaluate {
         self.schema.clone()
     }
 
-    fn execute(&self, input: SendableRecordBatchStream, exec: &Exec) -> Result<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        input: SendableRecordBatchStream,
+        exec: &Exec,
+    ) -> Result<SendableRecordBatchStream> {
         let scorer = Arc::new(Mutex::new(Scorer::default()));
         let (pred, reference, schema) = (self.prediction, self.reference, self.schema.clone());
         let s2 = scorer.clone();
-        let scored = input.map(move |b| b.and_then(|b| Ok(score_batch(&b, pred, reference, &s2, &schema)?)));
+        let scored =
+            input.map(move |b| b.and_then(|b| Ok(score_batch(&b, pred, reference, &s2, &schema)?)));
         let stats = exec.stats.clone();
         // When the input ends, publish the corpus scores.
         let publish = futures::stream::once(async move {
@@ -87,7 +104,10 @@ impl Operator for Evaluate {
             stats.set_extra("evaluate", serde_json::to_value(scores).unwrap_or_default());
         })
         .filter_map(|_| std::future::ready(None));
-        Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), scored.chain(publish))))
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            scored.chain(publish),
+        )))
     }
 }
 
@@ -99,23 +119,66 @@ mod tests {
 
     #[tokio::test]
     async fn scores_rows_and_publishes_corpus_metrics() {
-        let schema = Arc::new(Schema::new(vec![Field::new("pred", DataType::Utf8, true), Field::new("ref", DataType::Utf8, true)]));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("pred", DataType::Utf8, true),
+            Field::new("ref", DataType::Utf8, true),
+        ]));
         let b = RecordBatch::try_new(
             schema.clone(),
             vec![
-                Arc::new(StringArray::from(vec![Some("sort list `l`"), Some("x"), None])),
-                Arc::new(StringArray::from(vec![Some("sort list `l`"), Some("y z"), Some("r")])),
+                Arc::new(StringArray::from(vec![
+                    Some("sort list `l`"),
+                    Some("x"),
+                    None,
+                ])),
+                Arc::new(StringArray::from(vec![
+                    Some("sort list `l`"),
+                    Some("y z"),
+                    Some("r"),
+                ])),
             ],
         )
         .unwrap();
-        let op = Evaluate::new(&EvaluateSpec { prediction: "pred".into(), reference: "ref".into(), column: "bleu".into() }, schema.clone()).unwrap();
+        let op = Evaluate::new(
+            &EvaluateSpec {
+                prediction: "pred".into(),
+                reference: "ref".into(),
+                column: "bleu".into(),
+            },
+            schema.clone(),
+        )
+        .unwrap();
         let stats = Arc::new(RunStats::default());
-        let input: SendableRecordBatchStream = Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter(vec![Ok(b)])));
-        let out: Vec<RecordBatch> = op.execute(input, &Exec { stats: stats.clone(), progress_bars: false }).unwrap().try_collect().await.unwrap();
-        let bleu = out[0].column_by_name("bleu").unwrap().as_any().downcast_ref::<Float64Array>().unwrap();
+        let input: SendableRecordBatchStream = Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::iter(vec![Ok(b)]),
+        ));
+        let out: Vec<RecordBatch> = op
+            .execute(
+                input,
+                &Exec {
+                    stats: stats.clone(),
+                    progress_bars: false,
+                },
+            )
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let bleu = out[0]
+            .column_by_name("bleu")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap();
         assert!((bleu.value(0) - 100.0).abs() < 1e-9);
         assert!(bleu.is_null(2));
-        let em = out[0].column_by_name(EXACT_MATCH).unwrap().as_any().downcast_ref::<BooleanArray>().unwrap();
+        let em = out[0]
+            .column_by_name(EXACT_MATCH)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .unwrap();
         assert!(em.value(0) && !em.value(1));
         let extra = stats.extra();
         let scores = &extra["evaluate"];

@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray, StringBuilder, UInt64Array};
+use datafusion::arrow::array::{
+    Array, ArrayRef, RecordBatch, StringArray, StringBuilder, UInt64Array,
+};
 use datafusion::arrow::compute::{cast_with_options, CastOptions};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::execution::SendableRecordBatchStream;
@@ -71,7 +73,14 @@ fn parse_template(template: &str, schema: &Schema, key: &str) -> StepResult<Vec<
                 }
                 pieces.push(Piece::Column(schema.index_of(name).expect("checked")));
             }
-            '}' => return Err(StepError::at(key, format!("stray `}}` in template {template:?} (write `}}}}` for a literal brace)"))),
+            '}' => {
+                return Err(StepError::at(
+                    key,
+                    format!(
+                        "stray `}}` in template {template:?} (write `}}}}` for a literal brace)"
+                    ),
+                ))
+            }
             other => text.push(other),
         }
     }
@@ -91,16 +100,37 @@ impl Format {
             for p in &pieces {
                 if let Piece::Column(i) = p {
                     let f = input.field(*i);
-                    if matches!(f.data_type(), DataType::List(_) | DataType::LargeList(_) | DataType::Struct(_) | DataType::Map(..)) {
-                        return Err(StepError::at(output, format!("column `{}` is {}, which has no text form", f.name(), f.data_type())));
+                    if matches!(
+                        f.data_type(),
+                        DataType::List(_)
+                            | DataType::LargeList(_)
+                            | DataType::Struct(_)
+                            | DataType::Map(..)
+                    ) {
+                        return Err(StepError::at(
+                            output,
+                            format!(
+                                "column `{}` is {}, which has no text form",
+                                f.name(),
+                                f.data_type()
+                            ),
+                        ));
                     }
                 }
             }
             let nullable = spec.on_null == OnNull::Null;
             fields.push(Arc::new(Field::new(output, DataType::Utf8, nullable)));
-            templates.push(Template { output: output.to_string(), pieces });
+            templates.push(Template {
+                output: output.to_string(),
+                pieces,
+            });
         }
-        Ok(Format { templates, on_null: spec.on_null, row_id: row_id.to_string(), schema: Arc::new(Schema::new(fields)) })
+        Ok(Format {
+            templates,
+            on_null: spec.on_null,
+            row_id: row_id.to_string(),
+            schema: Arc::new(Schema::new(fields)),
+        })
     }
 
     fn apply(&self, batch: &RecordBatch) -> Result<RecordBatch> {
@@ -119,9 +149,28 @@ impl Format {
                 if let Piece::Column(i) = p {
                     if text_cols[*i].is_none() {
                         let col = batch.column(*i);
-                        let as_text = cast_with_options(col, &DataType::Utf8, &CastOptions { safe: true, ..Default::default() })
-                            .map_err(|e| Error::arrow(format!("format: column `{}` as text", batch.schema().field(*i).name()), e))?;
-                        let as_text = as_text.as_any().downcast_ref::<StringArray>().expect("cast to Utf8").clone();
+                        let as_text = cast_with_options(
+                            col,
+                            &DataType::Utf8,
+                            &CastOptions {
+                                safe: true,
+                                ..Default::default()
+                            },
+                        )
+                        .map_err(|e| {
+                            Error::arrow(
+                                format!(
+                                    "format: column `{}` as text",
+                                    batch.schema().field(*i).name()
+                                ),
+                                e,
+                            )
+                        })?;
+                        let as_text = as_text
+                            .as_any()
+                            .downcast_ref::<StringArray>()
+                            .expect("cast to Utf8")
+                            .clone();
                         // A value that is present but has no text form (invalid UTF-8 bytes) is bad data.
                         for r in 0..n {
                             if col.is_valid(r) && as_text.is_null(r) {
@@ -187,7 +236,11 @@ impl Operator for Format {
         self.schema.clone()
     }
 
-    fn execute(&self, input: SendableRecordBatchStream, _exec: &super::Exec) -> Result<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        input: SendableRecordBatchStream,
+        _exec: &super::Exec,
+    ) -> Result<SendableRecordBatchStream> {
         let me = Arc::new(Format {
             templates: self.templates.clone(),
             on_null: self.on_null,
@@ -195,7 +248,10 @@ impl Operator for Format {
             schema: self.schema.clone(),
         });
         let stream = input.map(move |b| b.and_then(|b| Ok(me.apply(&b)?)));
-        Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream)))
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            stream,
+        )))
     }
 }
 
@@ -206,8 +262,15 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn spec(entries: &[(&str, &str)], on_null: OnNull) -> FormatSpec {
-        let columns: BTreeMap<String, String> = entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        FormatSpec { order: entries.iter().map(|(k, _)| k.to_string()).collect(), columns, on_null }
+        let columns: BTreeMap<String, String> = entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        FormatSpec {
+            order: entries.iter().map(|(k, _)| k.to_string()).collect(),
+            columns,
+            on_null,
+        }
     }
 
     fn batch() -> RecordBatch {
@@ -230,51 +293,117 @@ mod tests {
     }
 
     fn col(b: &RecordBatch, name: &str) -> Vec<Option<String>> {
-        let a = b.column_by_name(name).unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+        let a = b
+            .column_by_name(name)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
         a.iter().map(|v| v.map(str::to_string)).collect()
     }
 
     #[test]
     fn formats_templates_with_escapes_and_numbers() {
         let b = batch();
-        let f = Format::new(&spec(&[("input", "{intent}\n{snippet}"), ("tag", "{{q{question_id}}}")], OnNull::Null), b.schema(), "row_id").unwrap();
+        let f = Format::new(
+            &spec(
+                &[
+                    ("input", "{intent}\n{snippet}"),
+                    ("tag", "{{q{question_id}}}"),
+                ],
+                OnNull::Null,
+            ),
+            b.schema(),
+            "row_id",
+        )
+        .unwrap();
         let out = f.apply(&b).unwrap();
-        assert_eq!(col(&out, "input"), vec![Some("sort a list\nsorted(l)".into()), None]);
-        assert_eq!(col(&out, "tag"), vec![Some("{q7}".into()), Some("{q8}".into())]);
+        assert_eq!(
+            col(&out, "input"),
+            vec![Some("sort a list\nsorted(l)".into()), None]
+        );
+        assert_eq!(
+            col(&out, "tag"),
+            vec![Some("{q7}".into()), Some("{q8}".into())]
+        );
         assert!(out.schema().field_with_name("input").unwrap().is_nullable());
     }
 
     #[test]
     fn on_null_empty_and_error() {
         let b = batch();
-        let f = Format::new(&spec(&[("input", "{intent}|{snippet}")], OnNull::Empty), b.schema(), "row_id").unwrap();
-        assert_eq!(col(&f.apply(&b).unwrap(), "input")[1].as_deref(), Some("x|"));
-        let f = Format::new(&spec(&[("input", "{intent}|{snippet}")], OnNull::Error), b.schema(), "row_id").unwrap();
+        let f = Format::new(
+            &spec(&[("input", "{intent}|{snippet}")], OnNull::Empty),
+            b.schema(),
+            "row_id",
+        )
+        .unwrap();
+        assert_eq!(
+            col(&f.apply(&b).unwrap(), "input")[1].as_deref(),
+            Some("x|")
+        );
+        let f = Format::new(
+            &spec(&[("input", "{intent}|{snippet}")], OnNull::Error),
+            b.schema(),
+            "row_id",
+        )
+        .unwrap();
         let e = f.apply(&b).unwrap_err().to_string();
-        assert!(e.contains("row row_id = 11") && e.contains("`snippet` is null"), "{e}");
+        assert!(
+            e.contains("row row_id = 11") && e.contains("`snippet` is null"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_templates_are_step_errors() {
         let s = batch().schema();
-        let e = Format::new(&spec(&[("input", "{intnet}")], OnNull::Null), s.clone(), "row_id").err().unwrap();
+        let e = Format::new(
+            &spec(&[("input", "{intnet}")], OnNull::Null),
+            s.clone(),
+            "row_id",
+        )
+        .err()
+        .unwrap();
         assert_eq!(e.suggestion.as_deref(), Some("intent"));
         assert_eq!(e.key.as_deref(), Some("input"));
-        assert!(Format::new(&spec(&[("input", "{intent")], OnNull::Null), s.clone(), "row_id").is_err());
-        assert!(Format::new(&spec(&[("input", "a } b")], OnNull::Null), s.clone(), "row_id").is_err());
+        assert!(Format::new(
+            &spec(&[("input", "{intent")], OnNull::Null),
+            s.clone(),
+            "row_id"
+        )
+        .is_err());
+        assert!(Format::new(
+            &spec(&[("input", "a } b")], OnNull::Null),
+            s.clone(),
+            "row_id"
+        )
+        .is_err());
         assert!(Format::new(&spec(&[("intent", "{snippet}")], OnNull::Null), s, "row_id").is_err());
     }
 
     #[test]
     fn invalid_utf8_names_the_row() {
-        let schema = Arc::new(Schema::new(vec![Field::new("row_id", DataType::UInt64, false), Field::new("raw", DataType::Binary, true)]));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("row_id", DataType::UInt64, false),
+            Field::new("raw", DataType::Binary, true),
+        ]));
         let b = RecordBatch::try_new(
             schema,
-            vec![Arc::new(UInt64Array::from(vec![5, 6])), Arc::new(BinaryArray::from(vec![Some(&b"ok"[..]), Some(&[0xff, 0xfe][..])]))],
+            vec![
+                Arc::new(UInt64Array::from(vec![5, 6])),
+                Arc::new(BinaryArray::from(vec![
+                    Some(&b"ok"[..]),
+                    Some(&[0xff, 0xfe][..]),
+                ])),
+            ],
         )
         .unwrap();
         let f = Format::new(&spec(&[("t", "{raw}")], OnNull::Null), b.schema(), "row_id").unwrap();
         let e = f.apply(&b).unwrap_err().to_string();
-        assert!(e.contains("row_id = 6") && e.contains("not valid UTF-8"), "{e}");
+        assert!(
+            e.contains("row_id = 6") && e.contains("not valid UTF-8"),
+            "{e}"
+        );
     }
 }

@@ -16,8 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use datafusion::arrow::array::{Array, ArrayRef, Int32Array, ListArray, RecordBatch, StringArray, StringBuilder, UInt64Array};
-use datafusion::arrow::compute::{concat_batches, interleave_record_batch, sort_to_indices, take_record_batch};
+use datafusion::arrow::array::{
+    Array, ArrayRef, Int32Array, ListArray, RecordBatch, StringArray, StringBuilder, UInt64Array,
+};
+use datafusion::arrow::compute::{
+    concat_batches, interleave_record_batch, sort_to_indices, take_record_batch,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
@@ -41,17 +45,27 @@ pub const FINISH_REASON: &str = "finish_reason";
 /// Decoding settings from a plan step (sampling is on when asked for, or when a sampling parameter is
 /// given without `do_sample`).
 pub fn decode_options(spec: &GenerateSpec) -> StepResult<DecodeOptions> {
-    let sampling_params = spec.temperature.is_some() || spec.top_p.is_some() || spec.top_k.is_some();
+    let sampling_params =
+        spec.temperature.is_some() || spec.top_p.is_some() || spec.top_k.is_some();
     let do_sample = spec.do_sample.unwrap_or(sampling_params);
     if spec.max_new_tokens == 0 {
         return Err(StepError::at("max_new_tokens", "must be at least 1"));
     }
     if spec.min_new_tokens > spec.max_new_tokens {
-        return Err(StepError::at("min_new_tokens", format!("{} is more than max_new_tokens {}", spec.min_new_tokens, spec.max_new_tokens)));
+        return Err(StepError::at(
+            "min_new_tokens",
+            format!(
+                "{} is more than max_new_tokens {}",
+                spec.min_new_tokens, spec.max_new_tokens
+            ),
+        ));
     }
     if let Some(t) = spec.temperature {
         if t <= 0.0 {
-            return Err(StepError::at("temperature", "must be positive (use do_sample: false for greedy decoding)"));
+            return Err(StepError::at(
+                "temperature",
+                "must be positive (use do_sample: false for greedy decoding)",
+            ));
         }
     }
     if let Some(p) = spec.top_p {
@@ -60,16 +74,25 @@ pub fn decode_options(spec: &GenerateSpec) -> StepResult<DecodeOptions> {
         }
     }
     if spec.repetition_penalty <= 0.0 {
-        return Err(StepError::at("repetition_penalty", "must be positive (1.0 = off)"));
+        return Err(StepError::at(
+            "repetition_penalty",
+            "must be positive (1.0 = off)",
+        ));
     }
     if spec.num_beams == 0 {
         return Err(StepError::at("num_beams", "must be at least 1"));
     }
     if spec.num_beams > 1 && do_sample {
-        return Err(StepError::at("num_beams", "beam search samples nothing: set do_sample: false (or num_beams: 1)"));
+        return Err(StepError::at(
+            "num_beams",
+            "beam search samples nothing: set do_sample: false (or num_beams: 1)",
+        ));
     }
     if spec.batch_tokens == 0 || spec.max_batch_rows == 0 || spec.window_rows == 0 {
-        return Err(StepError::at("batch_tokens", "batch_tokens, max_batch_rows and window_rows must be positive"));
+        return Err(StepError::at(
+            "batch_tokens",
+            "batch_tokens, max_batch_rows and window_rows must be positive",
+        ));
     }
     Ok(DecodeOptions {
         max_new_tokens: spec.max_new_tokens,
@@ -83,6 +106,7 @@ pub fn decode_options(spec: &GenerateSpec) -> StepResult<DecodeOptions> {
         num_beams: spec.num_beams,
         length_penalty: spec.length_penalty,
         early_stopping: spec.early_stopping,
+        encoder_batch_tokens: spec.encoder_batch_tokens.max(1),
     })
 }
 
@@ -97,9 +121,17 @@ pub struct Generate {
 }
 
 impl Generate {
-    pub async fn new(spec: &GenerateSpec, input: SchemaRef, model: Option<&ModelSpec>, row_id: &str, ctx: &Context) -> StepResult<Generate> {
+    pub async fn new(
+        spec: &GenerateSpec,
+        input: SchemaRef,
+        model: Option<&ModelSpec>,
+        row_id: &str,
+        ctx: &Context,
+    ) -> StepResult<Generate> {
         let Some(model) = model else {
-            return Err(StepError::general("`generate` needs the plan's `model: { path: ... }`"));
+            return Err(StepError::general(
+                "`generate` needs the plan's `model: { path: ... }`",
+            ));
         };
         let options = decode_options(spec)?;
         if spec.do_sample.is_none() && options.do_sample {
@@ -109,8 +141,16 @@ impl Generate {
             );
         }
         let f = require_column(&input, "input", &spec.input)?;
-        if !matches!(f.data_type(), DataType::List(inner) if inner.data_type() == &DataType::Int32) {
-            return Err(StepError::at("input", format!("column `{}` holds {}, expected token ids (list<int32>) from `tokenize`", spec.input, f.data_type())));
+        if !matches!(f.data_type(), DataType::List(inner) if inner.data_type() == &DataType::Int32)
+        {
+            return Err(StepError::at(
+                "input",
+                format!(
+                    "column `{}` holds {}, expected token ids (list<int32>) from `tokenize`",
+                    spec.input,
+                    f.data_type()
+                ),
+            ));
         }
         require_new_column(&input, "output", &spec.output)?;
         let ids_col = format!("{}_ids", spec.output);
@@ -118,11 +158,24 @@ impl Generate {
             require_new_column(&input, "output", c)?;
         }
         // The model must exist and be a T5 now, not after the first window was read.
-        let (files, cfg) = crate::model::load_config(model, &ctx.hub).await.map_err(|e| StepError { key: None, message: format!("model: {e}"), suggestion: None })?;
+        let (files, cfg) = crate::model::load_config(model, &ctx.hub)
+            .await
+            .map_err(|e| StepError {
+                key: None,
+                message: format!("model: {e}"),
+                suggestion: None,
+            })?;
         if files.tokenizer.is_none() {
-            return Err(StepError::general(format!("model {}: no tokenizer.json to decode the output with", files.origin)));
+            return Err(StepError::general(format!(
+                "model {}: no tokenizer.json to decode the output with",
+                files.origin
+            )));
         }
-        crate::model::select_device(&model.device).map_err(|e| StepError { key: None, message: format!("model.device: {e}"), suggestion: None })?;
+        crate::model::select_device(&model.device).map_err(|e| StepError {
+            key: None,
+            message: format!("model.device: {e}"),
+            suggestion: None,
+        })?;
         log::debug!("generate: {} ({} layers)", files.origin, cfg.num_layers);
         let mut fields: Vec<Arc<Field>> = input.fields().iter().cloned().collect();
         fields.push(Arc::new(Field::new(&spec.output, DataType::Utf8, true)));
@@ -188,7 +241,11 @@ impl Operator for Generate {
         self.schema.clone()
     }
 
-    fn execute(&self, input: SendableRecordBatchStream, exec: &Exec) -> Result<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        input: SendableRecordBatchStream,
+        exec: &Exec,
+    ) -> Result<SendableRecordBatchStream> {
         let (out_tx, out_rx) = mpsc::channel::<Result<RecordBatch>>(4);
         let run = Run {
             spec: self.spec.clone(),
@@ -205,8 +262,13 @@ impl Operator for Generate {
                 let _ = out_tx.send(Err(e)).await;
             }
         });
-        let stream = futures::stream::unfold(out_rx, |mut rx| async move { rx.recv().await.map(|b| (b.map_err(Into::into), rx)) });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream)))
+        let stream = futures::stream::unfold(out_rx, |mut rx| async move {
+            rx.recv().await.map(|b| (b.map_err(Into::into), rx))
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            stream,
+        )))
     }
 }
 
@@ -222,11 +284,23 @@ struct Run {
 }
 
 impl Run {
-    async fn run(self, mut input: SendableRecordBatchStream, out: &mpsc::Sender<Result<RecordBatch>>) -> Result<()> {
+    async fn run(
+        self,
+        mut input: SendableRecordBatchStream,
+        out: &mpsc::Sender<Result<RecordBatch>>,
+    ) -> Result<()> {
         let started = Instant::now();
         let loaded = crate::model::load(&self.model_spec, &self.hub).await?;
-        let LoadedModel { model, tokenizer, files, hash, adapter_hash } = loaded;
-        let tokenizer = tokenizer.ok_or_else(|| Error::model(format!("{}: no tokenizer.json", files.origin)))?;
+        let LoadedModel {
+            mut model,
+            tokenizer,
+            files,
+            hash,
+            adapter_hash,
+        } = loaded;
+        model.prepare_for_inference()?;
+        let tokenizer = tokenizer
+            .ok_or_else(|| Error::model(format!("{}: no tokenizer.json", files.origin)))?;
         self.exec.stats.set_extra(
             "generate",
             serde_json::json!({
@@ -237,9 +311,18 @@ impl Run {
         );
         let counters = Arc::new(Counters::default());
         let c = counters.clone();
-        let progress = Progress::start("generate", "rows", self.exec.progress_bars, None, move || {
-            (c.rows.load(Ordering::Relaxed), Some(c.tokens.load(Ordering::Relaxed)))
-        });
+        let progress = Progress::start(
+            "generate",
+            "rows",
+            self.exec.progress_bars,
+            None,
+            move || {
+                (
+                    c.rows.load(Ordering::Relaxed),
+                    Some(c.tokens.load(Ordering::Relaxed)),
+                )
+            },
+        );
 
         // The model thread: jobs in, results out, in order.
         let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(2);
@@ -259,7 +342,9 @@ impl Run {
                             .map(|(r, s)| {
                                 generate(&model, &[r], &[*s], &options)
                                     .map(|mut v| v.remove(0))
-                                    .map_err(|e| format!("generation failed: {e} (batch error: {batch_err})"))
+                                    .map_err(|e| {
+                                        format!("generation failed: {e} (batch error: {batch_err})")
+                                    })
                             })
                             .collect(),
                     };
@@ -283,15 +368,25 @@ impl Run {
                 let mut pending: Vec<RecordBatch> = vec![];
                 while let Some(done) = done_rx.recv().await {
                     let last = done.job.last_of_window;
-                    let batch = assemble(&done, &schema, &input_schema, &input_col, &tokenizer, &counters)?;
+                    let batch = assemble(
+                        &done,
+                        &schema,
+                        &input_schema,
+                        &input_col,
+                        &tokenizer,
+                        &counters,
+                    )?;
                     if keep_order {
                         pending.push(batch);
                         if last {
-                            let all = concat_batches(&schema, &pending).map_err(|e| Error::arrow("generate", e))?;
+                            let all = concat_batches(&schema, &pending)
+                                .map_err(|e| Error::arrow("generate", e))?;
                             pending.clear();
                             let ids = all.column_by_name(&row_id).expect("row id kept");
-                            let order = sort_to_indices(ids, None, None).map_err(|e| Error::arrow("generate", e))?;
-                            let sorted = take_record_batch(&all, &order).map_err(|e| Error::arrow("generate", e))?;
+                            let order = sort_to_indices(ids, None, None)
+                                .map_err(|e| Error::arrow("generate", e))?;
+                            let sorted = take_record_batch(&all, &order)
+                                .map_err(|e| Error::arrow("generate", e))?;
                             if out.send(Ok(sorted)).await.is_err() {
                                 return Ok(());
                             }
@@ -334,7 +429,9 @@ impl Run {
             }
         }
         drop(job_tx);
-        let emitted = emitter.await.map_err(|e| Error::Run(format!("generate output task: {e}")))?;
+        let emitted = emitter
+            .await
+            .map_err(|e| Error::Run(format!("generate output task: {e}")))?;
         let _ = worker.join();
         progress.finish();
         emitted?;
@@ -342,8 +439,17 @@ impl Run {
             return Err(e);
         }
         let secs = started.elapsed().as_secs_f64();
-        let (rows, tokens) = (counters.rows.load(Ordering::Relaxed), counters.tokens.load(Ordering::Relaxed));
-        let mut extra = self.exec.stats.extra().get("generate").cloned().unwrap_or_default();
+        let (rows, tokens) = (
+            counters.rows.load(Ordering::Relaxed),
+            counters.tokens.load(Ordering::Relaxed),
+        );
+        let mut extra = self
+            .exec
+            .stats
+            .extra()
+            .get("generate")
+            .cloned()
+            .unwrap_or_default();
         extra["rows"] = rows.into();
         extra["generated_rows"] = counters.generated_rows.load(Ordering::Relaxed).into();
         extra["generated_tokens"] = tokens.into();
@@ -371,9 +477,18 @@ impl Run {
             let ids = b
                 .column_by_name(&self.spec.input)
                 .and_then(|c| c.as_any().downcast_ref::<ListArray>())
-                .ok_or_else(|| Error::Data(format!("generate: column `{}` is not list<int32>", self.spec.input)))?;
-            let errors = b.column_by_name(ERROR).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
-            let row_ids = b.column_by_name(&self.row_id).and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned());
+                .ok_or_else(|| {
+                    Error::Data(format!(
+                        "generate: column `{}` is not list<int32>",
+                        self.spec.input
+                    ))
+                })?;
+            let errors = b
+                .column_by_name(ERROR)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+            let row_ids = b
+                .column_by_name(&self.row_id)
+                .and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned());
             for r in 0..b.num_rows() {
                 if let Some(e) = errors.as_ref().filter(|e| e.is_valid(r)) {
                     failed.push(((bi, r), e.value(r).to_string()));
@@ -384,7 +499,10 @@ impl Run {
                     continue;
                 }
                 let v = ids.value(r);
-                let v = v.as_any().downcast_ref::<Int32Array>().expect("list<int32>");
+                let v = v
+                    .as_any()
+                    .downcast_ref::<Int32Array>()
+                    .expect("list<int32>");
                 if v.is_empty() {
                     failed.push(((bi, r), "empty input".to_string()));
                     continue;
@@ -411,7 +529,10 @@ impl Run {
         while i < order.len() {
             let padded = unique[order[i]].0.len();
             let mut j = i;
-            while j < order.len() && j - i < self.spec.max_batch_rows && (j - i + 1) * padded <= self.spec.batch_tokens.max(padded) {
+            while j < order.len()
+                && j - i < self.spec.max_batch_rows
+                && (j - i + 1) * padded <= self.spec.batch_tokens.max(padded)
+            {
                 j += 1;
             }
             let mut job = Job {
@@ -428,12 +549,21 @@ impl Run {
                 job.rows.push(*at);
                 job.same.push(std::mem::take(&mut same[k]));
                 job.inputs.push(toks.clone());
-                job.seeds.push(Rng::derive(self.spec.seed, *row_id).next_u64());
+                job.seeds
+                    .push(Rng::derive(self.spec.seed, *row_id).next_u64());
             }
             jobs.push(job);
             i = j;
         }
-        let mut tail = Job { window: window.clone(), rows: vec![], same: vec![], inputs: vec![], seeds: vec![], failed, last_of_window: true };
+        let mut tail = Job {
+            window: window.clone(),
+            rows: vec![],
+            same: vec![],
+            inputs: vec![],
+            seeds: vec![],
+            failed,
+            last_of_window: true,
+        };
         if tail.failed.is_empty() {
             if let Some(last) = jobs.last_mut() {
                 last.last_of_window = true;
@@ -447,7 +577,14 @@ impl Run {
 }
 
 /// Output rows for a finished job: its rows' input columns plus the generated columns.
-fn assemble(done: &Done, schema: &SchemaRef, input_schema: &SchemaRef, input_col: &str, tok: &tokenizers::Tokenizer, counters: &Counters) -> Result<RecordBatch> {
+fn assemble(
+    done: &Done,
+    schema: &SchemaRef,
+    input_schema: &SchemaRef,
+    input_col: &str,
+    tok: &tokenizers::Tokenizer,
+    counters: &Counters,
+) -> Result<RecordBatch> {
     let job = &done.job;
     let mut refs: Vec<RowRef> = vec![];
     let mut texts: Vec<Option<String>> = vec![];
@@ -458,9 +595,13 @@ fn assemble(done: &Done, schema: &SchemaRef, input_schema: &SchemaRef, input_col
         let group = std::iter::once(job.rows[i]).chain(job.same[i].iter().copied());
         match res {
             Ok(g) => {
-                let text = tok.decode(&g.tokens, true).map_err(|e| Error::Tokenizer(format!("decoding output: {e}")))?;
+                let text = tok
+                    .decode(&g.tokens, true)
+                    .map_err(|e| Error::Tokenizer(format!("decoding output: {e}")))?;
                 counters.generated_rows.fetch_add(1, Ordering::Relaxed);
-                counters.tokens.fetch_add(g.tokens.len() as u64, Ordering::Relaxed);
+                counters
+                    .tokens
+                    .fetch_add(g.tokens.len() as u64, Ordering::Relaxed);
                 for r in group {
                     refs.push(r);
                     texts.push(Some(text.clone()));
@@ -468,8 +609,12 @@ fn assemble(done: &Done, schema: &SchemaRef, input_schema: &SchemaRef, input_col
                     finish.push(g.finish.as_str());
                     errors.push(None);
                     match g.finish {
-                        crate::model::decoding::Finish::Eos => counters.eos.fetch_add(1, Ordering::Relaxed),
-                        crate::model::decoding::Finish::Length => counters.length.fetch_add(1, Ordering::Relaxed),
+                        crate::model::decoding::Finish::Eos => {
+                            counters.eos.fetch_add(1, Ordering::Relaxed)
+                        }
+                        crate::model::decoding::Finish::Length => {
+                            counters.length.fetch_add(1, Ordering::Relaxed)
+                        }
                     };
                 }
             }
@@ -493,12 +638,15 @@ fn assemble(done: &Done, schema: &SchemaRef, input_schema: &SchemaRef, input_col
         errors.push(Some(e.clone()));
         counters.errors.fetch_add(1, Ordering::Relaxed);
     }
-    counters.rows.fetch_add(refs.len() as u64, Ordering::Relaxed);
+    counters
+        .rows
+        .fetch_add(refs.len() as u64, Ordering::Relaxed);
     if refs.is_empty() {
         return Ok(RecordBatch::new_empty(schema.clone()));
     }
     let sources: Vec<&RecordBatch> = job.window.iter().collect();
-    let base = interleave_record_batch(&sources, &refs).map_err(|e| Error::arrow("generate: gathering rows", e))?;
+    let base = interleave_record_batch(&sources, &refs)
+        .map_err(|e| Error::arrow("generate: gathering rows", e))?;
     let mut cols: Vec<ArrayRef> = base.columns().to_vec();
     let mut text_b = StringBuilder::new();
     for t in &texts {
@@ -508,23 +656,41 @@ fn assemble(done: &Done, schema: &SchemaRef, input_schema: &SchemaRef, input_col
     let (ids_arr, n_out) = ids_array(&ids);
     cols.push(ids_arr);
     if input_schema.field_with_name(N_INPUT_TOKENS).is_err() {
-        let l = base.column_by_name(input_col).and_then(|c| c.as_any().downcast_ref::<ListArray>().cloned()).expect("input ids column");
-        let n: Vec<Option<i32>> = (0..l.len()).map(|i| l.is_valid(i).then(|| l.value_length(i))).collect();
+        let l = base
+            .column_by_name(input_col)
+            .and_then(|c| c.as_any().downcast_ref::<ListArray>().cloned())
+            .expect("input ids column");
+        let n: Vec<Option<i32>> = (0..l.len())
+            .map(|i| l.is_valid(i).then(|| l.value_length(i)))
+            .collect();
         cols.push(Arc::new(Int32Array::from(n)));
     }
     cols.push(n_out);
     cols.push(Arc::new(StringArray::from(finish)));
-    let err_arr: ArrayRef = Arc::new(StringArray::from(errors.iter().map(|e| e.as_deref()).collect::<Vec<_>>()));
+    let err_arr: ArrayRef = Arc::new(StringArray::from(
+        errors.iter().map(|e| e.as_deref()).collect::<Vec<_>>(),
+    ));
     match input_schema.index_of(ERROR) {
         Ok(i) => {
             // Keep upstream messages; add ours.
-            let up = base.column(i).as_any().downcast_ref::<StringArray>().cloned();
+            let up = base
+                .column(i)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .cloned();
             let merged: Vec<Option<String>> = (0..refs.len())
-                .map(|k| errors[k].clone().or_else(|| up.as_ref().filter(|u| u.is_valid(k)).map(|u| u.value(k).to_string())))
+                .map(|k| {
+                    errors[k].clone().or_else(|| {
+                        up.as_ref()
+                            .filter(|u| u.is_valid(k))
+                            .map(|u| u.value(k).to_string())
+                    })
+                })
                 .collect();
             cols[i] = Arc::new(StringArray::from(merged));
         }
         Err(_) => cols.push(err_arr),
     }
-    RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::arrow("generate: output batch", e))
+    RecordBatch::try_new(schema.clone(), cols)
+        .map_err(|e| Error::arrow("generate: output batch", e))
 }

@@ -25,7 +25,11 @@ pub trait Operator: Send + Sync {
     fn name(&self) -> &'static str;
     /// The schema of the batches `execute` yields.
     fn schema(&self) -> SchemaRef;
-    fn execute(&self, input: SendableRecordBatchStream, exec: &Exec) -> Result<SendableRecordBatchStream>;
+    fn execute(
+        &self,
+        input: SendableRecordBatchStream,
+        exec: &Exec,
+    ) -> Result<SendableRecordBatchStream>;
 }
 
 /// What a running step may use besides its input: the run's counters and facts, and how to report
@@ -47,24 +51,39 @@ pub struct StepError {
 
 impl StepError {
     pub fn at(key: &str, message: impl std::fmt::Display) -> Self {
-        StepError { key: Some(key.to_string()), message: message.to_string(), suggestion: None }
+        StepError {
+            key: Some(key.to_string()),
+            message: message.to_string(),
+            suggestion: None,
+        }
     }
     pub fn general(message: impl std::fmt::Display) -> Self {
-        StepError { key: None, message: message.to_string(), suggestion: None }
+        StepError {
+            key: None,
+            message: message.to_string(),
+            suggestion: None,
+        }
     }
 }
 
 pub type StepResult<T> = std::result::Result<T, StepError>;
 
 /// Look up a column the step needs; the error lists what the input has and suggests the closest name.
-pub fn require_column<'a>(schema: &'a Schema, key: &str, column: &str) -> StepResult<&'a Arc<datafusion::arrow::datatypes::Field>> {
+pub fn require_column<'a>(
+    schema: &'a Schema,
+    key: &str,
+    column: &str,
+) -> StepResult<&'a Arc<datafusion::arrow::datatypes::Field>> {
     match schema.fields().iter().find(|f| f.name() == column) {
         Some(f) => Ok(f),
         None => {
             let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
             Err(StepError {
                 key: Some(key.to_string()),
-                message: format!("missing column `{column}` (the input has: {})", names.join(", ")),
+                message: format!(
+                    "missing column `{column}` (the input has: {})",
+                    names.join(", ")
+                ),
                 suggestion: closest(column, names.iter().copied()),
             })
         }
@@ -76,14 +95,20 @@ pub fn require_text_column(schema: &Schema, key: &str, column: &str) -> StepResu
     let f = require_column(schema, key, column)?;
     match f.data_type() {
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Ok(()),
-        other => Err(StepError::at(key, format!("column `{column}` holds {other}, expected text"))),
+        other => Err(StepError::at(
+            key,
+            format!("column `{column}` holds {other}, expected text"),
+        )),
     }
 }
 
 /// Columns an operator adds must not collide with existing ones.
 pub fn require_new_column(schema: &Schema, key: &str, column: &str) -> StepResult<()> {
     if schema.field_with_name(column).is_ok() {
-        return Err(StepError::at(key, format!("column `{column}` already exists; choose another output name")));
+        return Err(StepError::at(
+            key,
+            format!("column `{column}` already exists; choose another output name"),
+        ));
     }
     Ok(())
 }

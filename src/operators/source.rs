@@ -16,7 +16,9 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::json::reader::infer_json_schema_from_iterator;
 use datafusion::arrow::json::ReaderBuilder;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+use datafusion::parquet::arrow::async_reader::{
+    ParquetObjectReader, ParquetRecordBatchStreamBuilder,
+};
 use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
@@ -57,8 +59,15 @@ impl Format {
 /// One input file: already in a store, or a Hub file fetched when its turn comes.
 #[derive(Debug, Clone)]
 enum InputFile {
-    Stored { loc: Location, size: u64 },
-    Hub { dataset: String, revision: String, file: String },
+    Stored {
+        loc: Location,
+        size: u64,
+    },
+    Hub {
+        dataset: String,
+        revision: String,
+        file: String,
+    },
 }
 
 impl InputFile {
@@ -72,7 +81,11 @@ impl InputFile {
     fn name(&self) -> String {
         match self {
             InputFile::Stored { loc, .. } => loc.display.clone(),
-            InputFile::Hub { dataset, revision, file } => format!("hf://datasets/{dataset}@{revision}/{file}"),
+            InputFile::Hub {
+                dataset,
+                revision,
+                file,
+            } => format!("hf://datasets/{dataset}@{revision}/{file}"),
         }
     }
 }
@@ -99,7 +112,10 @@ impl Source {
         let uri_err = |e: Error| StepError::at("uri", e);
         let files = list_inputs(spec, ctx).await?;
         if files.is_empty() {
-            return Err(StepError::at("uri", format!("{}: no parquet or JSON files found", describe(spec))));
+            return Err(StepError::at(
+                "uri",
+                format!("{}: no parquet or JSON files found", describe(spec)),
+            ));
         }
         let forced = match spec.format.as_deref() {
             None => None,
@@ -125,11 +141,21 @@ impl Source {
             }
         }
         if typed.is_empty() {
-            return Err(StepError::at("uri", format!("{}: no parquet or JSON files found", describe(spec))));
+            return Err(StepError::at(
+                "uri",
+                format!("{}: no parquet or JSON files found", describe(spec)),
+            ));
         }
-        let kinds: std::collections::BTreeSet<bool> = typed.iter().map(|(_, f)| *f == Format::Parquet).collect();
+        let kinds: std::collections::BTreeSet<bool> =
+            typed.iter().map(|(_, f)| *f == Format::Parquet).collect();
         if kinds.len() > 1 {
-            return Err(StepError::at("uri", format!("{}: mixes parquet and JSON files; point at one kind", describe(spec))));
+            return Err(StepError::at(
+                "uri",
+                format!(
+                    "{}: mixes parquet and JSON files; point at one kind",
+                    describe(spec)
+                ),
+            ));
         }
 
         let mut source = Source {
@@ -158,10 +184,18 @@ impl Source {
                     match full_schema.field_with_name(c) {
                         Ok(f) => fields.push(f.clone()),
                         Err(_) => {
-                            let names: Vec<&str> = full_schema.fields().iter().map(|f| f.name().as_str()).collect();
+                            let names: Vec<&str> = full_schema
+                                .fields()
+                                .iter()
+                                .map(|f| f.name().as_str())
+                                .collect();
                             return Err(StepError {
                                 key: Some("columns".into()),
-                                message: format!("no column `{c}` in {} (it has: {})", describe(spec), names.join(", ")),
+                                message: format!(
+                                    "no column `{c}` in {} (it has: {})",
+                                    describe(spec),
+                                    names.join(", ")
+                                ),
                                 suggestion: closest(c, names.iter().copied()),
                             });
                         }
@@ -173,7 +207,10 @@ impl Source {
         if file_schema.field_with_name(&spec.row_id).is_ok() {
             return Err(StepError::at(
                 "row_id",
-                format!("the data already has a column `{}`; set `row_id:` to another name", spec.row_id),
+                format!(
+                    "the data already has a column `{}`; set `row_id:` to another name",
+                    spec.row_id
+                ),
             ));
         }
         let mut fields = vec![Arc::new(Field::new(&spec.row_id, DataType::UInt64, false))];
@@ -266,7 +303,10 @@ fn describe(spec: &SourceSpec) -> String {
     let mut s = spec.uri.clone();
     if let Some(c) = &spec.config {
         s.push_str(&format!(" (config {c}"));
-        s.push_str(&format!(", split {})", spec.split.as_deref().unwrap_or("train")));
+        s.push_str(&format!(
+            ", split {})",
+            spec.split.as_deref().unwrap_or("train")
+        ));
     } else if let Some(sp) = &spec.split {
         s.push_str(&format!(" (split {sp})"));
     }
@@ -274,7 +314,12 @@ fn describe(spec: &SourceSpec) -> String {
 }
 
 fn check_same_schema(name0: &str, s0: &Schema, name: &str, s: &Schema) -> Result<()> {
-    let cols = |s: &Schema| s.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>();
+    let cols = |s: &Schema| {
+        s.fields()
+            .iter()
+            .map(|f| format!("{}: {}", f.name(), f.data_type()))
+            .collect::<Vec<_>>()
+    };
     let (a, b) = (cols(s0), cols(s));
     if a != b {
         return Err(Error::Data(format!(
@@ -291,29 +336,55 @@ async fn list_inputs(spec: &SourceSpec, ctx: &Context) -> StepResult<Vec<InputFi
     let split = spec.split.as_deref().unwrap_or("train");
     if spec.uri.starts_with("hf://") {
         let dataset = parse_dataset_uri(&spec.uri).ok_or_else(|| {
-            StepError::at("uri", format!("`{}`: expected hf://datasets/OWNER/NAME", spec.uri))
+            StepError::at(
+                "uri",
+                format!("`{}`: expected hf://datasets/OWNER/NAME", spec.uri),
+            )
         })?;
         let (revision, files) = ctx
             .hub
-            .dataset_split_files(&dataset, spec.config.as_deref(), split, spec.revision.as_deref())
+            .dataset_split_files(
+                &dataset,
+                spec.config.as_deref(),
+                split,
+                spec.revision.as_deref(),
+            )
             .await
             .map_err(|e| StepError::at("uri", e))?;
         return Ok(files
             .into_iter()
-            .map(|file| InputFile::Hub { dataset: dataset.clone(), revision: revision.clone(), file })
+            .map(|file| InputFile::Hub {
+                dataset: dataset.clone(),
+                revision: revision.clone(),
+                file,
+            })
             .collect());
     }
     if spec.revision.is_some() {
-        return Err(StepError::at("revision", "only Hugging Face sources (hf://datasets/...) have revisions"));
+        return Err(StepError::at(
+            "revision",
+            "only Hugging Face sources (hf://datasets/...) have revisions",
+        ));
     }
     let loc = resolve(&ctx.session, &spec.uri).map_err(|e| StepError::at("uri", e))?;
     let metas = loc.files().await.map_err(|e| StepError::at("uri", e))?;
     if metas.is_empty() {
-        return Err(StepError::at("uri", format!("`{}`: no such file or folder", spec.uri)));
+        return Err(StepError::at(
+            "uri",
+            format!("`{}`: no such file or folder", spec.uri),
+        ));
     }
     let base = loc.path.as_ref().to_string();
-    let rel_of = |p: &str| p.strip_prefix(&base).unwrap_or(p).trim_start_matches('/').to_string();
-    let mut chosen: Vec<_> = metas.into_iter().filter(|m| !is_hidden(&rel_of(m.location.as_ref()))).collect();
+    let rel_of = |p: &str| {
+        p.strip_prefix(&base)
+            .unwrap_or(p)
+            .trim_start_matches('/')
+            .to_string()
+    };
+    let mut chosen: Vec<_> = metas
+        .into_iter()
+        .filter(|m| !is_hidden(&rel_of(m.location.as_ref())))
+        .collect();
     // A folder in the Hub's layout: pick CONFIG/SPLIT like a Hub dataset.
     if spec.config.is_some() || spec.split.is_some() {
         let rels: Vec<String> = chosen.iter().map(|m| rel_of(m.location.as_ref())).collect();
@@ -321,8 +392,16 @@ async fn list_inputs(spec: &SourceSpec, ctx: &Context) -> StepResult<Vec<InputFi
             .map_err(|m| StepError::at("config", format!("{}: {m}", spec.uri)))?;
         if keep.is_empty() {
             return Err(StepError::at(
-                if spec.config.is_some() { "config" } else { "split" },
-                format!("{}: no parquet files for config `{}` split `{split}`", spec.uri, spec.config.as_deref().unwrap_or("default")),
+                if spec.config.is_some() {
+                    "config"
+                } else {
+                    "split"
+                },
+                format!(
+                    "{}: no parquet files for config `{}` split `{split}`",
+                    spec.uri,
+                    spec.config.as_deref().unwrap_or("default")
+                ),
             ));
         }
         chosen.retain(|m| keep.contains(&rel_of(m.location.as_ref())));
@@ -333,22 +412,38 @@ async fn list_inputs(spec: &SourceSpec, ctx: &Context) -> StepResult<Vec<InputFi
             let rel = rel_of(m.location.as_ref());
             let mut l = loc.clone();
             l.path = m.location.clone();
-            l.display = if rel.is_empty() { loc.display.clone() } else { format!("{}/{rel}", loc.display.trim_end_matches('/')) };
-            InputFile::Stored { loc: l, size: m.size }
+            l.display = if rel.is_empty() {
+                loc.display.clone()
+            } else {
+                format!("{}/{rel}", loc.display.trim_end_matches('/'))
+            };
+            InputFile::Stored {
+                loc: l,
+                size: m.size,
+            }
         })
         .collect())
 }
 
 /// `_manifest.json`, `.part-…tmp` and dot-files are not data.
 fn is_hidden(rel: &str) -> bool {
-    rel.split('/').any(|c| c.starts_with('.') || c.starts_with('_'))
+    rel.split('/')
+        .any(|c| c.starts_with('.') || c.starts_with('_'))
 }
 
 /// A readable location for the file (downloading Hub files into the cache).
-async fn materialize(f: &InputFile, hub: &Hub, session: &datafusion::prelude::SessionContext) -> Result<Location> {
+async fn materialize(
+    f: &InputFile,
+    hub: &Hub,
+    session: &datafusion::prelude::SessionContext,
+) -> Result<Location> {
     match f {
         InputFile::Stored { loc, .. } => Ok(loc.clone()),
-        InputFile::Hub { dataset, revision, file } => {
+        InputFile::Hub {
+            dataset,
+            revision,
+            file,
+        } => {
             let path = hub.fetch(&RepoId::dataset(dataset), revision, file).await?;
             let mut loc = resolve(session, &path.to_string_lossy())?;
             loc.display = f.name();
@@ -358,10 +453,19 @@ async fn materialize(f: &InputFile, hub: &Hub, session: &datafusion::prelude::Se
 }
 
 /// `size` saves a HEAD request when the listing already told it.
-async fn open_parquet(loc: &Location, size: Option<u64>) -> Result<ParquetRecordBatchStreamBuilder<ParquetObjectReader>> {
+async fn open_parquet(
+    loc: &Location,
+    size: Option<u64>,
+) -> Result<ParquetRecordBatchStreamBuilder<ParquetObjectReader>> {
     let size = match size {
         Some(s) => s,
-        None => loc.store.head(&loc.path).await.map_err(|e| Error::object_store(&loc.display, e))?.size,
+        None => {
+            loc.store
+                .head(&loc.path)
+                .await
+                .map_err(|e| Error::object_store(&loc.display, e))?
+                .size
+        }
     };
     let reader = ParquetObjectReader::new(loc.store.clone(), loc.path.clone()).with_file_size(size);
     ParquetRecordBatchStreamBuilder::new(reader)
@@ -380,11 +484,14 @@ async fn read_json_rows(loc: &Location, fmt: Format) -> Result<Vec<serde_json::V
         .map_err(|e| Error::object_store(&loc.display, e))?;
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if fmt == Format::Json && first == Some(b'[') {
-        let rows: Vec<serde_json::Value> =
-            serde_json::from_slice(&bytes).map_err(|e| Error::Data(format!("{}: invalid JSON: {e}", loc.display)))?;
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Data(format!("{}: invalid JSON: {e}", loc.display)))?;
         for (i, r) in rows.iter().enumerate() {
             if !r.is_object() {
-                return Err(Error::Data(format!("{}: element {} of the array is not an object", loc.display, i)));
+                return Err(Error::Data(format!(
+                    "{}: element {} of the array is not an object",
+                    loc.display, i
+                )));
             }
         }
         return Ok(rows);
@@ -394,10 +501,19 @@ async fn read_json_rows(loc: &Location, fmt: Format) -> Result<Vec<serde_json::V
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_slice(line)
-            .map_err(|e| Error::Data(format!("{}: line {}: invalid JSON: {e}", loc.display, i + 1)))?;
+        let v: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
+            Error::Data(format!(
+                "{}: line {}: invalid JSON: {e}",
+                loc.display,
+                i + 1
+            ))
+        })?;
         if !v.is_object() {
-            return Err(Error::Data(format!("{}: line {}: expected a JSON object", loc.display, i + 1)));
+            return Err(Error::Data(format!(
+                "{}: line {}: expected a JSON object",
+                loc.display,
+                i + 1
+            )));
         }
         rows.push(v);
     }
@@ -446,7 +562,9 @@ impl Reader {
                             .build()
                             .map_err(|e| Error::parquet(&loc.display, e))?;
                         while let Some(batch) = stream.next().await {
-                            let batch = batch.map_err(|e| Error::parquet(format!("{}: reading row group", loc.display), e))?;
+                            let batch = batch.map_err(|e| {
+                                Error::parquet(format!("{}: reading row group", loc.display), e)
+                            })?;
                             if !self.emit(batch, &mut next_id, tx).await? {
                                 return Ok(());
                             }
@@ -454,21 +572,34 @@ impl Reader {
                     }
                     Format::Json | Format::JsonLines => {
                         let rows = read_json_rows(&loc, *fmt).await?;
-                        let schema = self.json_schema.clone().expect("json schema inferred at open");
+                        let schema = self
+                            .json_schema
+                            .clone()
+                            .expect("json schema inferred at open");
                         for chunk in rows.chunks(self.batch_rows) {
                             let mut decoder = ReaderBuilder::new(schema.clone())
                                 .with_batch_size(self.batch_rows)
                                 .build_decoder()
                                 .map_err(|e| Error::arrow(&loc.display, e))?;
-                            decoder.serialize(chunk).map_err(|e| Error::arrow(format!("{}: converting rows", loc.display), e))?;
-                            let Some(batch) = decoder.flush().map_err(|e| Error::arrow(&loc.display, e))? else { continue };
+                            decoder.serialize(chunk).map_err(|e| {
+                                Error::arrow(format!("{}: converting rows", loc.display), e)
+                            })?;
+                            let Some(batch) =
+                                decoder.flush().map_err(|e| Error::arrow(&loc.display, e))?
+                            else {
+                                continue;
+                            };
                             let batch = batch
                                 .project(
                                     &self
                                         .file_schema
                                         .fields()
                                         .iter()
-                                        .map(|fld| schema.index_of(fld.name()).expect("projection checked at open"))
+                                        .map(|fld| {
+                                            schema
+                                                .index_of(fld.name())
+                                                .expect("projection checked at open")
+                                        })
                                         .collect::<Vec<_>>(),
                                 )
                                 .map_err(|e| Error::arrow(&loc.display, e))?;
@@ -496,7 +627,12 @@ impl Reader {
                         f.data_type()
                     )))
                 }
-                Err(_) => return Err(Error::Data(format!("{name}: no column `{}` (the first file has it)", f.name()))),
+                Err(_) => {
+                    return Err(Error::Data(format!(
+                        "{name}: no column `{}` (the first file has it)",
+                        f.name()
+                    )))
+                }
             }
         }
         Ok(())
@@ -504,7 +640,12 @@ impl Reader {
 
     /// Add row ids, apply limit / shard / skip, send. Returns false when the limit is reached or the
     /// consumer is gone.
-    async fn emit(&self, batch: RecordBatch, next_id: &mut u64, tx: &mpsc::Sender<Result<RecordBatch>>) -> Result<bool> {
+    async fn emit(
+        &self,
+        batch: RecordBatch,
+        next_id: &mut u64,
+        tx: &mpsc::Sender<Result<RecordBatch>>,
+    ) -> Result<bool> {
         let mut n = batch.num_rows() as u64;
         let mut batch = batch;
         let mut done = false;
@@ -519,17 +660,26 @@ impl Reader {
         *next_id += n;
         let mut cols = vec![ids];
         cols.extend(batch.columns().iter().cloned());
-        let mut out = RecordBatch::try_new(self.schema.clone(), cols).map_err(|e| Error::arrow("source: adding row ids", e))?;
+        let mut out = RecordBatch::try_new(self.schema.clone(), cols)
+            .map_err(|e| Error::arrow("source: adding row ids", e))?;
         if self.shard.is_some() || self.skip.is_some() {
-            let ids = out.column(0).as_any().downcast_ref::<UInt64Array>().expect("row id column");
+            let ids = out
+                .column(0)
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .expect("row id column");
             let keep: datafusion::arrow::array::BooleanArray = ids
                 .values()
                 .iter()
                 .map(|id| {
-                    Some(self.shard.is_none_or(|s| s.owns(*id)) && self.skip.as_ref().is_none_or(|s| !s.contains(*id)))
+                    Some(
+                        self.shard.is_none_or(|s| s.owns(*id))
+                            && self.skip.as_ref().is_none_or(|s| !s.contains(*id)),
+                    )
                 })
                 .collect();
-            out = datafusion::arrow::compute::filter_record_batch(&out, &keep).map_err(|e| Error::arrow("source", e))?;
+            out = datafusion::arrow::compute::filter_record_batch(&out, &keep)
+                .map_err(|e| Error::arrow("source", e))?;
         }
         if out.num_rows() > 0 && tx.send(Ok(out)).await.is_err() {
             return Ok(false);

@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, Int32Array, ListArray, RecordBatch, StringArray, StringBuilder};
+use datafusion::arrow::array::{
+    Array, ArrayRef, Int32Array, ListArray, RecordBatch, StringArray, StringBuilder,
+};
 use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer, ScalarBuffer};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -28,7 +30,11 @@ pub const N_LABEL_TOKENS: &str = "n_label_tokens";
 pub const ERROR: &str = "error";
 
 pub fn ids_field(name: &str) -> Field {
-    Field::new(name, DataType::List(Arc::new(Field::new("item", DataType::Int32, false))), true)
+    Field::new(
+        name,
+        DataType::List(Arc::new(Field::new("item", DataType::Int32, false))),
+        true,
+    )
 }
 
 struct Side {
@@ -53,13 +59,18 @@ fn with_truncation(tok: &Tokenizer, max: usize, on: bool) -> StepResult<Tokenize
         stride: 0,
         direction: TruncationDirection::Right,
     });
-    t.with_truncation(params).map_err(|e| StepError::general(format!("tokenizer truncation: {e}")))?;
+    t.with_truncation(params)
+        .map_err(|e| StepError::general(format!("tokenizer truncation: {e}")))?;
     t.with_padding(None);
     Ok(t)
 }
 
 impl Tokenize {
-    pub fn new(spec: &TokenizeSpec, input: SchemaRef, tokenizer: &Tokenizer) -> StepResult<Tokenize> {
+    pub fn new(
+        spec: &TokenizeSpec,
+        input: SchemaRef,
+        tokenizer: &Tokenizer,
+    ) -> StepResult<Tokenize> {
         require_text_column(&input, "input", &spec.input)?;
         if spec.max_input_tokens == 0 {
             return Err(StepError::at("max_input_tokens", "must be at least 1"));
@@ -97,7 +108,9 @@ impl Tokenize {
         let error_col = input.index_of(ERROR).ok();
         if let Some(i) = error_col {
             if input.field(i).data_type() != &DataType::Utf8 {
-                return Err(StepError::general(format!("the input has a column `{ERROR}` that is not text; rename it")));
+                return Err(StepError::general(format!(
+                    "the input has a column `{ERROR}` that is not text; rename it"
+                )));
             }
         } else {
             fields.push(Arc::new(Field::new(ERROR, DataType::Utf8, true)));
@@ -115,7 +128,11 @@ impl Tokenize {
         let n = batch.num_rows();
         let mut errors: Vec<Option<String>> = match self.error_col {
             Some(i) => {
-                let a = batch.column(i).as_any().downcast_ref::<StringArray>().expect("checked Utf8");
+                let a = batch
+                    .column(i)
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .expect("checked Utf8");
                 a.iter().map(|v| v.map(str::to_string)).collect()
             }
             None => vec![None; n],
@@ -143,25 +160,44 @@ impl Tokenize {
 }
 
 /// Encode one text column; rows that cannot be encoded get null ids and an error message.
-fn encode_side(side: &Side, batch: &RecordBatch, truncation: bool, what: &str, errors: &mut [Option<String>]) -> Result<(ArrayRef, ArrayRef)> {
+fn encode_side(
+    side: &Side,
+    batch: &RecordBatch,
+    truncation: bool,
+    what: &str,
+    errors: &mut [Option<String>],
+) -> Result<(ArrayRef, ArrayRef)> {
     let n = batch.num_rows();
-    let col = cast(batch.column(side.column), &DataType::Utf8).map_err(|e| Error::arrow("tokenize", e))?;
+    let col = cast(batch.column(side.column), &DataType::Utf8)
+        .map_err(|e| Error::arrow("tokenize", e))?;
     let texts = col.as_any().downcast_ref::<StringArray>().expect("Utf8");
-    let present: Vec<usize> = (0..n).filter(|&r| texts.is_valid(r) && errors[r].is_none()).collect();
+    let present: Vec<usize> = (0..n)
+        .filter(|&r| texts.is_valid(r) && errors[r].is_none())
+        .collect();
     let inputs: Vec<&str> = present.iter().map(|&r| texts.value(r)).collect();
-    let encoded: Vec<std::result::Result<Vec<u32>, String>> = match side.tokenizer.encode_batch(inputs.clone(), true) {
-        Ok(encs) => encs.into_iter().map(|e| Ok(e.get_ids().to_vec())).collect(),
-        // One bad row fails the whole batch call: encode row by row to find it.
-        Err(_) => inputs
-            .iter()
-            .map(|t| side.tokenizer.encode(*t, true).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string()))
-            .collect(),
-    };
+    let encoded: Vec<std::result::Result<Vec<u32>, String>> =
+        match side.tokenizer.encode_batch(inputs.clone(), true) {
+            Ok(encs) => encs.into_iter().map(|e| Ok(e.get_ids().to_vec())).collect(),
+            // One bad row fails the whole batch call: encode row by row to find it.
+            Err(_) => inputs
+                .iter()
+                .map(|t| {
+                    side.tokenizer
+                        .encode(*t, true)
+                        .map(|e| e.get_ids().to_vec())
+                        .map_err(|e| e.to_string())
+                })
+                .collect(),
+        };
     let mut per_row: Vec<Option<Vec<u32>>> = vec![None; n];
     for (&r, enc) in present.iter().zip(encoded) {
         match enc {
             Ok(ids) if !truncation && ids.len() > side.max => {
-                errors[r] = Some(format!("{what} has {} tokens, more than the {} allowed (truncation is off)", ids.len(), side.max));
+                errors[r] = Some(format!(
+                    "{what} has {} tokens, more than the {} allowed (truncation is off)",
+                    ids.len(),
+                    side.max
+                ));
             }
             Ok(ids) => per_row[r] = Some(ids),
             Err(e) => errors[r] = Some(format!("tokenizing the {what}: {e}")),
@@ -205,7 +241,11 @@ impl Operator for Tokenize {
         self.schema.clone()
     }
 
-    fn execute(&self, input: SendableRecordBatchStream, _exec: &super::Exec) -> Result<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        input: SendableRecordBatchStream,
+        _exec: &super::Exec,
+    ) -> Result<SendableRecordBatchStream> {
         let me = Arc::new(Tokenize {
             input: self.input.clone(),
             target: self.target.clone(),
@@ -225,7 +265,10 @@ impl Operator for Tokenize {
                 }
             })
             .buffered(2);
-        Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream)))
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            stream,
+        )))
     }
 }
 
@@ -236,8 +279,17 @@ mod tests {
     use datafusion::arrow::array::UInt64Array;
 
     fn tok() -> Tokenizer {
-        let texts: Vec<String> = (0..100).map(|i| format!("convert list {i} to string with join and map")).collect();
-        train(texts.iter(), &TrainOptions { vocab_size: 120, max_piece_length: 8 }).unwrap()
+        let texts: Vec<String> = (0..100)
+            .map(|i| format!("convert list {i} to string with join and map"))
+            .collect();
+        train(
+            texts.iter(),
+            &TrainOptions {
+                vocab_size: 120,
+                max_piece_length: 8,
+            },
+        )
+        .unwrap()
     }
 
     fn batch() -> RecordBatch {
@@ -250,7 +302,11 @@ mod tests {
             schema,
             vec![
                 Arc::new(UInt64Array::from(vec![0, 1, 2])),
-                Arc::new(StringArray::from(vec![Some("map"), None, Some("convert list 1 to string with join and map and map")])),
+                Arc::new(StringArray::from(vec![
+                    Some("map"),
+                    None,
+                    Some("convert list 1 to string with join and map and map"),
+                ])),
                 Arc::new(StringArray::from(vec![Some("map"), Some("map"), None])),
             ],
         )
@@ -269,9 +325,23 @@ mod tests {
     }
 
     fn ids(b: &RecordBatch, col: &str) -> Vec<Option<Vec<i32>>> {
-        let l = b.column_by_name(col).unwrap().as_any().downcast_ref::<ListArray>().unwrap();
+        let l = b
+            .column_by_name(col)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<ListArray>()
+            .unwrap();
         (0..l.len())
-            .map(|i| l.is_valid(i).then(|| l.value(i).as_any().downcast_ref::<Int32Array>().unwrap().values().to_vec()))
+            .map(|i| {
+                l.is_valid(i).then(|| {
+                    l.value(i)
+                        .as_any()
+                        .downcast_ref::<Int32Array>()
+                        .unwrap()
+                        .values()
+                        .to_vec()
+                })
+            })
             .collect()
     }
 
@@ -286,10 +356,21 @@ mod tests {
         let long = input_ids[2].as_ref().unwrap();
         assert_eq!(long.len(), 6);
         assert_eq!(*long.last().unwrap(), EOS_ID as i32);
-        let expect: Vec<i32> = t.encode("map", true).unwrap().get_ids().iter().map(|&x| x as i32).collect();
+        let expect: Vec<i32> = t
+            .encode("map", true)
+            .unwrap()
+            .get_ids()
+            .iter()
+            .map(|&x| x as i32)
+            .collect();
         assert!(expect.len() < 6, "{expect:?}");
         assert_eq!(input_ids[0].as_ref().unwrap(), &expect);
-        let lens = out.column_by_name(N_INPUT_TOKENS).unwrap().as_any().downcast_ref::<Int32Array>().unwrap();
+        let lens = out
+            .column_by_name(N_INPUT_TOKENS)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .unwrap();
         assert_eq!(lens.value(0) as usize, expect.len());
         assert!(lens.is_null(1));
         let labels = ids(&out, LABELS);
@@ -305,8 +386,17 @@ mod tests {
         let op = Tokenize::new(&spec(false), b.schema(), &t).unwrap();
         let out = op.apply(&b).unwrap();
         assert!(ids(&out, INPUT_IDS)[2].is_none());
-        let errs = out.column_by_name(ERROR).unwrap().as_any().downcast_ref::<StringArray>().unwrap();
-        assert!(errs.value(2).contains("more than the 6 allowed"), "{}", errs.value(2));
+        let errs = out
+            .column_by_name(ERROR)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        assert!(
+            errs.value(2).contains("more than the 6 allowed"),
+            "{}",
+            errs.value(2)
+        );
         assert!(errs.is_null(0), "{:?}", errs.value(0));
     }
 
@@ -320,6 +410,10 @@ mod tests {
         assert_eq!(e.suggestion.as_deref(), Some("input"));
         let mut sp = spec(true);
         sp.input = "row_id".into();
-        assert!(Tokenize::new(&sp, s, &t).err().unwrap().message.contains("expected text"));
+        assert!(Tokenize::new(&sp, s, &t)
+            .err()
+            .unwrap()
+            .message
+            .contains("expected text"));
     }
 }

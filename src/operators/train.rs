@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Tensor, Var};
-use datafusion::arrow::array::{Array, ArrayRef, Float64Array, Int32Array, ListArray, RecordBatch, StringArray, UInt64Array};
+use datafusion::arrow::array::{
+    Array, ArrayRef, Float64Array, Int32Array, ListArray, RecordBatch, StringArray, UInt64Array,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::execution::SendableRecordBatchStream;
 use futures::StreamExt;
@@ -83,32 +85,56 @@ struct Rows {
 
 fn list_u32(a: &ListArray, i: usize) -> Vec<u32> {
     let v = a.value(i);
-    v.as_any().downcast_ref::<Int32Array>().map(|x| x.values().iter().map(|&t| t as u32).collect()).unwrap_or_default()
+    v.as_any()
+        .downcast_ref::<Int32Array>()
+        .map(|x| x.values().iter().map(|&t| t as u32).collect())
+        .unwrap_or_default()
 }
 
-async fn collect_rows(mut s: SendableRecordBatchStream, target: Option<&str>, baseline: Option<&str>, row_id: &str) -> Result<Rows> {
+async fn collect_rows(
+    mut s: SendableRecordBatchStream,
+    target: Option<&str>,
+    baseline: Option<&str>,
+    row_id: &str,
+) -> Result<Rows> {
     let mut rows = Rows::default();
     while let Some(b) = s.next().await {
         let b = b.map_err(from_stream_error)?;
-        let ids = b.column_by_name(INPUT_IDS).and_then(|c| c.as_any().downcast_ref::<ListArray>().cloned());
-        let labels = b.column_by_name(LABELS).and_then(|c| c.as_any().downcast_ref::<ListArray>().cloned());
+        let ids = b
+            .column_by_name(INPUT_IDS)
+            .and_then(|c| c.as_any().downcast_ref::<ListArray>().cloned());
+        let labels = b
+            .column_by_name(LABELS)
+            .and_then(|c| c.as_any().downcast_ref::<ListArray>().cloned());
         let (Some(ids), Some(labels)) = (ids, labels) else {
-            return Err(Error::Data("train: rows lack `input_ids` / `labels`".into()));
+            return Err(Error::Data(
+                "train: rows lack `input_ids` / `labels`".into(),
+            ));
         };
-        let errors = b.column_by_name(ERROR).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+        let errors = b
+            .column_by_name(ERROR)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
         let text = |name: Option<&str>| {
-            name.and_then(|n| b.column_by_name(n)).and_then(|c| datafusion::arrow::compute::cast(c, &DataType::Utf8).ok())
+            name.and_then(|n| b.column_by_name(n))
+                .and_then(|c| datafusion::arrow::compute::cast(c, &DataType::Utf8).ok())
         };
         let refs = text(target);
         let bases = text(baseline);
-        let rid = b.column_by_name(row_id).and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned());
+        let rid = b
+            .column_by_name(row_id)
+            .and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned());
         for i in 0..b.num_rows() {
-            let bad = ids.is_null(i) || labels.is_null(i) || errors.as_ref().is_some_and(|e| e.is_valid(i));
+            let bad = ids.is_null(i)
+                || labels.is_null(i)
+                || errors.as_ref().is_some_and(|e| e.is_valid(i));
             if bad {
                 rows.skipped += 1;
                 continue;
             }
-            let ex = Example { input: list_u32(&ids, i), labels: list_u32(&labels, i) };
+            let ex = Example {
+                input: list_u32(&ids, i),
+                labels: list_u32(&labels, i),
+            };
             if ex.input.is_empty() || ex.labels.is_empty() {
                 rows.skipped += 1;
                 continue;
@@ -122,14 +148,18 @@ async fn collect_rows(mut s: SendableRecordBatchStream, target: Option<&str>, ba
             };
             rows.references.push(get(&refs));
             rows.baselines.push(get(&bases));
-            rows.row_ids.push(rid.as_ref().map(|r| r.value(i)).unwrap_or(i as u64));
+            rows.row_ids
+                .push(rid.as_ref().map(|r| r.value(i)).unwrap_or(i as u64));
         }
     }
     Ok(rows)
 }
 
 /// Padded tensors for a batch: encoder ids + mask, decoder inputs (start + labels[:-1]), labels, label mask.
-fn batch_tensors(model: &T5, batch: &[&Example]) -> Result<(Tensor, Tensor, Tensor, Tensor, Tensor)> {
+fn batch_tensors(
+    model: &T5,
+    batch: &[&Example],
+) -> Result<(Tensor, Tensor, Tensor, Tensor, Tensor)> {
     let dev = &model.device;
     let inputs: Vec<&[u32]> = batch.iter().map(|e| e.input.as_slice()).collect();
     let (ids, mask) = pad_batch(&inputs, model.cfg.pad_token_id, dev)?;
@@ -138,7 +168,14 @@ fn batch_tensors(model: &T5, batch: &[&Example]) -> Result<(Tensor, Tensor, Tens
     let (mut dec, mut lab, mut lmask) = (vec![], vec![], vec![]);
     for e in batch {
         for j in 0..t {
-            dec.push(if j == 0 { start } else { e.labels.get(j - 1).copied().unwrap_or(model.cfg.pad_token_id) });
+            dec.push(if j == 0 {
+                start
+            } else {
+                e.labels
+                    .get(j - 1)
+                    .copied()
+                    .unwrap_or(model.cfg.pad_token_id)
+            });
             lab.push(e.labels.get(j).copied().unwrap_or(0));
             lmask.push(if j < e.labels.len() { 1f32 } else { 0.0 });
         }
@@ -159,36 +196,59 @@ fn decays(name: &str) -> bool {
 }
 
 impl Train {
-    pub async fn new(spec: &TrainSpec, input: SchemaRef, eval: Option<EvalChain>, plan: &Plan, ctx: &Context) -> StepResult<Train> {
+    pub async fn new(
+        spec: &TrainSpec,
+        input: SchemaRef,
+        eval: Option<EvalChain>,
+        plan: &Plan,
+        ctx: &Context,
+    ) -> StepResult<Train> {
         let Some(model) = &plan.model else {
-            return Err(StepError::general("`train` needs the plan's `model: { path: ... }`"));
+            return Err(StepError::general(
+                "`train` needs the plan's `model: { path: ... }`",
+            ));
         };
         for c in [INPUT_IDS, LABELS] {
             require_column(&input, "", c).map_err(|_| {
-                StepError::general(format!("`train` needs `{c}` from a `tokenize` step with a `target` column"))
+                StepError::general(format!(
+                    "`train` needs `{c}` from a `tokenize` step with a `target` column"
+                ))
             })?;
         }
         if let Some((_, _, es)) = &eval {
             for c in [INPUT_IDS, LABELS] {
                 if es.field_with_name(c).is_err() {
-                    return Err(StepError::at("eval", format!("the eval rows have no `{c}`")));
+                    return Err(StepError::at(
+                        "eval",
+                        format!("the eval rows have no `{c}`"),
+                    ));
                 }
             }
         }
         let schedule = Schedule::parse(&spec.lr_scheduler).ok_or_else(|| StepError {
             key: Some("lr_scheduler".into()),
-            message: format!("unknown schedule `{}` ({})", spec.lr_scheduler, Schedule::NAMES.join(", ")),
+            message: format!(
+                "unknown schedule `{}` ({})",
+                spec.lr_scheduler,
+                Schedule::NAMES.join(", ")
+            ),
             suggestion: closest(&spec.lr_scheduler, Schedule::NAMES),
         })?;
         if spec.max_steps == 0 || spec.batch_size == 0 || spec.gradient_accumulation_steps == 0 {
-            return Err(StepError::at("max_steps", "max_steps, batch_size and gradient_accumulation_steps must be at least 1"));
+            return Err(StepError::at(
+                "max_steps",
+                "max_steps, batch_size and gradient_accumulation_steps must be at least 1",
+            ));
         }
         if !(spec.learning_rate > 0.0 && spec.learning_rate.is_finite()) {
             return Err(StepError::at("learning_rate", "must be a positive number"));
         }
         if let Some(l) = &spec.lora {
             if l.r == 0 || l.targets.is_empty() {
-                return Err(StepError::at("lora", "r must be at least 1 and targets non-empty"));
+                return Err(StepError::at(
+                    "lora",
+                    "r must be at least 1 and targets non-empty",
+                ));
             }
         }
         let target_text = plan.steps.iter().rev().find_map(|s| match s {
@@ -200,11 +260,28 @@ impl Train {
         }
         crate::model::load_config(model, &ctx.hub)
             .await
-            .map_err(|e| StepError { key: None, message: format!("model: {e}"), suggestion: None })?;
-        Ok(Train { spec: spec.clone(), model_spec: model.clone(), hub: ctx.hub.clone(), eval, plan: plan.clone(), target_text, schedule })
+            .map_err(|e| StepError {
+                key: None,
+                message: format!("model: {e}"),
+                suggestion: None,
+            })?;
+        Ok(Train {
+            spec: spec.clone(),
+            model_spec: model.clone(),
+            hub: ctx.hub.clone(),
+            eval,
+            plan: plan.clone(),
+            target_text,
+            schedule,
+        })
     }
 
-    pub async fn run(&mut self, input: SendableRecordBatchStream, exec: &Exec, ctx: &Context) -> Result<TrainSummary> {
+    pub async fn run(
+        &mut self,
+        input: SendableRecordBatchStream,
+        exec: &Exec,
+        ctx: &Context,
+    ) -> Result<TrainSummary> {
         let out = PathBuf::from(&self.spec.output);
         std::fs::create_dir_all(&out).map_err(|e| Error::io(out.display(), e))?;
         let existing = checkpoint::list(&out);
@@ -226,11 +303,20 @@ impl Train {
         let eval_rows = match self.eval.take() {
             None => Rows::default(),
             Some((src, ops, _)) => {
-                let stream = crate::plans::runner::counted(src.execute(), &exec.stats, "eval 1:source");
+                let stream =
+                    crate::plans::runner::counted(src.execute(), &exec.stats, "eval 1:source");
                 let stream = crate::plans::runner::chain(stream, &ops, &self.plan, exec, "eval ")?;
-                let rows = collect_rows(stream, self.target_text.as_deref(), self.spec.baseline.as_deref(), src.row_id_column()).await?;
+                let rows = collect_rows(
+                    stream,
+                    self.target_text.as_deref(),
+                    self.spec.baseline.as_deref(),
+                    src.row_id_column(),
+                )
+                .await?;
                 if rows.examples.is_empty() {
-                    return Err(Error::Data("train: the eval source yielded no usable rows".into()));
+                    return Err(Error::Data(
+                        "train: the eval source yielded no usable rows".into(),
+                    ));
                 }
                 rows
             }
@@ -252,10 +338,13 @@ impl Train {
         };
         let tokenizer = loaded.tokenizer.clone();
         let mut model = loaded.model;
-        let summary = tokio::task::spawn_blocking(move || job.run(&mut model, tokenizer.as_ref(), &train_rows, &eval_rows))
-            .await
-            .map_err(|e| Error::Run(format!("training thread: {e}")))??;
-        exec.stats.set_extra("train", serde_json::to_value(&summary).unwrap_or_default());
+        let summary = tokio::task::spawn_blocking(move || {
+            job.run(&mut model, tokenizer.as_ref(), &train_rows, &eval_rows)
+        })
+        .await
+        .map_err(|e| Error::Run(format!("training thread: {e}")))??;
+        exec.stats
+            .set_extra("train", serde_json::to_value(&summary).unwrap_or_default());
         Ok(summary)
     }
 }
@@ -275,13 +364,26 @@ struct TrainJob {
 impl TrainJob {
     fn metrics_line(&self, v: serde_json::Value) -> Result<()> {
         let p = self.out.join("metrics.jsonl");
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| Error::io(p.display(), e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(p.display(), e))?;
         writeln!(f, "{v}").map_err(|e| Error::io(p.display(), e))
     }
 
-    fn run(&self, model: &mut T5, tokenizer: Option<&tokenizers::Tokenizer>, train: &Rows, eval: &Rows) -> Result<TrainSummary> {
+    fn run(
+        &self,
+        model: &mut T5,
+        tokenizer: Option<&tokenizers::Tokenizer>,
+        train: &Rows,
+        eval: &Rows,
+    ) -> Result<TrainSummary> {
         let spec = &self.spec;
-        let adapter_cfg = spec.lora.as_ref().map(|l| AdapterConfig::from_spec(l, &self.base_name));
+        let adapter_cfg = spec
+            .lora
+            .as_ref()
+            .map(|l| AdapterConfig::from_spec(l, &self.base_name));
         // Trainable variables: new (or loaded) LoRA adapters, or every weight.
         let vars: Vec<(String, Var)> = match &adapter_cfg {
             Some(cfg) => {
@@ -296,7 +398,12 @@ impl TrainJob {
         };
         let mut opt = AdamW::new(
             vars.clone(),
-            AdamWConfig { beta1: spec.adam_beta1, beta2: spec.adam_beta2, eps: spec.adam_epsilon, weight_decay: spec.weight_decay },
+            AdamWConfig {
+                beta1: spec.adam_beta1,
+                beta2: spec.adam_beta2,
+                eps: spec.adam_epsilon,
+                weight_decay: spec.weight_decay,
+            },
             decays,
         )?;
         let dropout = spec.dropout.unwrap_or(model.cfg.dropout_rate);
@@ -313,12 +420,19 @@ impl TrainJob {
             if let Some(ck) = checkpoint::load_latest(&self.out, &model.device)? {
                 for (name, var) in &vars {
                     let t = ck.trainable.get(name).ok_or_else(|| {
-                        Error::Run(format!("{}: no `{name}`; the checkpoint is from a different setup", ck.dir.display()))
+                        Error::Run(format!(
+                            "{}: no `{name}`; the checkpoint is from a different setup",
+                            ck.dir.display()
+                        ))
                     })?;
                     var.set(&t.to_dtype(var.dtype())?)?;
                 }
                 opt.load_state(&ck.optimizer, ck.state.step)?;
-                log::info!("resuming from {} (step {})", ck.dir.display(), ck.state.step);
+                log::info!(
+                    "resuming from {} (step {})",
+                    ck.dir.display(),
+                    ck.state.step
+                );
                 state = ck.state;
                 truncate_metrics(&self.out.join("metrics.jsonl"), state.step)?;
             }
@@ -326,11 +440,20 @@ impl TrainJob {
             let _ = std::fs::remove_file(self.out.join("metrics.jsonl"));
         }
 
-        let train_state = std::cell::RefCell::new(TrainState { dropout, rng: state.rng.clone() });
+        let train_state = std::cell::RefCell::new(TrainState {
+            dropout,
+            rng: state.rng.clone(),
+        });
         let mut batches = epoch_batches(&train.examples, spec.batch_size, spec.seed, state.epoch);
         let step_counter = Arc::new(AtomicU64::new(state.step));
         let sc = step_counter.clone();
-        let progress = Progress::start("train", "steps", self.progress_bars, Some(spec.max_steps), move || (sc.load(Ordering::Relaxed), None));
+        let progress = Progress::start(
+            "train",
+            "steps",
+            self.progress_bars,
+            Some(spec.max_steps),
+            move || (sc.load(Ordering::Relaxed), None),
+        );
         let started = Instant::now();
         let seconds_before = state.train_seconds;
         let (mut log_loss, mut log_n, mut log_samples) = (0.0f64, 0usize, 0usize);
@@ -349,18 +472,25 @@ impl TrainJob {
                     if state.batch_in_epoch >= batches.len() {
                         state.epoch += 1;
                         state.batch_in_epoch = 0;
-                        batches = epoch_batches(&train.examples, spec.batch_size, spec.seed, state.epoch);
+                        batches =
+                            epoch_batches(&train.examples, spec.batch_size, spec.seed, state.epoch);
                     }
                     micro.push(batches[state.batch_in_epoch].clone());
                     state.batch_in_epoch += 1;
                 }
-                let total_tokens: usize = micro.iter().flatten().map(|&i| train.examples[i].labels.len()).sum();
+                let total_tokens: usize = micro
+                    .iter()
+                    .flatten()
+                    .map(|&i| train.examples[i].labels.len())
+                    .sum();
                 let mut grads: Option<Vec<Tensor>> = None;
                 let mut loss_sum = 0f64;
                 for idx in &micro {
                     let batch: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
                     let (ids, mask, dec, lab, lmask) = batch_tensors(model, &batch)?;
-                    let mode = Mode { train: Some(&train_state) };
+                    let mode = Mode {
+                        train: Some(&train_state),
+                    };
                     let logits = model.forward(&ids, &mask, &dec, &mode)?;
                     let (sum, _) = token_loss_sum(&logits, &lab, &lmask, spec.label_smoothing)?;
                     let loss = (sum / total_tokens as f64)?;
@@ -369,17 +499,27 @@ impl TrainJob {
                     let g = loss.backward()?;
                     let gs: Vec<Tensor> = vars
                         .iter()
-                        .map(|(_, v)| g.get(v.as_tensor()).cloned().map_or_else(|| v.as_tensor().zeros_like(), Ok))
+                        .map(|(_, v)| {
+                            g.get(v.as_tensor())
+                                .cloned()
+                                .map_or_else(|| v.as_tensor().zeros_like(), Ok)
+                        })
                         .collect::<candle_core::Result<_>>()?;
                     grads = Some(match grads {
                         None => gs,
-                        Some(acc) => acc.iter().zip(gs).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
+                        Some(acc) => acc
+                            .iter()
+                            .zip(gs)
+                            .map(|(a, b)| a + b)
+                            .collect::<candle_core::Result<_>>()?,
                     });
                     samples_total += batch.len();
                     log_samples += batch.len();
                 }
                 if !loss_sum.is_finite() {
-                    let last = checkpoint::list(&self.out).last().map(|s| checkpoint::dir_for(&self.out, *s).display().to_string());
+                    let last = checkpoint::list(&self.out)
+                        .last()
+                        .map(|s| checkpoint::dir_for(&self.out, *s).display().to_string());
                     return Err(Error::Run(format!(
                         "train: the loss became {loss_sum} at step {}; stopping. {} (try a lower learning_rate)",
                         state.step + 1,
@@ -391,7 +531,12 @@ impl TrainJob {
                 }
                 let mut grads = grads.expect("at least one micro-batch");
                 let grad_norm = clip_grad_norm(&mut grads, spec.max_grad_norm)?;
-                let lr = self.schedule.lr(spec.learning_rate, state.step, spec.warmup_steps, spec.max_steps);
+                let lr = self.schedule.lr(
+                    spec.learning_rate,
+                    state.step,
+                    spec.warmup_steps,
+                    spec.max_steps,
+                );
                 opt.apply(&grads, lr)?;
                 state.step += 1;
                 step_counter.store(state.step, Ordering::Relaxed);
@@ -412,13 +557,18 @@ impl TrainJob {
                     (log_loss, log_n, log_samples) = (0.0, 0, 0);
                     log_clock = Instant::now();
                 }
-                if !eval.examples.is_empty() && (state.step % spec.eval_every.max(1) == 0 || state.step == spec.max_steps) {
+                if !eval.examples.is_empty()
+                    && (state.step % spec.eval_every.max(1) == 0 || state.step == spec.max_steps)
+                {
                     let el = eval_loss(model, &eval.examples)?;
                     evals_done += 1;
                     last_eval_loss = Some(el);
                     eval_curve.push((state.step, el));
                     let mut line = serde_json::json!({ "step": state.step, "eval_loss": el });
-                    if spec.generate_every_evals > 0 && evals_done % spec.generate_every_evals == 0 && state.step != spec.max_steps {
+                    if spec.generate_every_evals > 0
+                        && evals_done % spec.generate_every_evals == 0
+                        && state.step != spec.max_steps
+                    {
                         if let Some(tok) = tokenizer {
                             let (s, _) = score_generations(model, tok, eval, spec)?;
                             line["eval_bleu"] = s.bleu.into();
@@ -440,11 +590,18 @@ impl TrainJob {
                     }
                     state.rng = train_state.borrow().rng.clone();
                     state.train_seconds = seconds_before + started.elapsed().as_secs_f64();
-                    let trainable: BTreeMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+                    let trainable: BTreeMap<String, Tensor> = vars
+                        .iter()
+                        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                        .collect();
                     let cfg_json = read_json(&self.config_path)?;
-                    checkpoint::save(&self.out, &state, &trainable, &opt.state(), |dir| match &adapter_cfg {
-                        Some(cfg) => save_adapter(model, cfg, dir),
-                        None => save_merged(model, &cfg_json, self.tokenizer_path.as_deref(), dir),
+                    checkpoint::save(&self.out, &state, &trainable, &opt.state(), |dir| {
+                        match &adapter_cfg {
+                            Some(cfg) => save_adapter(model, cfg, dir),
+                            None => {
+                                save_merged(model, &cfg_json, self.tokenizer_path.as_deref(), dir)
+                            }
+                        }
                     })?;
                     checkpoint::prune(&self.out, spec.save_total_limit, state.best_step)?;
                 }
@@ -453,7 +610,11 @@ impl TrainJob {
         })();
         progress.finish();
         if !train_curve.is_empty() || !eval_curve.is_empty() {
-            let _ = loss_plot(&read_curve(&self.out, "loss"), &read_curve(&self.out, "eval_loss"), &self.out.join("loss.png"));
+            let _ = loss_plot(
+                &read_curve(&self.out, "loss"),
+                &read_curve(&self.out, "eval_loss"),
+                &self.out.join("loss.png"),
+            );
         }
         result?;
         let train_seconds = seconds_before + started.elapsed().as_secs_f64();
@@ -471,7 +632,11 @@ impl TrainJob {
         if !eval.examples.is_empty() {
             if let Some(tok) = tokenizer {
                 let (scores, predictions) = score_generations(model, tok, eval, spec)?;
-                write_predictions(&self.out.join("eval_predictions.parquet"), eval, &predictions)?;
+                write_predictions(
+                    &self.out.join("eval_predictions.parquet"),
+                    eval,
+                    &predictions,
+                )?;
                 self.metrics_line(serde_json::json!({
                     "step": state.step, "eval_bleu": scores.bleu, "eval_conala_bleu": scores.conala_bleu,
                     "eval_sentence_bleu": scores.sentence_bleu, "eval_exact_match": scores.exact_match
@@ -503,7 +668,11 @@ impl TrainJob {
             model_dir: model_dir.display().to_string(),
         };
         let p = self.out.join("summary.json");
-        std::fs::write(&p, serde_json::to_string_pretty(&summary).unwrap_or_default()).map_err(|e| Error::io(p.display(), e))?;
+        std::fs::write(
+            &p,
+            serde_json::to_string_pretty(&summary).unwrap_or_default(),
+        )
+        .map_err(|e| Error::io(p.display(), e))?;
         Ok(summary)
     }
 }
@@ -512,8 +681,14 @@ fn lora_vars(model: &mut T5) -> Vec<(String, Var)> {
     let mut out = vec![];
     for (name, lin) in model.linears_mut() {
         if let Some(l) = &lin.lora {
-            out.push((format!("base_model.model.{name}.lora_A.weight"), l.a.clone()));
-            out.push((format!("base_model.model.{name}.lora_B.weight"), l.b.clone()));
+            out.push((
+                format!("base_model.model.{name}.lora_A.weight"),
+                l.a.clone(),
+            ));
+            out.push((
+                format!("base_model.model.{name}.lora_B.weight"),
+                l.b.clone(),
+            ));
         }
     }
     out
@@ -526,12 +701,20 @@ fn read_json(p: &Path) -> Result<serde_json::Value> {
 
 /// Drop metrics lines after `step` (a resumed run writes them again).
 fn truncate_metrics(p: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(p) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(p) else {
+        return Ok(());
+    };
     let kept: Vec<&str> = text
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
         .collect();
-    std::fs::write(p, kept.join("\n") + if kept.is_empty() { "" } else { "\n" }).map_err(|e| Error::io(p.display(), e))
+    std::fs::write(p, kept.join("\n") + if kept.is_empty() { "" } else { "\n" })
+        .map_err(|e| Error::io(p.display(), e))
 }
 
 fn read_curve(out: &Path, key: &str) -> Vec<(u64, f64)> {
@@ -560,18 +743,35 @@ fn eval_loss(model: &T5, examples: &[Example]) -> Result<f64> {
 }
 
 /// Greedy generations for the eval rows, scored against their references.
-fn score_generations(model: &T5, tok: &tokenizers::Tokenizer, eval: &Rows, spec: &TrainSpec) -> Result<(Scores, Vec<String>)> {
-    let n = if spec.eval_generate_rows > 0 { spec.eval_generate_rows.min(eval.examples.len()) } else { eval.examples.len() };
+fn score_generations(
+    model: &T5,
+    tok: &tokenizers::Tokenizer,
+    eval: &Rows,
+    spec: &TrainSpec,
+) -> Result<(Scores, Vec<String>)> {
+    let n = if spec.eval_generate_rows > 0 {
+        spec.eval_generate_rows.min(eval.examples.len())
+    } else {
+        eval.examples.len()
+    };
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(eval.examples[i].input.len()));
-    let opts = DecodeOptions { max_new_tokens: spec.eval_max_new_tokens, ..Default::default() };
+    let opts = DecodeOptions {
+        max_new_tokens: spec.eval_max_new_tokens,
+        ..Default::default()
+    };
     let mut predictions = vec![String::new(); n];
     for chunk in order.chunks(32) {
-        let rows: Vec<&[u32]> = chunk.iter().map(|&i| eval.examples[i].input.as_slice()).collect();
+        let rows: Vec<&[u32]> = chunk
+            .iter()
+            .map(|&i| eval.examples[i].input.as_slice())
+            .collect();
         let seeds = vec![0u64; rows.len()];
         let out = generate(model, &rows, &seeds, &opts)?;
         for (&i, g) in chunk.iter().zip(out) {
-            predictions[i] = tok.decode(&g.tokens, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            predictions[i] = tok
+                .decode(&g.tokens, true)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
         }
     }
     let mut sc = Scorer::default();
@@ -594,7 +794,10 @@ fn write_predictions(path: &Path, eval: &Rows, predictions: &[String]) -> Result
     let bleu: Vec<Option<f64>> = predictions
         .iter()
         .zip(&eval.references)
-        .map(|(p, r)| r.as_ref().map(|r| 100.0 * crate::metrics::sentence_bleu(p, r)))
+        .map(|(p, r)| {
+            r.as_ref()
+                .map(|r| 100.0 * crate::metrics::sentence_bleu(p, r))
+        })
         .collect();
     let batch = RecordBatch::try_new(
         schema.clone(),
@@ -607,8 +810,10 @@ fn write_predictions(path: &Path, eval: &Rows, predictions: &[String]) -> Result
     )
     .map_err(|e| Error::arrow("eval predictions", e))?;
     let f = std::fs::File::create(path).map_err(|e| Error::io(path.display(), e))?;
-    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(f, schema, None).map_err(|e| Error::parquet(path.display(), e))?;
-    w.write(&batch).map_err(|e| Error::parquet(path.display(), e))?;
+    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(f, schema, None)
+        .map_err(|e| Error::parquet(path.display(), e))?;
+    w.write(&batch)
+        .map_err(|e| Error::parquet(path.display(), e))?;
     w.close().map_err(|e| Error::parquet(path.display(), e))?;
     Ok(())
 }

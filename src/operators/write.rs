@@ -79,7 +79,10 @@ impl Write {
         let loc = resolve(session, &spec.path).map_err(|e| StepError::at("path", e))?;
         if let Some(p) = loc.local_path() {
             if p.is_file() {
-                return Err(StepError::at("path", format!("`{}` is a file; `write` needs a folder", spec.path)));
+                return Err(StepError::at(
+                    "path",
+                    format!("`{}` is a file; `write` needs a folder", spec.path),
+                ));
             }
         }
         let modes = ["auto", "overwrite", "resume", "error"];
@@ -109,7 +112,10 @@ impl Write {
             }
         };
         if spec.rows_per_file == 0 || spec.row_group_rows == 0 {
-            return Err(StepError::at("rows_per_file", "rows_per_file and row_group_rows must be at least 1"));
+            return Err(StepError::at(
+                "rows_per_file",
+                "rows_per_file and row_group_rows must be at least 1",
+            ));
         }
         let mut projection: Vec<usize> = match &spec.columns {
             Some(cols) => {
@@ -133,8 +139,16 @@ impl Write {
                 format!("resuming needs the row id column `{row_id}` in the output; keep it"),
             ));
         }
-        let schema = Arc::new(input.project(&projection).map_err(|e| StepError::general(e))?);
-        let run_id = format!("{}-{:04x}", chrono::Utc::now().format("%Y%m%dT%H%M%S"), std::process::id() & 0xffff);
+        let schema = Arc::new(
+            input
+                .project(&projection)
+                .map_err(|e| StepError::general(e))?,
+        );
+        let run_id = format!(
+            "{}-{:04x}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%3f"),
+            std::process::id() & 0xffff
+        );
         Ok(Write {
             spec: spec.clone(),
             loc,
@@ -180,8 +194,14 @@ impl Write {
             .await?
             .into_iter()
             .filter_map(|m| {
-                let rel = m.location.as_ref().strip_prefix(&base)?.trim_start_matches('/').to_string();
-                (!rel.contains('/') && rel.starts_with(&prefix) && rel.ends_with(".parquet")).then_some((rel, m.size))
+                let rel = m
+                    .location
+                    .as_ref()
+                    .strip_prefix(&base)?
+                    .trim_start_matches('/')
+                    .to_string();
+                (!rel.contains('/') && rel.starts_with(&prefix) && rel.ends_with(".parquet"))
+                    .then_some((rel, m.size))
             })
             .collect())
     }
@@ -210,7 +230,13 @@ impl Write {
     }
 
     /// Consume the stream, writing parts as they fill, then the manifest.
-    pub async fn run(&self, mut input: SendableRecordBatchStream, stats: &RunStats, plan: serde_json::Value, plan_name: &str) -> Result<WriteSummary> {
+    pub async fn run(
+        &self,
+        mut input: SendableRecordBatchStream,
+        stats: &RunStats,
+        plan: serde_json::Value,
+        plan_name: &str,
+    ) -> Result<WriteSummary> {
         let started = Instant::now();
         let started_at = now_rfc3339();
         let before = self.existing_parts().await?;
@@ -227,7 +253,10 @@ impl Write {
             let kept = if written.is_empty() {
                 String::new()
             } else {
-                format!(" ({} rows already written are kept; run again to resume)", written.iter().map(|p| p.rows).sum::<u64>())
+                format!(
+                    " ({} rows already written are kept; run again to resume)",
+                    written.iter().map(|p| p.rows).sum::<u64>()
+                )
             };
             return Err(match e {
                 Error::Run(m) => Error::Run(format!("{m}{kept}")),
@@ -238,18 +267,30 @@ impl Write {
         let mut parts = written.clone();
         let mut rows_resumed = 0;
         if self.mode == Mode::Overwrite {
-            for (name, _) in &before {
+            // A rerun within the same second can reuse a part name: never delete what this run just wrote.
+            for (name, _) in before
+                .iter()
+                .filter(|(n, _)| !written.iter().any(|p| &p.file == n))
+            {
                 self.loc
                     .store
                     .delete(&self.loc.child(name).path)
                     .await
-                    .map_err(|e| Error::object_store(format!("{}: removing old part {name}", self.spec.path), e))?;
+                    .map_err(|e| {
+                        Error::object_store(
+                            format!("{}: removing old part {name}", self.spec.path),
+                            e,
+                        )
+                    })?;
             }
         } else {
             for (name, _) in &before {
                 let rows = count_rows(&self.loc.child(name)).await?;
                 rows_resumed += rows;
-                parts.push(PartInfo { file: name.clone(), rows });
+                parts.push(PartInfo {
+                    file: name.clone(),
+                    rows,
+                });
             }
             parts.sort_by(|a, b| a.file.cmp(&b.file));
         }
@@ -269,17 +310,28 @@ impl Write {
             parts: parts.clone(),
             extra: stats.extra(),
         };
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Run(format!("manifest: {e}")))?;
+        let json = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| Error::Run(format!("manifest: {e}")))?;
         let mpath = self.loc.child(&self.manifest_name());
         mpath
             .store
             .put(&mpath.path, PutPayload::from(Bytes::from(json)))
             .await
             .map_err(|e| Error::object_store(&mpath.display, e))?;
-        Ok(WriteSummary { location: self.spec.path.clone(), rows_written, rows_resumed, parts, seconds })
+        Ok(WriteSummary {
+            location: self.spec.path.clone(),
+            rows_written,
+            rows_resumed,
+            parts,
+            seconds,
+        })
     }
 
-    async fn write_parts(&self, input: &mut SendableRecordBatchStream, written: &mut Vec<PartInfo>) -> Result<()> {
+    async fn write_parts(
+        &self,
+        input: &mut SendableRecordBatchStream,
+        written: &mut Vec<PartInfo>,
+    ) -> Result<()> {
         let mut buffer: Vec<RecordBatch> = vec![];
         let mut buffered = 0usize;
         let mut seq = 0usize;
@@ -289,12 +341,15 @@ impl Write {
             let end = next.is_none();
             if let Some(batch) = next {
                 let batch = batch.map_err(from_stream_error)?;
-                let batch = batch.project(&self.projection).map_err(|e| Error::arrow("write", e))?;
+                let batch = batch
+                    .project(&self.projection)
+                    .map_err(|e| Error::arrow("write", e))?;
                 buffered += batch.num_rows();
                 buffer.push(batch);
             }
             while buffered >= self.spec.rows_per_file || (end && buffered > 0) {
-                let all = concat_batches(&self.schema, &buffer).map_err(|e| Error::arrow("write", e))?;
+                let all =
+                    concat_batches(&self.schema, &buffer).map_err(|e| Error::arrow("write", e))?;
                 let take = all.num_rows().min(self.spec.rows_per_file);
                 let part = all.slice(0, take);
                 let rest = all.slice(take, all.num_rows() - take);
@@ -302,18 +357,29 @@ impl Write {
                 buffer = if buffered > 0 { vec![rest] } else { vec![] };
                 // One part encodes while the next fills.
                 if let Some(h) = in_flight.take() {
-                    written.push(h.await.map_err(|e| Error::Run(format!("writer task: {e}")))??);
+                    written.push(
+                        h.await
+                            .map_err(|e| Error::Run(format!("writer task: {e}")))??,
+                    );
                 }
                 let name = format!("{}{}-{seq:05}.parquet", self.part_prefix(), self.run_id);
                 seq += 1;
-                in_flight = Some(tokio::spawn(write_part(self.loc.child(&name), name, part, self.props())));
+                in_flight = Some(tokio::spawn(write_part(
+                    self.loc.child(&name),
+                    name,
+                    part,
+                    self.props(),
+                )));
             }
             if end {
                 break;
             }
         }
         if let Some(h) = in_flight.take() {
-            written.push(h.await.map_err(|e| Error::Run(format!("writer task: {e}")))??);
+            written.push(
+                h.await
+                    .map_err(|e| Error::Run(format!("writer task: {e}")))??,
+            );
         }
         Ok(())
     }
@@ -326,12 +392,18 @@ impl Write {
     }
 }
 
-async fn write_part(loc: Location, name: String, batch: RecordBatch, props: WriterProperties) -> Result<PartInfo> {
+async fn write_part(
+    loc: Location,
+    name: String,
+    batch: RecordBatch,
+    props: WriterProperties,
+) -> Result<PartInfo> {
     let rows = batch.num_rows() as u64;
     let display = loc.display.clone();
     let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
         let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
-        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(|e| Error::parquet(&display, e))?;
+        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
+            .map_err(|e| Error::parquet(&display, e))?;
         w.write(&batch).map_err(|e| Error::parquet(&display, e))?;
         w.close().map_err(|e| Error::parquet(&display, e))?;
         Ok(buf)
@@ -346,9 +418,16 @@ async fn write_part(loc: Location, name: String, batch: RecordBatch, props: Writ
 }
 
 async fn read_parquet_column(loc: &Location, column: Option<&str>) -> Result<Vec<RecordBatch>> {
-    use datafusion::parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+    use datafusion::parquet::arrow::async_reader::{
+        ParquetObjectReader, ParquetRecordBatchStreamBuilder,
+    };
     use datafusion::parquet::arrow::ProjectionMask;
-    let size = loc.store.head(&loc.path).await.map_err(|e| Error::object_store(&loc.display, e))?.size;
+    let size = loc
+        .store
+        .head(&loc.path)
+        .await
+        .map_err(|e| Error::object_store(&loc.display, e))?
+        .size;
     let reader = ParquetObjectReader::new(loc.store.clone(), loc.path.clone()).with_file_size(size);
     let builder = ParquetRecordBatchStreamBuilder::new(reader)
         .await
@@ -356,15 +435,19 @@ async fn read_parquet_column(loc: &Location, column: Option<&str>) -> Result<Vec
     let parquet_schema = builder.parquet_schema().clone();
     let builder = match column {
         Some(c) => {
-            let i = builder
-                .schema()
-                .index_of(c)
-                .map_err(|_| Error::Data(format!("{}: has no column `{c}`; it was not written by this plan", loc.display)))?;
+            let i = builder.schema().index_of(c).map_err(|_| {
+                Error::Data(format!(
+                    "{}: has no column `{c}`; it was not written by this plan",
+                    loc.display
+                ))
+            })?;
             builder.with_projection(ProjectionMask::roots(&parquet_schema, [i]))
         }
         None => builder.with_projection(ProjectionMask::roots(&parquet_schema, [])),
     };
-    let stream = builder.build().map_err(|e| Error::parquet(&loc.display, e))?;
+    let stream = builder
+        .build()
+        .map_err(|e| Error::parquet(&loc.display, e))?;
     stream
         .collect::<Vec<_>>()
         .await
@@ -380,12 +463,21 @@ async fn read_row_ids(loc: &Location, row_id: &str) -> Result<Vec<u64>> {
             .column(0)
             .as_any()
             .downcast_ref::<UInt64Array>()
-            .ok_or_else(|| Error::Data(format!("{}: `{row_id}` is not a uint64 row id column", loc.display)))?;
+            .ok_or_else(|| {
+                Error::Data(format!(
+                    "{}: `{row_id}` is not a uint64 row id column",
+                    loc.display
+                ))
+            })?;
         out.extend(ids.values().iter().copied());
     }
     Ok(out)
 }
 
 async fn count_rows(loc: &Location) -> Result<u64> {
-    Ok(read_parquet_column(loc, None).await?.iter().map(|b| b.num_rows() as u64).sum())
+    Ok(read_parquet_column(loc, None)
+        .await?
+        .iter()
+        .map(|b| b.num_rows() as u64)
+        .sum())
 }

@@ -23,12 +23,23 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Plan> {
         key,
     };
     let err = |step, key, message: String, suggestion| -> Error {
-        PlanError { at: at(step, key), message, suggestion }.into()
+        PlanError {
+            at: at(step, key),
+            message,
+            suggestion,
+        }
+        .into()
     };
 
-    let mut root: Value = serde_yaml::from_str(text).map_err(|e| err(None, None, format!("malformed YAML: {e}"), None))?;
+    let mut root: Value = serde_yaml::from_str(text)
+        .map_err(|e| err(None, None, format!("malformed YAML: {e}"), None))?;
     let Value::Mapping(map) = &mut root else {
-        return Err(err(None, None, "a plan must be a mapping with `name` and `steps`".into(), None));
+        return Err(err(
+            None,
+            None,
+            "a plan must be a mapping with `name` and `steps`".into(),
+            None,
+        ));
     };
     normalize_steps(map, file)?;
     for set in sets {
@@ -39,16 +50,38 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Plan> {
         let k = key_name(key);
         if !PLAN_KEYS.contains(&k.as_str()) {
             let hint = closest(&k, PLAN_KEYS.iter().copied());
-            return Err(err(None, Some(k), format!("unknown key; valid keys: {}", PLAN_KEYS.join(", ")), hint));
+            return Err(err(
+                None,
+                Some(k),
+                format!("unknown key; valid keys: {}", PLAN_KEYS.join(", ")),
+                hint,
+            ));
         }
     }
 
     let name = match map.get("name") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-        Some(_) => return Err(err(None, Some("name".into()), "expected a non-empty string".into(), None)),
-        None => return Err(err(None, Some("name".into()), "missing required key".into(), None)),
+        Some(_) => {
+            return Err(err(
+                None,
+                Some("name".into()),
+                "expected a non-empty string".into(),
+                None,
+            ))
+        }
+        None => {
+            return Err(err(
+                None,
+                Some("name".into()),
+                "missing required key".into(),
+                None,
+            ))
+        }
     };
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         return Err(err(
             None,
             Some("name".into()),
@@ -59,17 +92,34 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Plan> {
     let description = match map.get("description") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(err(None, Some("description".into()), "expected a string".into(), None)),
+        Some(_) => {
+            return Err(err(
+                None,
+                Some("description".into()),
+                "expected a string".into(),
+                None,
+            ))
+        }
     };
     let model = match map.get("model") {
         None | Some(Value::Null) => None,
         Some(v) => Some(typed(v.clone(), &at(None, None), "model")?),
     };
     let Some(Value::Sequence(raw_steps)) = map.get("steps") else {
-        return Err(err(None, Some("steps".into()), "missing or not a list of steps".into(), None));
+        return Err(err(
+            None,
+            Some("steps".into()),
+            "missing or not a list of steps".into(),
+            None,
+        ));
     };
     if raw_steps.is_empty() {
-        return Err(err(None, Some("steps".into()), "a plan needs at least a source and a sink".into(), None));
+        return Err(err(
+            None,
+            Some("steps".into()),
+            "a plan needs at least a source and a sink".into(),
+            None,
+        ));
     }
     let mut steps = Vec::with_capacity(raw_steps.len());
     for (i, raw) in raw_steps.iter().enumerate() {
@@ -88,24 +138,46 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Plan> {
         };
         steps.push(step);
     }
-    Ok(Plan { name, description, model, steps, file: file.to_string() })
+    Ok(Plan {
+        name,
+        description,
+        model,
+        steps,
+        file: file.to_string(),
+    })
 }
 
 fn key_name(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
-        other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+        other => serde_yaml::to_string(other)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
     }
 }
 
 /// A step is a one-key mapping `operator: settings`. Returns (operator, settings).
 fn step_parts(raw: &Value, i: usize, file: &str) -> Result<(String, Value)> {
-    let loc = |op: Option<String>| PlanLocation { file: file.into(), step: op.map(|o| (i, o)), key: None };
-    let bad = |op, message: String, suggestion| -> Error { PlanError { at: loc(op), message, suggestion }.into() };
+    let loc = |op: Option<String>| PlanLocation {
+        file: file.into(),
+        step: op.map(|o| (i, o)),
+        key: None,
+    };
+    let bad = |op, message: String, suggestion| -> Error {
+        PlanError {
+            at: loc(op),
+            message,
+            suggestion,
+        }
+        .into()
+    };
     let Value::Mapping(m) = raw else {
         return Err(bad(
             Some("?".into()),
-            "a step is `- OPERATOR: settings` (operators: ".to_string() + &OPERATORS.join(", ") + ")",
+            "a step is `- OPERATOR: settings` (operators: ".to_string()
+                + &OPERATORS.join(", ")
+                + ")",
             None,
         ));
     };
@@ -113,7 +185,11 @@ fn step_parts(raw: &Value, i: usize, file: &str) -> Result<(String, Value)> {
         let names: Vec<String> = m.keys().map(key_name).collect();
         return Err(bad(
             Some(names.join("+")),
-            format!("a step names exactly one operator, found {} keys: {}", m.len(), names.join(", ")),
+            format!(
+                "a step names exactly one operator, found {} keys: {}",
+                m.len(),
+                names.join(", ")
+            ),
             None,
         ));
     }
@@ -121,7 +197,11 @@ fn step_parts(raw: &Value, i: usize, file: &str) -> Result<(String, Value)> {
     let op = key_name(k);
     if !OPERATORS.contains(&op.as_str()) {
         let hint = closest(&op, OPERATORS.iter().copied());
-        return Err(bad(Some(op), format!("unknown operator; operators: {}", OPERATORS.join(", ")), hint));
+        return Err(bad(
+            Some(op),
+            format!("unknown operator; operators: {}", OPERATORS.join(", ")),
+            hint,
+        ));
     }
     Ok((op, v.clone()))
 }
@@ -148,7 +228,11 @@ fn normalize_steps(map: &mut Mapping, _file: &str) -> Result<()> {
 pub fn apply_set(map: &mut Mapping, set: &str, file: &str) -> Result<()> {
     let fail = |message: String, suggestion: Option<String>| -> Error {
         PlanError {
-            at: PlanLocation { file: file.into(), step: None, key: None },
+            at: PlanLocation {
+                file: file.into(),
+                step: None,
+                key: None,
+            },
             message: format!("--set {set}: {message}"),
             suggestion,
         }
@@ -184,7 +268,9 @@ pub fn apply_set(map: &mut Mapping, set: &str, file: &str) -> Result<()> {
             map.insert(head.into(), value);
             return Ok(());
         }
-        let entry = map.entry(head.into()).or_insert_with(|| Value::Mapping(Mapping::new()));
+        let entry = map
+            .entry(head.into())
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
         (entry, &parts[1..])
     } else {
         let index = if head == "steps" {
@@ -192,10 +278,20 @@ pub fn apply_set(map: &mut Mapping, set: &str, file: &str) -> Result<()> {
                 .get(1)
                 .and_then(|p| p.parse().ok())
                 .filter(|n| *n >= 1 && *n <= steps.len())
-                .ok_or_else(|| fail(format!("`steps.N` needs a step number from 1 to {}", steps.len()), None))?;
+                .ok_or_else(|| {
+                    fail(
+                        format!("`steps.N` needs a step number from 1 to {}", steps.len()),
+                        None,
+                    )
+                })?;
             n - 1
         } else {
-            let matches: Vec<usize> = steps.iter().enumerate().filter(|(_, s)| s.as_str() == head).map(|(i, _)| i).collect();
+            let matches: Vec<usize> = steps
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.as_str() == head)
+                .map(|(i, _)| i)
+                .collect();
             match matches.as_slice() {
                 [i] => *i,
                 [] => {
@@ -203,19 +299,30 @@ pub fn apply_set(map: &mut Mapping, set: &str, file: &str) -> Result<()> {
                     names.extend(PLAN_KEYS.iter().filter(|k| **k != "steps"));
                     let hint = closest(head, names.iter().copied());
                     return Err(fail(
-                        format!("names nothing: no top-level key or step `{head}` (steps: {})", steps.join(", ")),
+                        format!(
+                            "names nothing: no top-level key or step `{head}` (steps: {})",
+                            steps.join(", ")
+                        ),
                         hint,
                     ));
                 }
                 many => {
-                    let nums: Vec<String> = many.iter().map(|i| format!("steps.{}", i + 1)).collect();
-                    return Err(fail(format!("`{head}` is ambiguous; address one of: {}", nums.join(", ")), None));
+                    let nums: Vec<String> =
+                        many.iter().map(|i| format!("steps.{}", i + 1)).collect();
+                    return Err(fail(
+                        format!("`{head}` is ambiguous; address one of: {}", nums.join(", ")),
+                        None,
+                    ));
                 }
             }
         };
         let skip = if head == "steps" { 2 } else { 1 };
-        let Some(Value::Sequence(seq)) = map.get_mut("steps") else { unreachable!("steps listed above") };
-        let Value::Mapping(step) = &mut seq[index] else { unreachable!("named steps are mappings") };
+        let Some(Value::Sequence(seq)) = map.get_mut("steps") else {
+            unreachable!("steps listed above")
+        };
+        let Value::Mapping(step) = &mut seq[index] else {
+            unreachable!("named steps are mappings")
+        };
         let body = step.values_mut().next().expect("one operator key");
         if parts.len() == skip {
             *body = value;
@@ -230,28 +337,43 @@ pub fn apply_set(map: &mut Mapping, set: &str, file: &str) -> Result<()> {
             if matches!(node, Value::Null) {
                 *node = Value::Mapping(Mapping::new());
             } else {
-                return Err(fail(format!("`{}` is not a mapping", rest[..i].join(".")), None));
+                return Err(fail(
+                    format!("`{}` is not a mapping", rest[..i].join(".")),
+                    None,
+                ));
             }
         }
-        let Value::Mapping(m) = node else { unreachable!() };
+        let Value::Mapping(m) = node else {
+            unreachable!()
+        };
         if i + 1 == rest.len() {
             m.insert((*seg).into(), value);
             return Ok(());
         }
-        node = m.entry((*seg).into()).or_insert_with(|| Value::Mapping(Mapping::new()));
+        node = m
+            .entry((*seg).into())
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
     }
     Ok(())
 }
 
 /// Deserialize `value` into `T`, turning serde's messages into plan errors with a key path.
-pub(crate) fn typed<T: DeserializeOwned>(value: Value, loc: &PlanLocation, prefix: &str) -> Result<T, PlanError> {
+pub(crate) fn typed<T: DeserializeOwned>(
+    value: Value,
+    loc: &PlanLocation,
+    prefix: &str,
+) -> Result<T, PlanError> {
     let join = |a: &str, b: &str| match (a.is_empty(), b.is_empty()) {
         (true, _) => b.to_string(),
         (_, true) => a.to_string(),
         _ => format!("{a}.{b}"),
     };
     // An empty step body (`- write:`) means "all defaults": let serde report what is missing.
-    let value = if value.is_null() { Value::Mapping(Mapping::new()) } else { value };
+    let value = if value.is_null() {
+        Value::Mapping(Mapping::new())
+    } else {
+        value
+    };
     serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
@@ -259,21 +381,45 @@ pub(crate) fn typed<T: DeserializeOwned>(value: Value, loc: &PlanLocation, prefi
         let mut at = loc.clone();
         if let Some(rest) = msg.strip_prefix("unknown field `") {
             let field = rest.split('`').next().unwrap_or("").to_string();
-            let expected: Vec<String> = rest.split('`').skip(2).step_by(2).map(str::to_string).collect();
-            let parent = path.strip_suffix(&field).map(|p| p.trim_end_matches('.')).unwrap_or(&path);
+            let expected: Vec<String> = rest
+                .split('`')
+                .skip(2)
+                .step_by(2)
+                .map(str::to_string)
+                .collect();
+            let parent = path
+                .strip_suffix(&field)
+                .map(|p| p.trim_end_matches('.'))
+                .unwrap_or(&path);
             at.key = Some(join(&join(prefix, parent), &field));
             let hint = closest(&field, expected.iter().map(|s| s.as_str()));
-            let valid = if expected.is_empty() { String::new() } else { format!("; valid keys: {}", expected.join(", ")) };
-            return PlanError { at, message: format!("unknown key{valid}"), suggestion: hint };
+            let valid = if expected.is_empty() {
+                String::new()
+            } else {
+                format!("; valid keys: {}", expected.join(", "))
+            };
+            return PlanError {
+                at,
+                message: format!("unknown key{valid}"),
+                suggestion: hint,
+            };
         }
         if let Some(rest) = msg.strip_prefix("missing field `") {
             let field = rest.split('`').next().unwrap_or("");
             at.key = Some(join(&join(prefix, &path), field));
-            return PlanError { at, message: "missing required key".into(), suggestion: None };
+            return PlanError {
+                at,
+                message: "missing required key".into(),
+                suggestion: None,
+            };
         }
         let key = join(prefix, &path);
         at.key = if key.is_empty() { None } else { Some(key) };
-        PlanError { at, message: humanize(&msg), suggestion: None }
+        PlanError {
+            at,
+            message: humanize(&msg),
+            suggestion: None,
+        }
     })
 }
 
@@ -321,29 +467,64 @@ steps:
         assert_eq!(p.name, "conala-mined");
         assert_eq!(p.model.as_ref().unwrap().path, "google/flan-t5-base");
         let ops: Vec<_> = p.steps.iter().map(|s| s.operator()).collect();
-        assert_eq!(ops, ["source", "filter", "format", "tokenize", "generate", "write"]);
-        let Step::Format(f) = &p.steps[2] else { panic!() };
-        assert_eq!(f.entries().collect::<Vec<_>>(), vec![("input", "{intent}\n{snippet}")]);
-        let Step::Generate(g) = &p.steps[4] else { panic!() };
-        assert_eq!((g.max_new_tokens, g.temperature, g.top_p), (100, Some(0.2), Some(0.9)));
+        assert_eq!(
+            ops,
+            ["source", "filter", "format", "tokenize", "generate", "write"]
+        );
+        let Step::Format(f) = &p.steps[2] else {
+            panic!()
+        };
+        assert_eq!(
+            f.entries().collect::<Vec<_>>(),
+            vec![("input", "{intent}\n{snippet}")]
+        );
+        let Step::Generate(g) = &p.steps[4] else {
+            panic!()
+        };
+        assert_eq!(
+            (g.max_new_tokens, g.temperature, g.top_p),
+            (100, Some(0.2), Some(0.9))
+        );
         assert_eq!(g.repetition_penalty, 1.2);
-        let Step::Filter(f) = &p.steps[1] else { panic!() };
+        let Step::Filter(f) = &p.steps[1] else {
+            panic!()
+        };
         assert_eq!(f.predicate, "intent IS NOT NULL AND snippet IS NOT NULL");
     }
 
     #[test]
     fn set_overrides_by_operator_name_and_types_values() {
-        let p = load(PLAN, &["write.path=out/x", "source.split=test", "tokenize.max_input_tokens=128", "model.path=m"])
-            .unwrap();
-        let Step::Write(w) = &p.steps[5] else { panic!() };
+        let p = load(
+            PLAN,
+            &[
+                "write.path=out/x",
+                "source.split=test",
+                "tokenize.max_input_tokens=128",
+                "model.path=m",
+            ],
+        )
+        .unwrap();
+        let Step::Write(w) = &p.steps[5] else {
+            panic!()
+        };
         assert_eq!(w.path, "out/x");
-        let Step::Source(s) = &p.steps[0] else { panic!() };
+        let Step::Source(s) = &p.steps[0] else {
+            panic!()
+        };
         assert_eq!(s.split.as_deref(), Some("test"));
-        let Step::Tokenize(t) = &p.steps[3] else { panic!() };
+        let Step::Tokenize(t) = &p.steps[3] else {
+            panic!()
+        };
         assert_eq!(t.max_input_tokens, 128);
         assert_eq!(p.model.unwrap().path, "m");
-        let p = load(PLAN, &["steps.2.predicate=intent IS NULL", "filter=snippet IS NULL"]).unwrap();
-        let Step::Filter(f) = &p.steps[1] else { panic!() };
+        let p = load(
+            PLAN,
+            &["steps.2.predicate=intent IS NULL", "filter=snippet IS NULL"],
+        )
+        .unwrap();
+        let Step::Filter(f) = &p.steps[1] else {
+            panic!()
+        };
         assert_eq!(f.predicate, "snippet IS NULL");
     }
 
@@ -366,7 +547,10 @@ steps:
         assert_eq!(e.at.key.as_deref(), Some("max_input_token"));
         assert_eq!(e.suggestion.as_deref(), Some("max_input_tokens"));
         let shown = e.to_string();
-        assert!(shown.starts_with("p.yaml: step 4 (tokenize): key `max_input_token`: unknown key"), "{shown}");
+        assert!(
+            shown.starts_with("p.yaml: step 4 (tokenize): key `max_input_token`: unknown key"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -378,10 +562,16 @@ steps:
 
     #[test]
     fn wrong_type_and_missing_key() {
-        let e = plan_err(load(&PLAN.replace("max_input_tokens: 512", "max_input_tokens: lots"), &[]));
+        let e = plan_err(load(
+            &PLAN.replace("max_input_tokens: 512", "max_input_tokens: lots"),
+            &[],
+        ));
         assert_eq!(e.at.key.as_deref(), Some("max_input_tokens"));
         assert!(e.message.contains("non-negative integer"), "{e}");
-        let e = plan_err(load(&PLAN.replace("{ path: out/conala-mined }", "{ rows_per_file: 10 }"), &[]));
+        let e = plan_err(load(
+            &PLAN.replace("{ path: out/conala-mined }", "{ rows_per_file: 10 }"),
+            &[],
+        ));
         assert_eq!(e.at.key.as_deref(), Some("path"));
         assert!(e.message.contains("missing required key"), "{e}");
     }
@@ -397,10 +587,14 @@ steps:
     #[test]
     fn lora_null_means_full_finetune_and_absent_means_default() {
         let t = "name: t\nsteps:\n  - source: { uri: x }\n  - train: { output: o, lora: null }\n";
-        let Step::Train(tr) = &load(t, &[]).unwrap().steps[1] else { panic!() };
+        let Step::Train(tr) = &load(t, &[]).unwrap().steps[1] else {
+            panic!()
+        };
         assert!(tr.lora.is_none());
         let t = "name: t\nsteps:\n  - source: { uri: x }\n  - train: { output: o }\n";
-        let Step::Train(tr) = &load(t, &[]).unwrap().steps[1] else { panic!() };
+        let Step::Train(tr) = &load(t, &[]).unwrap().steps[1] else {
+            panic!()
+        };
         assert_eq!(tr.lora.as_ref().unwrap().targets, vec!["q", "v"]);
     }
 

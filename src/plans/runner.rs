@@ -55,7 +55,11 @@ pub struct RunSummary {
 
 fn located(plan: &Plan, i: usize, e: StepError) -> Error {
     PlanError {
-        at: PlanLocation { file: plan.file.clone(), step: Some((i, plan.steps[i].operator().to_string())), key: e.key },
+        at: PlanLocation {
+            file: plan.file.clone(),
+            step: Some((i, plan.steps[i].operator().to_string())),
+            key: e.key,
+        },
         message: e.message,
         suggestion: e.suggestion,
     }
@@ -78,18 +82,40 @@ async fn build_transforms(
     let mut out: Vec<(usize, Box<dyn Operator>)> = vec![];
     for i in steps {
         let op: Box<dyn Operator> = match &plan.steps[i] {
-            Step::Filter(s) => Box::new(Filter::new(s, schema.clone(), &ctx.session).map_err(|e| located(plan, i, e))?),
-            Step::Format(s) => Box::new(Format::new(s, schema.clone(), row_id).map_err(|e| located(plan, i, e))?),
+            Step::Filter(s) => Box::new(
+                Filter::new(s, schema.clone(), &ctx.session).map_err(|e| located(plan, i, e))?,
+            ),
+            Step::Format(s) => {
+                Box::new(Format::new(s, schema.clone(), row_id).map_err(|e| located(plan, i, e))?)
+            }
             Step::Tokenize(s) => {
-                let tok = load_step_tokenizer(plan, s.tokenizer.as_deref(), ctx).await.map_err(|e| located(plan, i, e))?;
+                let tok = load_step_tokenizer(plan, s.tokenizer.as_deref(), ctx)
+                    .await
+                    .map_err(|e| located(plan, i, e))?;
                 Box::new(Tokenize::new(s, schema.clone(), &tok).map_err(|e| located(plan, i, e))?)
             }
-            Step::Generate(s) => {
-                Box::new(Generate::new(s, schema.clone(), plan.model.as_ref(), row_id, ctx).await.map_err(|e| located(plan, i, e))?)
+            Step::Generate(s) => Box::new(
+                Generate::new(s, schema.clone(), plan.model.as_ref(), row_id, ctx)
+                    .await
+                    .map_err(|e| located(plan, i, e))?,
+            ),
+            Step::Evaluate(s) => {
+                Box::new(Evaluate::new(s, schema.clone()).map_err(|e| located(plan, i, e))?)
             }
-            Step::Evaluate(s) => Box::new(Evaluate::new(s, schema.clone()).map_err(|e| located(plan, i, e))?),
-            Step::Source(_) => return Err(order_error(plan, i, "a plan has one source, as its first step")),
-            Step::Write(_) | Step::Train(_) => return Err(order_error(plan, i, "a sink (write, train) must be the last step")),
+            Step::Source(_) => {
+                return Err(order_error(
+                    plan,
+                    i,
+                    "a plan has one source, as its first step",
+                ))
+            }
+            Step::Write(_) | Step::Train(_) => {
+                return Err(order_error(
+                    plan,
+                    i,
+                    "a sink (write, train) must be the last step",
+                ))
+            }
         };
         schema = op.schema();
         out.push((i, op));
@@ -97,7 +123,11 @@ async fn build_transforms(
     Ok((out, schema))
 }
 
-async fn load_step_tokenizer(plan: &Plan, explicit: Option<&str>, ctx: &Context) -> Result<tokenizers::Tokenizer, StepError> {
+async fn load_step_tokenizer(
+    plan: &Plan,
+    explicit: Option<&str>,
+    ctx: &Context,
+) -> Result<tokenizers::Tokenizer, StepError> {
     let (spec, revision, key) = match (explicit, &plan.model) {
         (Some(t), _) => (t.to_string(), None, "tokenizer"),
         (None, Some(m)) => (m.path.clone(), m.revision.clone(), "tokenizer"),
@@ -116,14 +146,29 @@ pub async fn build(plan: &Plan, ctx: &Context) -> Result<Pipeline> {
         return Err(order_error(plan, 0, "the first step must be a `source`"));
     };
     if !matches!(plan.steps[last], Step::Write(_) | Step::Train(_)) || last == 0 {
-        return Err(order_error(plan, last, "the last step must be a sink: `write` (parquet) or `train`"));
+        return Err(order_error(
+            plan,
+            last,
+            "the last step must be a sink: `write` (parquet) or `train`",
+        ));
     }
-    let source = Source::open(src_spec, ctx).await.map_err(|e| located(plan, 0, e))?;
+    let source = Source::open(src_spec, ctx)
+        .await
+        .map_err(|e| located(plan, 0, e))?;
     let row_id = source.row_id_column().to_string();
-    let (transforms, schema) = build_transforms(plan, 1..last, source.schema(), &row_id, ctx).await?;
+    let (transforms, schema) =
+        build_transforms(plan, 1..last, source.schema(), &row_id, ctx).await?;
     let sink = match &plan.steps[last] {
         Step::Write(w) => Sink::Write(
-            Write::new(w, schema, &ctx.session, plan.has_generate(), &row_id, ctx.shard).map_err(|e| located(plan, last, e))?,
+            Write::new(
+                w,
+                schema,
+                &ctx.session,
+                plan.has_generate(),
+                &row_id,
+                ctx.shard,
+            )
+            .map_err(|e| located(plan, last, e))?,
         ),
         Step::Train(t) => {
             // Evaluation rows take the same path as training rows.
@@ -131,26 +176,45 @@ pub async fn build(plan: &Plan, ctx: &Context) -> Result<Pipeline> {
                 None => None,
                 Some(e) => {
                     let eval_source = Source::open(&e.source, ctx).await.map_err(|err| {
-                        located(plan, last, StepError { key: err.key.map(|k| format!("eval.source.{k}")), ..err })
+                        located(
+                            plan,
+                            last,
+                            StepError {
+                                key: err.key.map(|k| format!("eval.source.{k}")),
+                                ..err
+                            },
+                        )
                     })?;
                     let (eval_ops, eval_schema) =
-                        build_transforms(plan, 1..last, eval_source.schema(), &row_id, ctx).await.map_err(|err| match err {
-                            Error::Plan(mut p) => {
-                                p.message = format!("{} (while checking the eval rows of `train`)", p.message);
-                                Error::Plan(p)
-                            }
-                            other => other,
-                        })?;
+                        build_transforms(plan, 1..last, eval_source.schema(), &row_id, ctx)
+                            .await
+                            .map_err(|err| match err {
+                                Error::Plan(mut p) => {
+                                    p.message = format!(
+                                        "{} (while checking the eval rows of `train`)",
+                                        p.message
+                                    );
+                                    Error::Plan(p)
+                                }
+                                other => other,
+                            })?;
                     Some((eval_source, eval_ops, eval_schema))
                 }
             };
             Sink::Train(Box::new(
-                Train::new(t, schema, eval, plan, ctx).await.map_err(|e| located(plan, last, e))?,
+                Train::new(t, schema, eval, plan, ctx)
+                    .await
+                    .map_err(|e| located(plan, last, e))?,
             ))
         }
         _ => unreachable!("checked above"),
     };
-    Ok(Pipeline { plan: plan.clone(), source, transforms, sink })
+    Ok(Pipeline {
+        plan: plan.clone(),
+        source,
+        transforms,
+        sink,
+    })
 }
 
 /// Chain operators onto a stream, counting rows out of each step under `prefix` + `N:operator`.
@@ -163,12 +227,20 @@ pub fn chain(
 ) -> Result<SendableRecordBatchStream> {
     for (i, op) in ops {
         stream = op.execute(stream, exec)?;
-        stream = counted(stream, &exec.stats, &format!("{prefix}{}:{}", i + 1, plan.steps[*i].operator()));
+        stream = counted(
+            stream,
+            &exec.stats,
+            &format!("{prefix}{}:{}", i + 1, plan.steps[*i].operator()),
+        );
     }
     Ok(stream)
 }
 
-pub(crate) fn counted(stream: SendableRecordBatchStream, stats: &RunStats, label: &str) -> SendableRecordBatchStream {
+pub(crate) fn counted(
+    stream: SendableRecordBatchStream,
+    stats: &RunStats,
+    label: &str,
+) -> SendableRecordBatchStream {
     let counter = stats.counter(label);
     let schema = stream.schema();
     let s = stream.inspect(move |b| {
@@ -182,7 +254,12 @@ pub(crate) fn counted(stream: SendableRecordBatchStream, stats: &RunStats, label
 impl Pipeline {
     /// Each step's output columns (for `conala validate`).
     pub fn describe(&self) -> Vec<(String, Vec<String>)> {
-        let cols = |s: SchemaRef| s.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>();
+        let cols = |s: SchemaRef| {
+            s.fields()
+                .iter()
+                .map(|f| format!("{}: {}", f.name(), f.data_type()))
+                .collect::<Vec<_>>()
+        };
         let mut out = vec![("1:source".to_string(), cols(self.source.schema()))];
         for (i, op) in &self.transforms {
             out.push((format!("{}:{}", i + 1, op.name()), cols(op.schema())));
@@ -198,7 +275,8 @@ impl Pipeline {
     pub async fn run(mut self, ctx: &Context) -> Result<RunSummary> {
         let started = Instant::now();
         let stats = Arc::new(RunStats::default());
-        let plan_json = serde_json::to_value(&self.plan).map_err(|e| Error::Run(format!("plan as JSON: {e}")))?;
+        let plan_json = serde_json::to_value(&self.plan)
+            .map_err(|e| Error::Run(format!("plan as JSON: {e}")))?;
         if let Sink::Write(w) = &self.sink {
             if let Some(done) = w.prepare().await? {
                 if w.mode() == Mode::Resume {
@@ -208,13 +286,21 @@ impl Pipeline {
             }
         }
         let stream = counted(self.source.execute(), &stats, "1:source");
-        let exec = Exec { stats: stats.clone(), progress_bars: ctx.progress_bars };
+        let exec = Exec {
+            stats: stats.clone(),
+            progress_bars: ctx.progress_bars,
+        };
         let stream = chain(stream, &self.transforms, &self.plan, &exec, "")?;
         let label = self.plan.name.clone();
         let rows = stats.counter("1:source");
-        let progress = Progress::start(&label, "rows", ctx.progress_bars, None, move || (rows.load(Ordering::Relaxed), None));
+        let progress = Progress::start(&label, "rows", ctx.progress_bars, None, move || {
+            (rows.load(Ordering::Relaxed), None)
+        });
         let (write, train) = match &mut self.sink {
-            Sink::Write(w) => (Some(w.run(stream, &stats, plan_json, &self.plan.name).await?), None),
+            Sink::Write(w) => (
+                Some(w.run(stream, &stats, plan_json, &self.plan.name).await?),
+                None,
+            ),
             Sink::Train(t) => (None, Some(t.run(stream, &exec, ctx).await?)),
         };
         progress.finish();
@@ -222,7 +308,12 @@ impl Pipeline {
         let mut rows_per_step = rows_per_step;
         // `N:operator` in step order; the eval rows' counts (`eval N:operator`) after.
         rows_per_step.sort_by_key(|(k, _)| {
-            let n = k.split(':').next().and_then(|h| h.rsplit(' ').next()).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+            let n = k
+                .split(':')
+                .next()
+                .and_then(|h| h.rsplit(' ').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(0);
             (k.starts_with("eval"), n)
         });
         Ok(RunSummary {

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The operators a step may name, in the order they usually appear.
-pub const OPERATORS: &[&str] =
-    &["source", "filter", "format", "tokenize", "generate", "evaluate", "train", "write"];
+pub const OPERATORS: &[&str] = &[
+    "source", "filter", "format", "tokenize", "generate", "evaluate", "train", "write",
+];
 
 /// Top-level keys of a plan file.
 pub const PLAN_KEYS: &[&str] = &["name", "description", "model", "steps"];
@@ -29,7 +30,10 @@ pub struct Plan {
 
 impl Plan {
     pub fn steps_named<'a>(&'a self, op: &'a str) -> impl Iterator<Item = (usize, &'a Step)> + 'a {
-        self.steps.iter().enumerate().filter(move |(_, s)| s.operator() == op)
+        self.steps
+            .iter()
+            .enumerate()
+            .filter(move |(_, s)| s.operator() == op)
     }
     pub fn has_generate(&self) -> bool {
         self.steps.iter().any(|s| matches!(s, Step::Generate(_)))
@@ -175,11 +179,13 @@ impl<'de> Deserialize<'de> for FilterSpec {
             Short(String),
             Full(Full),
         }
-        match Either::deserialize(d)
-            .map_err(|_| serde::de::Error::custom("expected a SQL predicate string or { predicate: ... }"))?
-        {
+        match Either::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a SQL predicate string or { predicate: ... }")
+        })? {
             Either::Short(predicate) => Ok(FilterSpec { predicate }),
-            Either::Full(f) => Ok(FilterSpec { predicate: f.predicate }),
+            Either::Full(f) => Ok(FilterSpec {
+                predicate: f.predicate,
+            }),
         }
     }
 }
@@ -209,7 +215,9 @@ pub struct FormatSpec {
 impl FormatSpec {
     /// (output column, template) in plan order.
     pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.order.iter().map(|k| (k.as_str(), self.columns[k].as_str()))
+        self.order
+            .iter()
+            .map(|k| (k.as_str(), self.columns[k].as_str()))
     }
 }
 
@@ -230,22 +238,32 @@ impl<'de> Deserialize<'de> for FormatSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let map = serde_yaml::Mapping::deserialize(d)?;
-        let mut spec = FormatSpec { columns: BTreeMap::new(), order: vec![], on_null: OnNull::Null };
+        let mut spec = FormatSpec {
+            columns: BTreeMap::new(),
+            order: vec![],
+            on_null: OnNull::Null,
+        };
         for (k, v) in map {
-            let key = k.as_str().ok_or_else(|| D::Error::custom("format keys must be column names"))?;
+            let key = k
+                .as_str()
+                .ok_or_else(|| D::Error::custom("format keys must be column names"))?;
             if key == "on_null" {
                 spec.on_null = serde_yaml::from_value(v)
                     .map_err(|_| D::Error::custom("`on_null` must be one of null, empty, error"))?;
                 continue;
             }
             let template = v.as_str().ok_or_else(|| {
-                D::Error::custom(format!("`{key}`: expected a template string like \"{{intent}}\""))
+                D::Error::custom(format!(
+                    "`{key}`: expected a template string like \"{{intent}}\""
+                ))
             })?;
             spec.order.push(key.to_string());
             spec.columns.insert(key.to_string(), template.to_string());
         }
         if spec.columns.is_empty() {
-            return Err(D::Error::custom("format needs at least one `OUTPUT: \"template\"` entry"));
+            return Err(D::Error::custom(
+                "format needs at least one `OUTPUT: \"template\"` entry",
+            ));
         }
         Ok(spec)
     }
@@ -322,12 +340,16 @@ pub struct GenerateSpec {
     pub length_penalty: f64,
     #[serde(default)]
     pub early_stopping: bool,
-    /// Token budget of a decoder batch (rows x padded input length).
+    /// Token budget of a batch (rows x padded input length): bounds the memory of the encoder output
+    /// and its cross-attention keys/values while the batch decodes.
     #[serde(default = "default_batch_tokens")]
     pub batch_tokens: usize,
-    /// Upper bound on rows in one batch.
+    /// Upper bound on rows decoded together (more rows per step use the hardware better).
     #[serde(default = "default_max_batch_rows")]
     pub max_batch_rows: usize,
+    /// The encoder runs on chunks of about this many padded tokens within a batch.
+    #[serde(default = "default_encoder_batch_tokens")]
+    pub encoder_batch_tokens: usize,
     /// Rows read ahead and sorted by length before batching.
     #[serde(default = "default_window_rows")]
     pub window_rows: usize,
@@ -352,10 +374,13 @@ fn one_usize() -> usize {
     1
 }
 fn default_batch_tokens() -> usize {
-    8192
+    16384
 }
 fn default_max_batch_rows() -> usize {
-    64
+    512
+}
+fn default_encoder_batch_tokens() -> usize {
+    4096
 }
 fn default_window_rows() -> usize {
     4096
@@ -512,7 +537,13 @@ pub struct LoraSpec {
 
 impl Default for LoraSpec {
     fn default() -> Self {
-        LoraSpec { r: default_r(), alpha: default_alpha(), dropout: 0.0, targets: default_targets(), rslora: false }
+        LoraSpec {
+            r: default_r(),
+            alpha: default_alpha(),
+            dropout: 0.0,
+            targets: default_targets(),
+            rslora: false,
+        }
     }
 }
 

@@ -12,7 +12,12 @@ pub struct Example {
 }
 
 /// The batches (as example indices) of one epoch.
-pub fn epoch_batches(examples: &[Example], batch_size: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+pub fn epoch_batches(
+    examples: &[Example],
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<Vec<usize>> {
     let mut rng = Rng::derive(seed, epoch);
     let mut idx: Vec<usize> = (0..examples.len()).collect();
     rng.shuffle(&mut idx);
@@ -33,7 +38,12 @@ mod tests {
 
     #[test]
     fn every_example_once_per_epoch_and_deterministic() {
-        let ex: Vec<Example> = (0..103).map(|i| Example { input: vec![1; 1 + i % 17], labels: vec![2; 3] }).collect();
+        let ex: Vec<Example> = (0..103)
+            .map(|i| Example {
+                input: vec![1; 1 + i % 17],
+                labels: vec![2; 3],
+            })
+            .collect();
         let a = epoch_batches(&ex, 8, 5, 0);
         let mut all: Vec<usize> = a.iter().flatten().copied().collect();
         all.sort();

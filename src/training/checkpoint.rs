@@ -41,7 +41,12 @@ pub fn list(output: &Path) -> Vec<u64> {
     let mut steps: Vec<u64> = std::fs::read_dir(output)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("checkpoint-")).and_then(|s| s.parse().ok()))
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_prefix("checkpoint-"))
+                        .and_then(|s| s.parse().ok())
+                })
                 .filter(|s| dir_for(output, *s).join(STATE).is_file())
                 .collect()
         })
@@ -100,15 +105,24 @@ pub struct Loaded {
 }
 
 pub fn load_latest(output: &Path, device: &candle_core::Device) -> Result<Option<Loaded>> {
-    let Some(step) = list(output).last().copied() else { return Ok(None) };
-    let dir = dir_for(output, step);
-    let text = std::fs::read_to_string(dir.join(STATE)).map_err(|e| Error::io(dir.join(STATE).display(), e))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).map_err(|e| Error::Run(format!("{}: {e}", dir.join(STATE).display())))?;
-    let load = |name: &str| {
-        candle_core::safetensors::load(dir.join(name), device).map_err(|e| Error::Run(format!("{}: {e}", dir.join(name).display())))
+    let Some(step) = list(output).last().copied() else {
+        return Ok(None);
     };
-    Ok(Some(Loaded { trainable: load(TRAINABLE)?, optimizer: load(OPTIMIZER)?, state, dir }))
+    let dir = dir_for(output, step);
+    let text = std::fs::read_to_string(dir.join(STATE))
+        .map_err(|e| Error::io(dir.join(STATE).display(), e))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| Error::Run(format!("{}: {e}", dir.join(STATE).display())))?;
+    let load = |name: &str| {
+        candle_core::safetensors::load(dir.join(name), device)
+            .map_err(|e| Error::Run(format!("{}: {e}", dir.join(name).display())))
+    };
+    Ok(Some(Loaded {
+        trainable: load(TRAINABLE)?,
+        optimizer: load(OPTIMIZER)?,
+        state,
+        dir,
+    }))
 }
 
 #[cfg(test)]
@@ -119,9 +133,21 @@ mod tests {
     #[test]
     fn save_list_prune_load() {
         let dir = tempfile::tempdir().unwrap();
-        let t: BTreeMap<String, Tensor> = [("w".to_string(), Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap())].into();
+        let t: BTreeMap<String, Tensor> = [(
+            "w".to_string(),
+            Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap(),
+        )]
+        .into();
         for step in [2u64, 4, 6] {
-            let st = TrainerState { step, epoch: 0, batch_in_epoch: step as usize, rng: Rng::new(1), best_eval_loss: None, best_step: Some(2), train_seconds: 0.0 };
+            let st = TrainerState {
+                step,
+                epoch: 0,
+                batch_in_epoch: step as usize,
+                rng: Rng::new(1),
+                best_eval_loss: None,
+                best_step: Some(2),
+                train_seconds: 0.0,
+            };
             save(dir.path(), &st, &t, &t, |_| Ok(())).unwrap();
         }
         assert_eq!(list(dir.path()), vec![2, 4, 6]);

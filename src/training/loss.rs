@@ -7,9 +7,17 @@ use crate::error::Result;
 
 /// Sum of per-token losses over unmasked positions, and the number of those positions.
 /// `logits` (b, t, v) f32; `labels` (b, t) u32 (any id at padded positions); `mask` (b, t) 1/0.
-pub fn token_loss_sum(logits: &Tensor, labels: &Tensor, mask: &Tensor, smoothing: f64) -> Result<(Tensor, f64)> {
+pub fn token_loss_sum(
+    logits: &Tensor,
+    labels: &Tensor,
+    mask: &Tensor,
+    smoothing: f64,
+) -> Result<(Tensor, f64)> {
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let nll = logp.gather(&labels.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?.neg()?;
+    let nll = logp
+        .gather(&labels.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?
+        .neg()?;
     let per_token = if smoothing > 0.0 {
         let smooth = logp.mean(D::Minus1)?.neg()?;
         ((nll * (1.0 - smoothing))? + (smooth * smoothing)?)?
@@ -38,7 +46,10 @@ mod tests {
         assert_eq!(n, 1.0);
         assert!((sum.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-5);
         let (s2, _) = token_loss_sum(&logits, &labels, &mask, 0.1).unwrap();
-        let lp: Vec<f64> = [2f64, 0.0, 0.0].iter().map(|x| x - (2f64.exp() + 2.0).ln()).collect();
+        let lp: Vec<f64> = [2f64, 0.0, 0.0]
+            .iter()
+            .map(|x| x - (2f64.exp() + 2.0).ln())
+            .collect();
         let want2 = 0.9 * want + 0.1 * (-(lp.iter().sum::<f64>()) / 3.0);
         assert!((s2.to_scalar::<f32>().unwrap() as f64 - want2).abs() < 1e-5);
     }

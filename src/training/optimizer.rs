@@ -33,21 +33,39 @@ pub struct AdamW {
 
 impl AdamW {
     /// `decay(name)` says whether weight decay applies (HF: not to biases and layer norms).
-    pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig, decay: impl Fn(&str) -> bool) -> Result<AdamW> {
+    pub fn new(
+        vars: Vec<(String, Var)>,
+        config: AdamWConfig,
+        decay: impl Fn(&str) -> bool,
+    ) -> Result<AdamW> {
         let params = vars
             .into_iter()
             .map(|(name, var)| {
                 let m = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
-                Ok(Param { decay: decay(&name), name, m: m.clone(), v: m, var })
+                Ok(Param {
+                    decay: decay(&name),
+                    name,
+                    m: m.clone(),
+                    v: m,
+                    var,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { params, config, step: 0 })
+        Ok(AdamW {
+            params,
+            config,
+            step: 0,
+        })
     }
 
     /// One update with gradients `grads` (same order as `params`) at learning rate `lr`.
     pub fn apply(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
-            return Err(Error::Run(format!("optimizer: {} gradients for {} parameters", grads.len(), self.params.len())));
+            return Err(Error::Run(format!(
+                "optimizer: {} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            )));
         }
         self.step += 1;
         let c = self.config;
@@ -79,9 +97,18 @@ impl AdamW {
         out
     }
 
-    pub fn load_state(&mut self, state: &std::collections::HashMap<String, Tensor>, step: u64) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        state: &std::collections::HashMap<String, Tensor>,
+        step: u64,
+    ) -> Result<()> {
         for p in &mut self.params {
-            let get = |k: String| state.get(&k).cloned().ok_or_else(|| Error::Run(format!("optimizer state: missing `{k}`")));
+            let get = |k: String| {
+                state
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| Error::Run(format!("optimizer state: missing `{k}`")))
+            };
             let dev = p.var.device().clone();
             p.m = get(format!("{}.exp_avg", p.name))?.to_device(&dev)?;
             p.v = get(format!("{}.exp_avg_sq", p.name))?.to_device(&dev)?;
@@ -95,7 +122,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter() {
-        total += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        total += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
     }
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm {
@@ -117,13 +148,22 @@ mod tests {
         // torch.optim.AdamW([p], lr=0.1, weight_decay=0.01) with p = [1, -2], grads [0.5, 0.1] then [-1, 0.2]:
         // computed by hand from the update rule.
         let v = Var::new(&[1f32, -2.0], &Device::Cpu).unwrap();
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
         let mut opt = AdamW::new(vec![("p".into(), v.clone())], cfg, |_| true).unwrap();
         let mut expect = [1f64, -2.0];
         let mut m = [0f64; 2];
         let mut s = [0f64; 2];
         for (t, g) in [[0.5f64, 0.1], [-1.0, 0.2]].iter().enumerate() {
-            opt.apply(&[Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu).unwrap()], 0.1).unwrap();
+            opt.apply(
+                &[Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu).unwrap()],
+                0.1,
+            )
+            .unwrap();
             let step = (t + 1) as i32;
             for i in 0..2 {
                 expect[i] *= 1.0 - 0.1 * 0.01;
@@ -136,7 +176,10 @@ mod tests {
         }
         let got: Vec<f32> = v.as_tensor().to_vec1().unwrap();
         for i in 0..2 {
-            assert!((got[i] as f64 - expect[i]).abs() < 1e-5, "{got:?} vs {expect:?}");
+            assert!(
+                (got[i] as f64 - expect[i]).abs() < 1e-5,
+                "{got:?} vs {expect:?}"
+            );
         }
     }
 

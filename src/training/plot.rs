@@ -17,7 +17,9 @@ struct Canvas {
 
 impl Canvas {
     fn new() -> Self {
-        Canvas { px: vec![[255, 255, 255]; W * H] }
+        Canvas {
+            px: vec![[255, 255, 255]; W * H],
+        }
     }
 
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
@@ -48,7 +50,8 @@ impl Canvas {
             }
         }
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-        z.write_all(&raw).map_err(|e| Error::Run(format!("plot: {e}")))?;
+        z.write_all(&raw)
+            .map_err(|e| Error::Run(format!("plot: {e}")))?;
         let data = z.finish().map_err(|e| Error::Run(format!("plot: {e}")))?;
         let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
         let mut chunk = |kind: &[u8], body: &[u8]| {
@@ -96,13 +99,37 @@ pub fn loss_plot(train: &[(u64, f64)], eval: &[(u64, f64)], path: &Path) -> Resu
     for i in 0..=10 {
         let gx = (MARGIN as f64 + pw * i as f64 / 10.0) as i64;
         let gy = (MARGIN as f64 + ph * i as f64 / 10.0) as i64;
-        c.line((gx, MARGIN as i64), (gx, (H - MARGIN) as i64), [230, 230, 230], 1);
-        c.line((MARGIN as i64, gy), ((W - MARGIN) as i64, gy), [230, 230, 230], 1);
+        c.line(
+            (gx, MARGIN as i64),
+            (gx, (H - MARGIN) as i64),
+            [230, 230, 230],
+            1,
+        );
+        c.line(
+            (MARGIN as i64, gy),
+            ((W - MARGIN) as i64, gy),
+            [230, 230, 230],
+            1,
+        );
     }
-    c.line((MARGIN as i64, (H - MARGIN) as i64), ((W - MARGIN) as i64, (H - MARGIN) as i64), [0, 0, 0], 2);
-    c.line((MARGIN as i64, MARGIN as i64), (MARGIN as i64, (H - MARGIN) as i64), [0, 0, 0], 2);
+    c.line(
+        (MARGIN as i64, (H - MARGIN) as i64),
+        ((W - MARGIN) as i64, (H - MARGIN) as i64),
+        [0, 0, 0],
+        2,
+    );
+    c.line(
+        (MARGIN as i64, MARGIN as i64),
+        (MARGIN as i64, (H - MARGIN) as i64),
+        [0, 0, 0],
+        2,
+    );
     for (series, color) in [(train, [31u8, 119, 180]), (eval, [255u8, 127, 14])] {
-        let pts: Vec<(i64, i64)> = series.iter().filter(|(_, l)| l.is_finite()).map(|(s, l)| at(*s, *l)).collect();
+        let pts: Vec<(i64, i64)> = series
+            .iter()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(s, l)| at(*s, *l))
+            .collect();
         for w in pts.windows(2) {
             c.line(w[0], w[1], color, 2);
         }
@@ -111,8 +138,18 @@ pub fn loss_plot(train: &[(u64, f64)], eval: &[(u64, f64)], path: &Path) -> Resu
         }
     }
     // Legend swatches: train (blue), eval (orange).
-    c.line(((W - 120) as i64, 15), ((W - 95) as i64, 15), [31, 119, 180], 4);
-    c.line(((W - 60) as i64, 15), ((W - 35) as i64, 15), [255, 127, 14], 4);
+    c.line(
+        ((W - 120) as i64, 15),
+        ((W - 95) as i64, 15),
+        [31, 119, 180],
+        4,
+    );
+    c.line(
+        ((W - 60) as i64, 15),
+        ((W - 35) as i64, 15),
+        [255, 127, 14],
+        4,
+    );
     let bytes = c.png()?;
     std::fs::write(path, bytes).map_err(|e| Error::io(path.display(), e))
 }

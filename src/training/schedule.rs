@@ -30,7 +30,9 @@ impl Schedule {
         }
         let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
         base * match self {
-            Schedule::Linear => ((total.saturating_sub(step)) as f64 / (total.saturating_sub(warmup)).max(1) as f64).max(0.0),
+            Schedule::Linear => ((total.saturating_sub(step)) as f64
+                / (total.saturating_sub(warmup)).max(1) as f64)
+                .max(0.0),
             Schedule::Cosine => (0.5 * (1.0 + (PI * progress).cos())).max(0.0),
             Schedule::Constant => 1.0,
         }

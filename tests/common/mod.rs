@@ -125,8 +125,16 @@ fn list_files(dir: &Path, base: &Path, out: &mut Vec<String>) {
     }
 }
 
-fn respond(stream: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8]) -> std::io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -157,8 +165,18 @@ fn serve(mut stream: TcpStream, root: &Path, seen: &Mutex<Vec<Seen>>) -> std::io
         }
     }
     let path = first.split_whitespace().nth(1).unwrap_or("/").to_string();
-    seen.lock().unwrap().push(Seen { path: path.clone(), auth: auth.clone() });
-    let not_found = |s: &mut TcpStream| respond(s, "404 Not Found", &[], b"{\"error\":\"Repository not found\"}");
+    seen.lock().unwrap().push(Seen {
+        path: path.clone(),
+        auth: auth.clone(),
+    });
+    let not_found = |s: &mut TcpStream| {
+        respond(
+            s,
+            "404 Not Found",
+            &[],
+            b"{\"error\":\"Repository not found\"}",
+        )
+    };
 
     // Which repo, revision and file?
     let (kind, rest) = if let Some(r) = path.strip_prefix("/api/datasets/") {
@@ -171,17 +189,32 @@ fn serve(mut stream: TcpStream, root: &Path, seen: &Mutex<Vec<Seen>>) -> std::io
         ("models", path.trim_start_matches('/').to_string())
     };
     let (id, rev, file) = if let Some(r) = rest.strip_prefix("api:") {
-        let Some((id, rev)) = r.split_once("/revision/") else { return not_found(&mut stream) };
-        (id.to_string(), decode(rev.split('?').next().unwrap_or("")), None)
+        let Some((id, rev)) = r.split_once("/revision/") else {
+            return not_found(&mut stream);
+        };
+        (
+            id.to_string(),
+            decode(rev.split('?').next().unwrap_or("")),
+            None,
+        )
     } else {
-        let Some((id, tail)) = rest.split_once("/resolve/") else { return not_found(&mut stream) };
-        let Some((rev, file)) = tail.split_once('/') else { return not_found(&mut stream) };
+        let Some((id, tail)) = rest.split_once("/resolve/") else {
+            return not_found(&mut stream);
+        };
+        let Some((rev, file)) = tail.split_once('/') else {
+            return not_found(&mut stream);
+        };
         (id.to_string(), decode(rev), Some(decode(file)))
     };
     let repo = root.join(kind).join(&id);
     if let Ok(token) = std::fs::read_to_string(repo.join(".token")) {
         if auth.as_deref() != Some(&format!("Bearer {}", token.trim())) {
-            return respond(&mut stream, "401 Unauthorized", &[], b"{\"error\":\"gated\"}");
+            return respond(
+                &mut stream,
+                "401 Unauthorized",
+                &[],
+                b"{\"error\":\"gated\"}",
+            );
         }
     }
     let dir = repo.join(rev.replace('/', "__"));
@@ -194,20 +227,47 @@ fn serve(mut stream: TcpStream, root: &Path, seen: &Mutex<Vec<Seen>>) -> std::io
             let mut files = vec![];
             list_files(&dir, &dir, &mut files);
             files.sort();
-            let siblings: Vec<String> = files.iter().map(|f| format!("{{\"rfilename\":\"{f}\"}}")).collect();
-            let body = format!("{{\"id\":\"{id}\",\"sha\":\"{commit}\",\"siblings\":[{}]}}", siblings.join(","));
-            respond(&mut stream, "200 OK", &[("Content-Type".into(), "application/json".into())], body.as_bytes())
+            let siblings: Vec<String> = files
+                .iter()
+                .map(|f| format!("{{\"rfilename\":\"{f}\"}}"))
+                .collect();
+            let body = format!(
+                "{{\"id\":\"{id}\",\"sha\":\"{commit}\",\"siblings\":[{}]}}",
+                siblings.join(",")
+            );
+            respond(
+                &mut stream,
+                "200 OK",
+                &[("Content-Type".into(), "application/json".into())],
+                body.as_bytes(),
+            )
         }
         Some(f) => {
-            let Ok(bytes) = std::fs::read(dir.join(&f)) else { return not_found(&mut stream) };
-            let etag = format!("\"{}\"", Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>());
+            let Ok(bytes) = std::fs::read(dir.join(&f)) else {
+                return not_found(&mut stream);
+            };
+            let etag = format!(
+                "\"{}\"",
+                Sha256::digest(&bytes)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            );
             let total = bytes.len() as u64;
-            let mut headers = vec![("ETag".to_string(), etag), ("X-Repo-Commit".to_string(), commit)];
+            let mut headers = vec![
+                ("ETag".to_string(), etag),
+                ("X-Repo-Commit".to_string(), commit),
+            ];
             match range {
                 Some((a, b)) if total > 0 => {
                     let end = b.unwrap_or(total - 1).min(total - 1);
                     headers.push(("Content-Range".into(), format!("bytes {a}-{end}/{total}")));
-                    respond(&mut stream, "206 Partial Content", &headers, &bytes[a as usize..=end as usize])
+                    respond(
+                        &mut stream,
+                        "206 Partial Content",
+                        &headers,
+                        &bytes[a as usize..=end as usize],
+                    )
                 }
                 _ => respond(&mut stream, "200 OK", &headers, &bytes),
             }
@@ -217,13 +277,21 @@ fn serve(mut stream: TcpStream, root: &Path, seen: &Mutex<Vec<Seen>>) -> std::io
 
 /// Lay out a dataset repo for the stand-in: `files` are (path in repo, source file) at `revision`.
 pub fn put_repo_file(root: &Path, kind: &str, id: &str, revision: &str, path: &str, src: &Path) {
-    let dst = root.join(kind).join(id).join(revision.replace('/', "__")).join(path);
+    let dst = root
+        .join(kind)
+        .join(id)
+        .join(revision.replace('/', "__"))
+        .join(path);
     std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
     std::fs::copy(src, &dst).unwrap();
 }
 
 pub fn put_repo_bytes(root: &Path, kind: &str, id: &str, revision: &str, path: &str, bytes: &[u8]) {
-    let dst = root.join(kind).join(id).join(revision.replace('/', "__")).join(path);
+    let dst = root
+        .join(kind)
+        .join(id)
+        .join(revision.replace('/', "__"))
+        .join(path);
     std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
     std::fs::write(&dst, bytes).unwrap();
 }
@@ -231,10 +299,17 @@ pub fn put_repo_bytes(root: &Path, kind: &str, id: &str, revision: &str, path: &
 /// Run the `conala` binary; returns (status ok, stdout, stderr).
 pub fn run_cli(args: &[&str], envs: &[(&str, &str)], cwd: &Path) -> (bool, String, String) {
     let mut cmd = std::process::Command::new(binary());
-    cmd.args(args).current_dir(cwd).env("NO_PROXY", "127.0.0.1,localhost").env_remove("HF_TOKEN");
+    cmd.args(args)
+        .current_dir(cwd)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("HF_TOKEN");
     for (k, v) in envs {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("run conala");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -1,0 +1,267 @@
+//! Fused CPU kernels for inference: attention and T5's RMS norm in one pass each.
+//!
+//! Composed from tensor ops these cost many passes over memory and, for attention, one small gemm
+//! call per (row, head) — candle loops over the batch dimension of a matmul — plus a materialized
+//! score tensor. In decoding, with tens of ops per layer and step, that overhead is larger than the
+//! arithmetic. Here each (row, head, query) is a dot-product loop, a softmax and a weighted sum over
+//! the keys and values (which may be strided views of the KV cache), spread over threads; the norm is
+//! one pass per row. Inference only (no backward pass); GPUs and training keep the composed ops.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+struct FusedAttention {
+    /// Additive bias, broadcast over (rows, heads, queries): `bias` has dims `bias_dims` where each of
+    /// the first three is 1 or the full size, and the last is the key length.
+    bias: Vec<f32>,
+    bias_dims: [usize; 4],
+}
+
+/// Sum of `a[i] * b[i]` in 16 independent lanes, so the compiler can keep it in SIMD registers (a
+/// single running f32 sum cannot be vectorized without reassociation).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Element offset of (b, h, t, 0) in a 4-d layout.
+fn at(l: &Layout, b: usize, h: usize, t: usize) -> usize {
+    let s = l.stride();
+    l.start_offset() + b * s[0] + h * s[1] + t * s[2]
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            qs.as_slice::<f32>()?,
+            ks.as_slice::<f32>()?,
+            vs.as_slice::<f32>()?,
+        );
+        let (rows, heads, queries, d) = ql.shape().dims4()?;
+        let len = kl.dims()[2];
+        if kl.stride()[3] != 1 || vl.stride()[3] != 1 || ql.stride()[3] != 1 {
+            candle_core::bail!("fused-attention: the last dimension must be contiguous");
+        }
+        let [rb, hb, tb, bl] = self.bias_dims;
+        if bl != len {
+            candle_core::bail!("fused-attention: bias covers {bl} keys, there are {len}");
+        }
+        let mut out = vec![0f32; rows * heads * queries * d];
+        out.par_chunks_mut(d).enumerate().for_each_init(
+            || vec![0f32; len],
+            |scores, (i, o)| {
+                let (r, h, t) = (i / (heads * queries), (i / queries) % heads, i % queries);
+                let qv = &q[at(ql, r, h, t)..][..d];
+                let bi = (((r % rb) * hb + (h % hb)) * tb + (t % tb)) * len;
+                let bias = &self.bias[bi..][..len];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let kv = &k[at(kl, r, h, j)..][..d];
+                    *s = dot(qv, kv) + bias[j];
+                    max = max.max(*s);
+                }
+                let mut total = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    total += *s;
+                }
+                let inv = 1.0 / total;
+                for (j, s) in scores.iter().enumerate() {
+                    let w = s * inv;
+                    let vv = &v[at(vl, r, h, j)..][..d];
+                    for (o, x) in o.iter_mut().zip(vv) {
+                        *o += w * x;
+                    }
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((rows, heads, queries, d))))
+    }
+}
+
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turn the fused kernels off (to compare against the composed ops in benchmarks).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the fused kernels apply: f32 tensors on the CPU.
+pub fn applies(x: &Tensor) -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+}
+
+/// softmax(q k^T + bias) v for q (rows, heads, queries, d), k and v (rows, heads, len, d) (strided
+/// views allowed), and a bias broadcastable to (rows, heads, queries, len).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b0, b1, b2, b3) = bias.dims4()?;
+    let bias_vec: Vec<f32> = bias
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1()?;
+    let op = FusedAttention {
+        bias: bias_vec,
+        bias_dims: [b0, b1, b2, b3],
+    };
+    Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?)
+}
+
+struct FusedRmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for FusedRmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w) = (xs.as_slice::<f32>()?, ws.as_slice::<f32>()?);
+        let d = *xl.dims().last().unwrap_or(&1);
+        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+        else {
+            candle_core::bail!("fused-rms-norm: inputs must be contiguous");
+        };
+        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let ms: f32 = dot(row, row) / d as f32;
+                let scale = 1.0 / (ms + self.eps).sqrt();
+                for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
+                    *o = v * scale * g;
+                }
+            });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+/// T5's RMS norm `x * rsqrt(mean(x^2) + eps) * weight` over the last dimension, in one pass.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op2_no_bwd(&weight.contiguous()?, &FusedRmsNorm { eps: eps as f32 })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Tensor {
+        let scores = q
+            .matmul(&k.t().unwrap())
+            .unwrap()
+            .broadcast_add(bias)
+            .unwrap();
+        candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&v.contiguous().unwrap())
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_composed_attention_on_strided_caches() {
+        let dev = Device::Cpu;
+        let (rows, heads, len, d, cap) = (3, 2, 5, 4, 9);
+        let q = Tensor::randn(0f32, 1.0, (rows, heads, 1, d), &dev).unwrap();
+        // Keys and values as views into larger caches (as the KV cache hands them out).
+        let kc = Tensor::randn(0f32, 1.0, (rows, heads, cap, d), &dev).unwrap();
+        let vc = Tensor::randn(0f32, 1.0, (rows, heads, cap, d), &dev).unwrap();
+        let (k, v) = (kc.narrow(2, 0, len).unwrap(), vc.narrow(2, 0, len).unwrap());
+        let bias = Tensor::randn(0f32, 1.0, (1, heads, 1, len), &dev).unwrap();
+        assert!(
+            max_diff(
+                &attention(&q, &k, &v, &bias).unwrap(),
+                &reference(&q, &k, &v, &bias)
+            ) < 1e-5
+        );
+        // A per-row padding bias broadcast over heads.
+        let pad = Tensor::new(&[0f32, 0., -1e9, -1e9, 0.], &dev)
+            .unwrap()
+            .reshape((1, 1, 1, len))
+            .unwrap()
+            .repeat((rows, 1, 1, 1))
+            .unwrap();
+        assert!(
+            max_diff(
+                &attention(&q, &k, &v, &pad).unwrap(),
+                &reference(&q, &k, &v, &pad)
+            ) < 1e-5
+        );
+        // Several queries (the encoder): bias over (heads, queries, keys) plus padding.
+        let q = Tensor::randn(0f32, 1.0, (rows, heads, len, d), &dev).unwrap();
+        let full = Tensor::randn(0f32, 1.0, (1, heads, len, len), &dev)
+            .unwrap()
+            .broadcast_add(&pad)
+            .unwrap();
+        assert!(
+            max_diff(
+                &attention(&q, &k, &v, &full).unwrap(),
+                &reference(&q, &k, &v, &full)
+            ) < 1e-5
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_composed() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (3, 7, 16), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 16, &dev).unwrap();
+        let composed = crate::model::layers::RmsNorm {
+            weight: w.clone(),
+            eps: 1e-6,
+        }
+        .forward_composed(&x)
+        .unwrap();
+        assert!(max_diff(&rms_norm(&x, &w, 1e-6).unwrap(), &composed) < 1e-5);
+    }
+}
