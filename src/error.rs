@@ -53,10 +53,17 @@ impl fmt::Display for PlanError {
 
 impl std::error::Error for PlanError {}
 
+impl From<PlanError> for Error {
+    fn from(e: PlanError) -> Self {
+        Error::Plan(Box::new(e))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Boxed: plan errors carry a location and suggestions, and `Result<T>` is returned everywhere.
     #[error(transparent)]
-    Plan(#[from] PlanError),
+    Plan(Box<PlanError>),
 
     #[error("{path}: {source}")]
     Io {

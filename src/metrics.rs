@@ -122,15 +122,15 @@ impl BleuStats {
     pub fn sacrebleu(&self) -> f64 {
         let mut precisions = [0.0f64; MAX_ORDER];
         let mut smooth = 1.0;
-        for n in 0..MAX_ORDER {
+        for (n, p) in precisions.iter_mut().enumerate() {
             if self.totals[n] == 0 {
                 break;
             }
             if self.matches[n] == 0 {
                 smooth *= 2.0;
-                precisions[n] = 100.0 / (smooth * self.totals[n] as f64);
+                *p = 100.0 / (smooth * self.totals[n] as f64);
             } else {
-                precisions[n] = 100.0 * self.matches[n] as f64 / self.totals[n] as f64;
+                *p = 100.0 * self.matches[n] as f64 / self.totals[n] as f64;
             }
         }
         let log = |p: f64| if p == 0.0 { -9_999_999_999.0 } else { p.ln() };
@@ -147,8 +147,8 @@ impl BleuStats {
     /// BLEU-4 as in the CoNaLa benchmark's `compute_bleu` (0-1); `smooth` adds one to every count.
     pub fn conala(&self, smooth: bool) -> f64 {
         let mut precisions = [0.0f64; MAX_ORDER];
-        for i in 0..MAX_ORDER {
-            precisions[i] = if smooth {
+        for (i, p) in precisions.iter_mut().enumerate() {
+            *p = if smooth {
                 (self.matches[i] as f64 + 1.0) / (self.totals[i] as f64 + 1.0)
             } else if self.totals[i] > 0 {
                 self.matches[i] as f64 / self.totals[i] as f64

@@ -152,9 +152,7 @@ async fn json_and_jsonl_sources() {
         .await
         .unwrap();
         assert_eq!(s.write.unwrap().rows_written, 2, "{name}");
-        let b = conala::sql::query(&ctx, &format!("select 1"))
-            .await
-            .unwrap();
+        let b = conala::sql::query(&ctx, "select 1").await.unwrap();
         assert_eq!(b.len(), 1);
     }
 }
@@ -473,6 +471,18 @@ fn mined_plan_validates_as_written_with_hf_env() {
     );
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("wrote 2299 rows"), "{out}");
+    // The seed's training plan validates as written (LoRA on the model, eval split through the same steps).
+    let (ok, out, err) = run_cli(
+        &["validate", "pipelines/conala-train.yaml"],
+        &env,
+        &repo_root(),
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("valid plan `conala-train`"), "{out}");
+    assert!(
+        !repo_root().join("runs/flan-t5-base-conala").exists(),
+        "validate must not create outputs"
+    );
     // Offline with HF_HUB_OFFLINE, nothing reachable: validation still works from the cache.
     let env_off = [
         ("HF_ENDPOINT", "http://127.0.0.1:9"),
@@ -595,7 +605,7 @@ async fn sql_over_plan_outputs_in_every_format() {
 
 fn expect_plan_error(r: conala::Result<plans::RunSummary>) -> conala::error::PlanError {
     match r {
-        Err(Error::Plan(p)) => p,
+        Err(Error::Plan(p)) => *p,
         other => panic!("expected a plan error, got {other:?}"),
     }
 }
@@ -789,4 +799,63 @@ async fn shard_and_limit_select_rows_by_id() {
         count(&ctx, "rep", out.to_str().unwrap(), "where row_id >= 1000").await,
         500
     );
+}
+
+/// The shipped Slurm and Kubernetes examples stay consistent with the CLI: the Indexed Job's shard count
+/// matches `CONALA_SHARDS`, both run the mined plan, and every `--set` key they pass names a key of it.
+#[test]
+fn deploy_examples_match_the_cli() {
+    let root = repo_root();
+    let job: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root.join("deploy/kubernetes/conala-mined-job.yaml")).unwrap(),
+    )
+    .unwrap();
+    let spec = &job["spec"];
+    assert_eq!(spec["completionMode"].as_str(), Some("Indexed"));
+    let container = &spec["template"]["spec"]["containers"][0];
+    let shards = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some("CONALA_SHARDS"))
+        .and_then(|e| e["value"].as_str())
+        .unwrap();
+    assert_eq!(
+        shards.parse::<u64>().unwrap(),
+        spec["completions"].as_u64().unwrap()
+    );
+    let command: Vec<&str> = container["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(command, ["conala", "run", "pipelines/conala-mined.yaml"]);
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let sbatch = std::fs::read_to_string(root.join("deploy/slurm/conala-mined.sbatch")).unwrap();
+    assert!(sbatch.contains("run pipelines/conala-mined.yaml"));
+    let mut keys: Vec<String> = args
+        .iter()
+        .filter(|a| a.contains('='))
+        .map(|a| a.split('=').next().unwrap().to_string())
+        .collect();
+    keys.extend(
+        sbatch
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("--set "))
+            .map(|a| a.split('=').next().unwrap().to_string()),
+    );
+    assert!(keys.len() >= 5, "{keys:?}");
+    // Each key is accepted by the plan loader (values are placeholders of the right type).
+    let yaml = std::fs::read_to_string(root.join("pipelines/conala-mined.yaml")).unwrap();
+    for k in keys {
+        let set = vec![format!("{k}=x")];
+        let r = conala::plans::load_str(&yaml, "conala-mined.yaml", &set);
+        assert!(r.is_ok(), "{k}: {:?}", r.err().map(|e| e.to_string()));
+    }
 }

@@ -119,7 +119,7 @@ async fn generates_with_provenance_and_batching_changes_nothing() {
     for (id, (pred, finish, n)) in &a_out {
         assert!(finish == "eos" || finish == "length", "row {id}: {finish}");
         let n = n.unwrap();
-        assert!(n >= 1 && n <= 12);
+        assert!((1..=12).contains(&n));
         assert_eq!(finish == "length", n == 12 && pred.is_some(), "row {id}");
     }
     // The manifest carries the model hash and generation settings.

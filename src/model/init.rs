@@ -24,7 +24,10 @@ pub enum Family {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Size {
+    /// 64-wide, 2 layers: tests and benchmarks of the machinery.
     Tiny,
+    /// 128-wide, 3 layers: the offline default, trainable from scratch in minutes on a CPU.
+    Mini,
     Small,
     Base,
 }
@@ -44,6 +47,7 @@ impl Size {
     pub fn parse(s: &str) -> Option<Size> {
         match s {
             "tiny" => Some(Size::Tiny),
+            "mini" => Some(Size::Mini),
             "small" => Some(Size::Small),
             "base" => Some(Size::Base),
             _ => None,
@@ -64,7 +68,7 @@ pub fn materialize(path: &Path, init: &crate::plans::spec::InitSpec) -> Result<(
     })?;
     let size = Size::parse(&init.size).ok_or_else(|| {
         Error::model(format!(
-            "model.init.size `{}`: expected tiny, small or base",
+            "model.init.size `{}`: expected tiny, mini, small or base",
             init.size
         ))
     })?;
@@ -84,6 +88,7 @@ pub fn config(family: Family, size: Size, vocab_size: usize) -> T5Config {
     // (d_model, d_kv, d_ff, layers, heads)
     let (d_model, d_kv, d_ff, layers, heads) = match (family, size) {
         (_, Size::Tiny) => (64, 16, 128, 2, 4),
+        (_, Size::Mini) => (128, 32, 512, 3, 4),
         (Family::T5, Size::Small) => (512, 64, 2048, 6, 8),
         (Family::T5, Size::Base) => (768, 64, 3072, 12, 12),
         (_, Size::Small) => (512, 64, 1024, 8, 6),

@@ -100,7 +100,11 @@ impl Linear {
         let (lead, k) = dims.split_at(dims.len() - 1);
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, k[0]))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = if super::frozen_matmul::applies(&x2, &self.weight) {
+            super::frozen_matmul::forward(&x2, &self.weight)?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         if let Some(l) = &self.lora {
             let xd = dropout(&x2, l.dropout, mode)?;
             let a = l.a.as_tensor().to_dtype(x.dtype())?;

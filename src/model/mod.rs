@@ -13,6 +13,7 @@ pub mod beam;
 pub mod config;
 pub mod cpu_attention;
 pub mod decoding;
+pub mod frozen_matmul;
 pub mod init;
 pub mod layers;
 pub mod lora;
@@ -117,7 +118,9 @@ pub async fn load(spec: &ModelSpec, hub: &Hub) -> Result<LoadedModel> {
     let mut adapter_hash = None;
     if let Some(a) = &spec.adapter {
         let adapter = lora::AdapterFiles::locate(a, hub).await?;
-        adapter_hash = Some(weights::content_hash(&[adapter.weights.clone()])?);
+        adapter_hash = Some(weights::content_hash(std::slice::from_ref(
+            &adapter.weights,
+        ))?);
         adapter.apply(&mut model)?;
     }
     let tokenizer = match &files.tokenizer {

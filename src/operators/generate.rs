@@ -417,8 +417,8 @@ impl Run {
                 for job in jobs {
                     let tx = job_tx.clone();
                     // The model thread may be busy: wait for it off the async runtime.
-                    let sent = tokio::task::spawn_blocking(move || tx.send(job)).await;
-                    if !matches!(sent, Ok(Ok(()))) {
+                    let sent = tokio::task::spawn_blocking(move || tx.send(job).is_ok()).await;
+                    if !matches!(sent, Ok(true)) {
                         send_error = Some(Error::Run("the generation thread stopped".into()));
                         break;
                     }

@@ -608,6 +608,7 @@ impl TrainJob {
             }
             Ok(())
         })();
+        let loop_seconds = started.elapsed().as_secs_f64();
         progress.finish();
         if !train_curve.is_empty() || !eval_curve.is_empty() {
             let _ = loss_plot(
@@ -659,7 +660,7 @@ impl TrainJob {
             train_examples: train.examples.len(),
             eval_examples: eval.examples.len(),
             train_seconds,
-            samples_per_second: samples_total as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            samples_per_second: samples_total as f64 / loop_seconds.max(1e-9),
             final_train_loss: last_train_loss,
             final_eval_loss: last_eval_loss,
             best_step: state.best_step,

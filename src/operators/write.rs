@@ -139,11 +139,7 @@ impl Write {
                 format!("resuming needs the row id column `{row_id}` in the output; keep it"),
             ));
         }
-        let schema = Arc::new(
-            input
-                .project(&projection)
-                .map_err(|e| StepError::general(e))?,
-        );
+        let schema = Arc::new(input.project(&projection).map_err(StepError::general)?);
         let run_id = format!(
             "{}-{:04x}",
             chrono::Utc::now().format("%Y%m%dT%H%M%S%3f"),

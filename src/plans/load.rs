@@ -358,6 +358,7 @@ pub fn apply_set(map: &mut Mapping, set: &str, file: &str) -> Result<()> {
 }
 
 /// Deserialize `value` into `T`, turning serde's messages into plan errors with a key path.
+#[allow(clippy::result_large_err)] // called once per plan key at load time; the error is the product
 pub(crate) fn typed<T: DeserializeOwned>(
     value: Value,
     loc: &PlanLocation,
@@ -429,7 +430,6 @@ fn humanize(msg: &str) -> String {
     msg.replace("expected usize", "expected a non-negative integer")
         .replace("expected u64", "expected a non-negative integer")
         .replace("expected f64", "expected a number")
-        .replace("expected a string", "expected a string")
         .replace("invalid type: ", "wrong type: ")
 }
 
@@ -456,7 +456,7 @@ steps:
 
     fn plan_err(r: Result<Plan>) -> PlanError {
         match r {
-            Err(Error::Plan(p)) => p,
+            Err(Error::Plan(p)) => *p,
             other => panic!("expected a plan error, got {other:?}"),
         }
     }

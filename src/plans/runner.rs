@@ -30,7 +30,7 @@ use crate::progress::Progress;
 
 /// Where a chain ends.
 pub enum Sink {
-    Write(Write),
+    Write(Box<Write>),
     Train(Box<Train>),
 }
 
@@ -159,7 +159,7 @@ pub async fn build(plan: &Plan, ctx: &Context) -> Result<Pipeline> {
     let (transforms, schema) =
         build_transforms(plan, 1..last, source.schema(), &row_id, ctx).await?;
     let sink = match &plan.steps[last] {
-        Step::Write(w) => Sink::Write(
+        Step::Write(w) => Sink::Write(Box::new(
             Write::new(
                 w,
                 schema,
@@ -169,7 +169,7 @@ pub async fn build(plan: &Plan, ctx: &Context) -> Result<Pipeline> {
                 ctx.shard,
             )
             .map_err(|e| located(plan, last, e))?,
-        ),
+        )),
         Step::Train(t) => {
             // Evaluation rows take the same path as training rows.
             let eval = match &t.eval {

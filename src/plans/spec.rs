@@ -98,7 +98,7 @@ pub struct ModelSpec {
 pub struct InitSpec {
     /// `t5`, `flan-t5` or `ul2`.
     pub family: String,
-    /// `tiny`, `small` or `base`.
+    /// `tiny`, `mini`, `small` or `base`.
     #[serde(default = "default_init_size")]
     pub size: String,
     /// tokenizer.json the model is made for (its vocabulary size).

@@ -1,0 +1,56 @@
+"""HF transformers + PEFT anchor for `conala bench train` (run by it; prints one JSON line).
+
+Trains the same model folder with LoRA (r=8, alpha=32, dropout=0.05 on q and v; AdamW lr 5e-5, no weight
+decay on the LoRA weights' schedule aside; grad-norm clipping 1.0) on the exact batches conala drew, in the
+same order, f32 on CPU with 2 threads. The first WARMUP steps are run but not timed.
+
+usage: bench_train_hf.py MODEL_DIR BATCHES_JSON WARMUP
+"""
+import json
+import sys
+import time
+
+try:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM
+except Exception as e:  # the caller reports the anchor as skipped
+    print(json.dumps({"engine": "hf+peft", "error": f"missing packages: {e}"}))
+    sys.exit(0)
+
+model_dir, batches_path, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(2)
+torch.manual_seed(0)
+model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+model = get_peft_model(
+    model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+)
+model.train()
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.01)
+
+
+def pad(rows, value):
+    n = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (n - len(r)) for r in rows], dtype=torch.long)
+
+
+batches = []
+for b in json.load(open(batches_path)):
+    ids = pad(b["input_ids"], 0)
+    mask = (pad([[1] * len(r) for r in b["input_ids"]], 0)).long()
+    labels = pad(b["labels"], -100)
+    batches.append((ids, mask, labels))
+
+samples, start = 0, None
+for i, (ids, mask, labels) in enumerate(batches):
+    if i == warmup:
+        start = time.perf_counter()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if i >= warmup:
+        samples += ids.shape[0]
+seconds = time.perf_counter() - start
+print(json.dumps({"engine": "hf+peft", "samples": samples, "seconds": seconds, "last_loss": float(loss)}))
