@@ -178,6 +178,70 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         .apply_op2_no_bwd(&weight.contiguous()?, &FusedRmsNorm { eps: eps as f32 })?)
 }
 
+/// `act(a) * b` where each row of the input is `[a | b]` (the stacked `wi_0`, `wi_1` projections of a
+/// gated feed-forward block): one parallel pass instead of a single-threaded activation, a multiply
+/// and their temporaries. The activation formulas are candle's own, so results are bit-identical.
+struct FusedGatedAct {
+    act: super::config::Activation,
+}
+
+impl FusedGatedAct {
+    #[inline(always)]
+    fn act(&self, v: f32) -> f32 {
+        use super::config::Activation;
+        match self.act {
+            Activation::GeluNew => {
+                0.5 * v * (1.0 + f32::tanh(0.797_884_6 * v * (1.0 + 0.044715 * v * v)))
+            }
+            Activation::Silu => v / (1.0 + (-v).exp()),
+            Activation::Relu => v.max(0.0),
+            // Not routed here (see `gated_act_supported`).
+            Activation::Gelu => f32::NAN,
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for FusedGatedAct {
+    fn name(&self) -> &'static str {
+        "fused-gated-act"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let data = s.as_slice::<f32>()?;
+        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("fused-gated-act: input not contiguous".into())
+        })?;
+        let data = &data[start..end];
+        let dims = l.dims();
+        let width = dims[dims.len() - 1];
+        let f = width / 2;
+        let rows = data.len() / width.max(1);
+        let mut out = vec![0f32; rows * f];
+        out.par_chunks_mut(f.max(1))
+            .zip(data.par_chunks(width.max(1)))
+            .with_min_len(16)
+            .for_each(|(o, row)| {
+                let (a, b) = row.split_at(f);
+                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                    *o = self.act(a) * b;
+                }
+            });
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank >= 1") = f;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// Whether the fused kernel implements this activation with candle's exact formula.
+pub fn gated_act_supported(act: super::config::Activation) -> bool {
+    !matches!(act, super::config::Activation::Gelu)
+}
+
+/// `act(y[.., :f]) * y[.., f:]` for `y` = the stacked gate projections (inference, CPU, f32).
+pub fn gated_act(y: &Tensor, act: super::config::Activation) -> Result<Tensor> {
+    Ok(y.contiguous()?.apply_op1_no_bwd(&FusedGatedAct { act })?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +270,22 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    #[test]
+    fn gated_activation_is_bit_identical_to_composed_ops() {
+        use crate::model::config::Activation;
+        use crate::model::layers::activate;
+        let dev = Device::Cpu;
+        let y = Tensor::randn(0f32, 2.0, (3, 5, 2 * 7), &dev).unwrap();
+        for act in [Activation::GeluNew, Activation::Silu, Activation::Relu] {
+            let composed = (activate(&y.narrow(2, 0, 7).unwrap(), act).unwrap()
+                * y.narrow(2, 7, 7).unwrap())
+            .unwrap();
+            let fused = gated_act(&y, act).unwrap();
+            assert_eq!(fused.dims(), &[3, 5, 7]);
+            assert_eq!(max_diff(&composed, &fused), 0.0, "{act:?}");
+        }
     }
 
     #[test]

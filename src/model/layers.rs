@@ -178,10 +178,41 @@ pub struct Ffn {
     /// `wi_1` when gated.
     pub wi_1: Option<Linear>,
     pub wo: Linear,
+    /// `[wi_0; wi_1]` stacked for inference (one matmul, then a fused gated activation on the CPU).
+    pub gate_stacked: Option<Tensor>,
 }
 
 impl Ffn {
+    /// Stack `wi_0` and `wi_1` for inference (adapters must be merged first; no-op otherwise).
+    pub fn fuse(&mut self) -> Result<()> {
+        let Some(w1) = &mut self.wi_1 else {
+            return Ok(());
+        };
+        if self.wi.lora.is_some() || w1.lora.is_some() {
+            return Ok(());
+        }
+        let f = self.wi.out_dim();
+        let w = Tensor::cat(&[&self.wi.weight, &w1.weight], 0)?;
+        self.wi.weight = w.narrow(0, 0, f)?;
+        w1.weight = w.narrow(0, f, f)?;
+        self.gate_stacked = Some(w);
+        Ok(())
+    }
+
     pub fn forward(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
+        if let (Some(w), None) = (&self.gate_stacked, &mode.train) {
+            let y = Linear::new(w.clone()).forward(x, mode)?;
+            let act = self.kind.activation;
+            let h = if super::cpu_attention::applies(&y)
+                && super::cpu_attention::gated_act_supported(act)
+            {
+                super::cpu_attention::gated_act(&y, act)?
+            } else {
+                let f = y.dim(y.rank() - 1)? / 2;
+                (activate(&y.narrow(y.rank() - 1, 0, f)?, act)? * y.narrow(y.rank() - 1, f, f)?)?
+            };
+            return self.wo.forward(&h, mode);
+        }
         let h = activate(&self.wi.forward(x, mode)?, self.kind.activation)?;
         let h = match &self.wi_1 {
             Some(w1) => (h * w1.forward(x, mode)?)?,

@@ -106,6 +106,7 @@ fn ffn(w: &Weights, prefix: &str, cfg: &T5Config) -> Result<Ffn> {
             wi: Linear::new(get("wi_0", &[f, d])?),
             wi_1: Some(Linear::new(get("wi_1", &[f, d])?)),
             wo: Linear::new(get("wo", &[d, f])?),
+            gate_stacked: None,
         }
     } else {
         Ffn {
@@ -113,6 +114,7 @@ fn ffn(w: &Weights, prefix: &str, cfg: &T5Config) -> Result<Ffn> {
             wi: Linear::new(get("wi", &[f, d])?),
             wi_1: None,
             wo: Linear::new(get("wo", &[d, f])?),
+            gate_stacked: None,
         }
     })
 }
@@ -371,6 +373,7 @@ impl T5 {
                 if let Some((c, _)) = &mut b.cross {
                     c.fuse(false)?;
                 }
+                b.ffn.fuse()?;
             }
         }
         Ok(())
