@@ -102,7 +102,7 @@ steps:
       lora: {{ r: 8, alpha: 32, dropout: 0.05, targets: [q, v, wo] }}
       max_steps: 40
       batch_size: 16
-      learning_rate: 1.0e-2
+      learning_rate: 2.0e-3
       save_every: 1000
       output: "{work}/run"
 """
