@@ -55,13 +55,68 @@ pub async fn collect_texts(
     Ok(out)
 }
 
+/// A benchmark's scratch folder: `--work-dir` when given (kept), else a temporary one removed when the
+/// benchmark ends, also when it fails part-way.
+struct Scratch {
+    path: PathBuf,
+    remove: bool,
+}
+
+impl Scratch {
+    fn new(given: &Option<PathBuf>, name: &str) -> Result<Scratch> {
+        let (path, remove) = match given {
+            Some(d) => (d.clone(), false),
+            None => (
+                std::env::temp_dir().join(format!("conala-bench-{name}-{}", std::process::id())),
+                true,
+            ),
+        };
+        std::fs::create_dir_all(&path).map_err(|e| Error::io(path.display(), e))?;
+        Ok(Scratch { path, remove })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.remove {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// The tokenizer shipped in the repo, which benchmark models are made for.
+const SHIPPED_TOKENIZER: &str = "data/tokenizer/conala-unigram-8k.json";
+
+/// A random model of `family` and `size` for the shipped tokenizer, written to `dir` as an HF folder
+/// (the same weights load on both sides of a benchmark).
+fn random_model(
+    family: crate::model::init::Family,
+    size: crate::model::init::Size,
+    dir: &Path,
+) -> Result<crate::model::config::T5Config> {
+    let tokenizer = Path::new(SHIPPED_TOKENIZER);
+    let vocab = crate::tokenizer::load(tokenizer)?.get_vocab_size(true);
+    let cfg = crate::model::init::config(family, size, vocab);
+    crate::model::init::write_random_model(&cfg, 0, tokenizer, dir)?;
+    Ok(cfg)
+}
+
+/// The last line a failed Python anchor wrote to stderr (its exception), for the "skipped" line.
+fn last_stderr_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .last()
+        .unwrap_or("no output")
+        .to_string()
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrepArgs {
     /// Rows to prepare (the shipped curated rows repeated with new ids).
     #[arg(long, default_value_t = 600_000)]
     pub rows: u64,
     /// tokenizer.json used by both sides.
-    #[arg(long, default_value = "data/tokenizer/conala-unigram-8k.json")]
+    #[arg(long, default_value = SHIPPED_TOKENIZER)]
     pub tokenizer: PathBuf,
     /// Python interpreter with `datasets` and `transformers` for the anchor.
     #[arg(long, default_value = "python3")]
@@ -92,15 +147,8 @@ steps:
 }
 
 pub async fn prep(args: &PrepArgs, ctx: &Context) -> Result<()> {
-    let tmp;
-    let work = match &args.work_dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = std::env::temp_dir().join(format!("conala-bench-prep-{}", std::process::id()));
-            tmp.clone()
-        }
-    };
-    std::fs::create_dir_all(&work).map_err(|e| Error::io(work.display(), e))?;
+    let scratch = Scratch::new(&args.work_dir, "prep")?;
+    let work = &scratch.path;
     let input = work.join("input");
     let output = work.join("ours");
 
@@ -167,15 +215,9 @@ pub async fn prep(args: &PrepArgs, ctx: &Context) -> Result<()> {
         Ok(o) => println!(
             "HF datasets anchor skipped ({} failed: {})",
             script.display(),
-            String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
+            last_stderr_line(&o.stderr)
         ),
         Err(e) => println!("HF datasets anchor skipped ({}: {e})", args.python),
-    }
-    if args.work_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&work);
     }
     Ok(())
 }
@@ -260,26 +302,19 @@ pub async fn generate_bench(args: &GenerateArgs, ctx: &Context) -> Result<()> {
                 .into(),
         ));
     }
-    let work = args.work_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("conala-bench-gen-{}", std::process::id()))
-    });
-    std::fs::create_dir_all(&work).map_err(|e| Error::io(work.display(), e))?;
-    let tokenizer_path = Path::new("data/tokenizer/conala-unigram-8k.json");
+    let scratch = Scratch::new(&args.work_dir, "gen")?;
+    let work = &scratch.path;
+    let tokenizer_path = Path::new(SHIPPED_TOKENIZER);
     let models: Vec<(String, PathBuf)> = match &args.model {
         Some(m) => vec![(m.display().to_string(), m.clone())],
         None => {
-            let vocab = crate::tokenizer::load(tokenizer_path)?.get_vocab_size(true);
             let mut v = vec![];
             for fam in &args.families {
                 let dir = work.join(format!("{fam:?}-{:?}", args.size).to_lowercase());
-                crate::model::init::write_random_model(
-                    &crate::model::init::config(*fam, args.size, vocab),
-                    0,
-                    tokenizer_path,
-                    &dir,
-                )?;
+                let cfg = random_model(*fam, args.size, &dir)?;
                 v.push((
-                    format!("{fam:?} {:?} (random, vocab {vocab})", args.size).to_lowercase(),
+                    format!("{fam:?} {:?} (random, vocab {})", args.size, cfg.vocab_size)
+                        .to_lowercase(),
                     dir,
                 ));
             }
@@ -374,20 +409,11 @@ steps:
                     println!("  {name:<16} {:.0} rows, {t:.0} tokens in {s:.2}s = {:.1} tokens/s; conala / {name} = {:.2}x", v["rows"].as_f64().unwrap_or(0.0), t / s, (tokens / secs) / (t / s));
                 }
                 if !o.status.success() {
-                    println!(
-                        "  python anchors failed: {}",
-                        String::from_utf8_lossy(&o.stderr)
-                            .lines()
-                            .last()
-                            .unwrap_or("")
-                    );
+                    println!("  python anchors failed: {}", last_stderr_line(&o.stderr));
                 }
             }
             Err(e) => println!("  python anchors skipped ({}: {e})", args.python),
         }
-    }
-    if args.work_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&work);
     }
     Ok(())
 }
@@ -421,15 +447,12 @@ pub struct TrainArgs {
 /// train rows, inputs cut to 128 tokens and labels to 64. Both sides train the same random model on the
 /// same batches in the same order: the batches our `train` operator draws are exported for the Python side.
 pub async fn train_bench(args: &TrainArgs, ctx: &Context) -> Result<()> {
-    let work = args.work_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("conala-bench-train-{}", std::process::id()))
-    });
-    std::fs::create_dir_all(&work).map_err(|e| Error::io(work.display(), e))?;
-    let tokenizer_path = Path::new("data/tokenizer/conala-unigram-8k.json");
-    let vocab = crate::tokenizer::load(tokenizer_path)?.get_vocab_size(true);
-    let cfg = crate::model::init::config(args.family, args.size, vocab);
+    let scratch = Scratch::new(&args.work_dir, "train")?;
+    let work = &scratch.path;
+    let tokenizer_path = Path::new(SHIPPED_TOKENIZER);
     let model = work.join("model");
-    crate::model::init::write_random_model(&cfg, 0, tokenizer_path, &model)?;
+    let cfg = random_model(args.family, args.size, &model)?;
+    let vocab = cfg.vocab_size;
     let data = work.join("data");
     let prep = format!(
         r#"name: bench-train-data
@@ -559,20 +582,11 @@ steps:
                         );
                         println!("  hf+peft:         {n:.0} samples in {s:.2}s = {:.1} samples/s; conala / hf+peft = {:.2}x", n / s, ours / (n / s));
                     }
-                    _ => println!(
-                        "  hf+peft skipped: {}",
-                        String::from_utf8_lossy(&o.stderr)
-                            .lines()
-                            .last()
-                            .unwrap_or("no output")
-                    ),
+                    _ => println!("  hf+peft skipped: {}", last_stderr_line(&o.stderr)),
                 }
             }
             Err(e) => println!("  hf+peft skipped ({}: {e})", args.python),
         }
-    }
-    if args.work_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&work);
     }
     Ok(())
 }

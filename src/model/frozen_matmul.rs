@@ -38,9 +38,9 @@ impl CustomOp1 for FrozenMatmul {
 /// Whether `x2 @ weightᵀ` (x2 two-dimensional) should take the frozen path: gradients flow through `x2`
 /// but not into `weight`, on the CPU, in f32.
 pub fn applies(x2: &Tensor, weight: &Tensor) -> bool {
+    // `track_op` is true for variables too: a trained weight takes the plain path.
     x2.track_op()
         && !weight.track_op()
-        && !weight.is_variable()
         && x2.device().is_cpu()
         && x2.dtype() == DType::F32
         && weight.dtype() == DType::F32
