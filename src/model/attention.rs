@@ -3,8 +3,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::cpu_attention::KvIndex;
 use super::layers::{model_dropout, softmax_last_dim, Linear, Mode};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Added to scores at masked positions. Large enough that exp() is exactly 0 in f32 and bf16, small
 /// enough that adding two of them (padding + causal) stays finite.
@@ -127,12 +128,16 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let k = Tensor::zeros((rows, heads, max_len, d_kv), dtype, device)?;
-        Ok(KvCache {
-            v: k.zeros_like()?,
-            k,
-            len: 0,
-        })
+        // SAFETY: positions at and past `len` are never read (views stop at `len`, selection copies
+        // only the filled prefix), so the cache need not be zeroed — zeroing cost a pass over
+        // memory the size of the whole cache before the first step.
+        let (k, v) = unsafe {
+            (
+                Tensor::empty((rows, heads, max_len, d_kv), dtype, device)?,
+                Tensor::empty((rows, heads, max_len, d_kv), dtype, device)?,
+            )
+        };
+        Ok(KvCache { k, v, len: 0 })
     }
 
     pub fn len(&self) -> usize {
@@ -149,16 +154,19 @@ impl KvCache {
         let cap = self.k.dims()[2];
         if self.len + t > cap {
             // Grow (rarely: only when a caller decodes past the length it planned for).
-            let extra = (self.len + t).max(cap * 2) - cap;
-            let pad = |x: &Tensor| -> Result<Tensor> {
+            let new_cap = (self.len + t).max(cap * 2);
+            let len = self.len;
+            let grow = |x: &Tensor| -> Result<Tensor> {
                 let (r, h, _, d) = x.dims4()?;
-                Ok(Tensor::cat(
-                    &[x, &Tensor::zeros((r, h, extra, d), x.dtype(), x.device())?],
-                    2,
-                )?)
+                // SAFETY: as in `new`; the filled prefix is copied over.
+                let out = unsafe { Tensor::empty((r, h, new_cap, d), x.dtype(), x.device())? };
+                if len > 0 {
+                    out.slice_set(&x.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(out)
             };
-            self.k = pad(&self.k)?;
-            self.v = pad(&self.v)?;
+            self.k = grow(&self.k)?;
+            self.v = grow(&self.v)?;
         }
         self.k.slice_set(&k.contiguous()?, 2, self.len)?;
         self.v.slice_set(&v.contiguous()?, 2, self.len)?;
@@ -169,9 +177,21 @@ impl KvCache {
         ))
     }
 
+    /// Keep rows `idx`, copying only the filled prefix of each into a fresh cache of the same
+    /// capacity.
     fn select_rows(&mut self, idx: &Tensor) -> Result<()> {
-        self.k = self.k.index_select(idx, 0)?;
-        self.v = self.v.index_select(idx, 0)?;
+        let keep = |x: &Tensor| -> Result<Tensor> {
+            let (_, h, cap, d) = x.dims4()?;
+            // SAFETY: as in `new`, only the prefix written below is ever read.
+            let out = unsafe { Tensor::empty((idx.dims1()?, h, cap, d), x.dtype(), x.device())? };
+            if self.len > 0 {
+                let filled = x.narrow(2, 0, self.len)?.contiguous()?;
+                out.slice_set(&filled.index_select(idx, 0)?, 2, 0)?;
+            }
+            Ok(out)
+        };
+        self.k = keep(&self.k)?;
+        self.v = keep(&self.v)?;
         Ok(())
     }
 }
@@ -288,15 +308,21 @@ impl Attention {
         v: &Tensor,
         bias: &Tensor,
         mode: &Mode,
+        index: Option<&KvIndex>,
     ) -> Result<Tensor> {
         // One query per row (a decoding step): the fused kernel. Longer queries (the encoder) are
         // faster as batched matmuls.
         if mode.train.is_none() && q.dims()[2] == 1 && super::cpu_attention::applies(q) {
             let (b, h, t, d) = q.dims4()?;
-            let out = super::cpu_attention::attention(q, k, v, bias)?;
+            let out = super::cpu_attention::attention(q, k, v, bias, index)?;
             return self
                 .o
                 .forward(&out.transpose(1, 2)?.reshape((b, t, h * d))?, mode);
+        }
+        if index.is_some() {
+            return Err(Error::model(
+                "indexed keys and values need the fused CPU attention (one f32 query per row)",
+            ));
         }
         let scores = q.matmul(&k.t()?)?;
         let scores = scores.broadcast_add(bias)?;
@@ -318,13 +344,13 @@ impl Attention {
     ) -> Result<Tensor> {
         if let (None, Some(w), None) = (memory, &self.qkv, mode.train) {
             let qkv = self.project_stacked(x, w, 3)?;
-            return self.attend(&qkv[0], &qkv[1], &qkv[2], bias, mode);
+            return self.attend(&qkv[0], &qkv[1], &qkv[2], bias, mode, None);
         }
         let src = memory.unwrap_or(x);
         let q = self.split_heads(&self.q.forward(x, mode)?)?;
         let k = self.split_heads(&self.k.forward(src, mode)?)?;
         let v = self.split_heads(&self.v.forward(src, mode)?)?;
-        self.attend(&q, &k, &v, bias, mode)
+        self.attend(&q, &k, &v, bias, mode, None)
     }
 
     /// Decoder self-attention for new positions, appending their keys/values to `cache`.
@@ -343,13 +369,19 @@ impl Attention {
             ),
         };
         let (k, v) = cache.append(&k, &v)?;
-        self.attend(&q, &k, &v, bias, &Mode::INFER)
+        self.attend(&q, &k, &v, bias, &Mode::INFER, None)
     }
 
-    /// Cross-attention over precomputed keys/values.
-    pub fn forward_cross(&self, x: &Tensor, kv: &CrossKv, bias: &Tensor) -> Result<Tensor> {
+    /// Cross-attention over precomputed keys/values (read through `index` when given).
+    pub fn forward_cross(
+        &self,
+        x: &Tensor,
+        kv: &CrossKv,
+        bias: &Tensor,
+        index: Option<&KvIndex>,
+    ) -> Result<Tensor> {
         let q = self.split_heads(&self.q.forward(x, &Mode::INFER)?)?;
-        self.attend(&q, &kv.k, &kv.v, bias, &Mode::INFER)
+        self.attend(&q, &kv.k, &kv.v, bias, &Mode::INFER, index)
     }
 }
 
@@ -406,23 +438,46 @@ mod tests {
     }
 
     #[test]
-    fn kv_cache_appends_in_place_and_grows() {
+    fn kv_cache_appends_in_place_grows_and_selects_rows() {
         let dev = Device::Cpu;
         let mut c = KvCache::new(2, 1, 2, 3, DType::F32, &dev).unwrap();
+        // Row r at step s holds 10 * s + r.
+        let step_kv = |s: usize, rows: &[usize]| {
+            let vals: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| [(10 * s + r) as f32; 3])
+                .collect();
+            Tensor::from_vec(vals, (rows.len(), 1, 1, 3), &dev).unwrap()
+        };
         for step in 0..3 {
-            let k = Tensor::full(step as f32, (2, 1, 1, 3), &dev).unwrap();
+            let k = step_kv(step, &[0, 1]);
             let (kk, _) = c.append(&k, &k).unwrap();
             assert_eq!(kk.dims(), &[2, 1, step + 1, 3]);
         }
-        let all: Vec<f32> =
-            c.k.narrow(2, 0, 3)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-        assert_eq!(&all[..9], &[0., 0., 0., 1., 1., 1., 2., 2., 2.]);
-        c.select(&Tensor::new(&[1u32], &dev).unwrap()).unwrap();
-        assert_eq!(c.k.dims()[0], 1);
+        let firsts = |c: &KvCache| -> Vec<Vec<f32>> {
+            let k = c.k.narrow(2, 0, c.len()).unwrap().contiguous().unwrap();
+            (0..k.dims()[0])
+                .map(|r| {
+                    k.get(r)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .chunks(3)
+                        .map(|c| c[0])
+                        .collect()
+                })
+                .collect()
+        };
+        assert_eq!(firsts(&c), vec![vec![0., 10., 20.], vec![1., 11., 21.]]);
+        // Keep row 1 twice (beams); the filled prefix moves, appending goes on.
+        c.select(&Tensor::new(&[1u32, 1], &dev).unwrap()).unwrap();
+        let k = step_kv(3, &[5, 6]);
+        c.append(&k, &k).unwrap();
+        assert_eq!(
+            firsts(&c),
+            vec![vec![1., 11., 21., 35.], vec![1., 11., 21., 36.]]
+        );
     }
 }

@@ -56,11 +56,11 @@ pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec
     let expand: Vec<u32> = (0..rows.len() as u32)
         .flat_map(|r| std::iter::repeat_n(r, nb))
         .collect();
-    let expand_t = Tensor::new(expand.as_slice(), &model.device)?;
-    let enc = enc.index_select(&expand_t, 0)?;
-    let mask = mask.index_select(&expand_t, 0)?;
+    // Cross-attention keys and values are computed once per row; the beams read them through the
+    // state's row selection (an index on the CPU, copies elsewhere).
     let mut state = model.start_decoding(&enc, &mask, o.max_new_tokens + 1)?;
     drop(enc);
+    state.select_rows(&expand)?;
 
     let mut rs: Vec<RowState> = (0..rows.len())
         .map(|_| RowState {

@@ -17,11 +17,49 @@ struct FusedAttention {
     /// the first three is 1 or the full size, and the last is the key length.
     bias: Vec<f32>,
     bias_dims: [usize; 4],
+    /// Optional per-query-row indirection into the keys and values (see [`KvIndex`]).
+    index: Option<KvIndex>,
+}
+
+/// Which key/value row each query row reads, and how many of its leading keys count.
+///
+/// Cross-attention keys and values are computed once per batch; when rows finish (or beams reorder)
+/// only this small map changes instead of copying every layer's keys and values. Keys past a row's
+/// length are padding: their softmax weight is exactly zero (a bias of -1e9), so skipping them gives
+/// the same result with less memory traffic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvIndex {
+    /// Key/value row of each query row.
+    pub rows: Vec<u32>,
+    /// Keys that count for each query row (0: all of them).
+    pub lens: Vec<u32>,
+}
+
+impl KvIndex {
+    /// Identity map for `rows` rows of the 0/1 `mask` (rows, len): each row's length is the position
+    /// after its last kept token.
+    pub fn from_mask(mask: &Tensor) -> Result<KvIndex> {
+        let m: Vec<Vec<u8>> = mask.to_dtype(DType::U8)?.to_vec2()?;
+        Ok(KvIndex {
+            rows: (0..m.len() as u32).collect(),
+            lens: m
+                .iter()
+                .map(|r| r.iter().rposition(|&x| x != 0).map_or(0, |p| p as u32 + 1))
+                .collect(),
+        })
+    }
+
+    /// Keep query rows `idx` (in that order; repeats allowed).
+    pub fn select(&mut self, idx: &[u32]) {
+        self.rows = idx.iter().map(|&i| self.rows[i as usize]).collect();
+        self.lens = idx.iter().map(|&i| self.lens[i as usize]).collect();
+    }
 }
 
 /// Sum of `a[i] * b[i]` in 16 independent lanes, so the compiler can keep it in SIMD registers (a
-/// single running f32 sum cannot be vectorized without reassociation).
-#[inline]
+/// single running f32 sum cannot be vectorized without reassociation). The order of operations is
+/// fixed, so every instruction set gives the same bits.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -36,6 +74,159 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+/// One query against `scores.len()` keys: keys (and values) start at `k[0]` (`v[0]`) and are
+/// `ks` (`vs`) elements apart.
+struct OneQuery<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    ks: usize,
+    v: &'a [f32],
+    vs: usize,
+    bias: &'a [f32],
+}
+
+/// softmax(q·k + bias) · v into `out` (zeroed), with `scores` as scratch.
+#[inline(always)]
+fn attend_one(j: &OneQuery, scores: &mut [f32], out: &mut [f32]) {
+    let d = j.q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (i, s) in scores.iter_mut().enumerate() {
+        *s = dot(j.q, &j.k[i * j.ks..][..d]) + j.bias[i];
+        max = max.max(*s);
+    }
+    let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    let inv = 1.0 / total;
+    for (i, s) in scores.iter().enumerate() {
+        let w = s * inv;
+        for (o, x) in out.iter_mut().zip(&j.v[i * j.vs..][..d]) {
+            *o += w * x;
+        }
+    }
+}
+
+/// The same loop compiled for wider vectors (chosen at run time): the kernel is bound by memory and
+/// by the width of its dot products, and the crate is built for the baseline x86-64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_one_avx512(j: &OneQuery, scores: &mut [f32], out: &mut [f32]) {
+    attend_one(j, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_one_avx2(j: &OneQuery, scores: &mut [f32], out: &mut [f32]) {
+    attend_one(j, scores, out)
+}
+
+/// 2: AVX-512, 1: AVX2, 0: baseline.
+fn simd_level() -> u8 {
+    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return 2;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return 1;
+            }
+        }
+        0
+    })
+}
+
+fn attend_one_dispatch(j: &OneQuery, scores: &mut [f32], out: &mut [f32]) {
+    match simd_level() {
+        // SAFETY: the features were detected on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        2 => unsafe { attend_one_avx512(j, scores, out) },
+        #[cfg(target_arch = "x86_64")]
+        1 => unsafe { attend_one_avx2(j, scores, out) },
+        _ => attend_one(j, scores, out),
+    }
+}
+
+/// One query row against `n` keys for every head at once, for keys whose heads sit side by side in
+/// memory (the stacked cross-attention projection): each key is then one contiguous read of
+/// heads x d values instead of one short read per head far apart, which the prefetcher follows.
+/// Per head, the arithmetic is `attend_one`'s in the same order: the same bits.
+struct AllHeads<'a> {
+    /// heads x d, contiguous.
+    q: &'a [f32],
+    k: &'a [f32],
+    ks: usize,
+    v: &'a [f32],
+    vs: usize,
+    heads: usize,
+    n: usize,
+    bias: &'a [f32],
+    /// Offset in `bias` of each head's `n` biases.
+    bias_at: &'a [usize],
+}
+
+/// Scratch: scores (heads x n) and per-head inverse totals.
+#[inline(always)]
+fn attend_heads(j: &AllHeads, scores: &mut [f32], inv: &mut [f32], out: &mut [f32]) {
+    let (heads, n) = (j.heads, j.n);
+    let d = j.q.len() / heads;
+    for i in 0..n {
+        let krow = &j.k[i * j.ks..][..heads * d];
+        for h in 0..heads {
+            scores[h * n + i] =
+                dot(&j.q[h * d..][..d], &krow[h * d..][..d]) + j.bias[j.bias_at[h] + i];
+        }
+    }
+    for h in 0..heads {
+        let s = &mut scores[h * n..][..n];
+        let mut max = f32::NEG_INFINITY;
+        for x in s.iter() {
+            max = max.max(*x);
+        }
+        let mut total = 0f32;
+        for x in s.iter_mut() {
+            *x = (*x - max).exp();
+            total += *x;
+        }
+        inv[h] = 1.0 / total;
+    }
+    for i in 0..n {
+        let vrow = &j.v[i * j.vs..][..heads * d];
+        for h in 0..heads {
+            let w = scores[h * n + i] * inv[h];
+            for (o, x) in out[h * d..][..d].iter_mut().zip(&vrow[h * d..][..d]) {
+                *o += w * x;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_heads_avx512(j: &AllHeads, scores: &mut [f32], inv: &mut [f32], out: &mut [f32]) {
+    attend_heads(j, scores, inv, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_heads_avx2(j: &AllHeads, scores: &mut [f32], inv: &mut [f32], out: &mut [f32]) {
+    attend_heads(j, scores, inv, out)
+}
+
+fn attend_heads_dispatch(j: &AllHeads, scores: &mut [f32], inv: &mut [f32], out: &mut [f32]) {
+    match simd_level() {
+        // SAFETY: the features were detected on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        2 => unsafe { attend_heads_avx512(j, scores, inv, out) },
+        #[cfg(target_arch = "x86_64")]
+        1 => unsafe { attend_heads_avx2(j, scores, inv, out) },
+        _ => attend_heads(j, scores, inv, out),
+    }
 }
 
 /// Element offset of (b, h, t, 0) in a 4-d layout.
@@ -64,7 +255,7 @@ impl CustomOp3 for FusedAttention {
             vs.as_slice::<f32>()?,
         );
         let (rows, heads, queries, d) = ql.shape().dims4()?;
-        let len = kl.dims()[2];
+        let (kv_rows, len) = (kl.dims()[0], kl.dims()[2]);
         if kl.stride()[3] != 1 || vl.stride()[3] != 1 || ql.stride()[3] != 1 {
             candle_core::bail!("fused-attention: the last dimension must be contiguous");
         }
@@ -72,33 +263,75 @@ impl CustomOp3 for FusedAttention {
         if bl != len {
             candle_core::bail!("fused-attention: bias covers {bl} keys, there are {len}");
         }
+        if let Some(ix) = &self.index {
+            if ix.rows.len() != rows || ix.lens.len() != rows {
+                candle_core::bail!(
+                    "fused-attention: index covers {} rows, not {rows}",
+                    ix.rows.len()
+                );
+            }
+            if ix.rows.iter().any(|&r| r as usize >= kv_rows) {
+                candle_core::bail!("fused-attention: index past the {kv_rows} key rows");
+            }
+        }
         let mut out = vec![0f32; rows * heads * queries * d];
+        let row_of = |r: usize| -> (usize, usize) {
+            match &self.index {
+                Some(ix) => (
+                    ix.rows[r] as usize,
+                    match ix.lens[r] as usize {
+                        0 => len,
+                        n => n.min(len),
+                    },
+                ),
+                None => (r, len),
+            }
+        };
+        if queries == 1 && kl.stride()[1] == d && vl.stride()[1] == d && ql.is_contiguous() {
+            out.par_chunks_mut(heads * d).enumerate().for_each_init(
+                || {
+                    (
+                        vec![0f32; heads * len],
+                        vec![0f32; heads],
+                        vec![0usize; heads],
+                    )
+                },
+                |(scores, inv, bias_at), (r, o)| {
+                    let (kr, n) = row_of(r);
+                    for (h, b) in bias_at.iter_mut().enumerate() {
+                        *b = ((r % rb) * hb + (h % hb)) * tb * len;
+                    }
+                    let job = AllHeads {
+                        q: &q[at(ql, r, 0, 0)..][..heads * d],
+                        k: &k[at(kl, kr, 0, 0)..],
+                        ks: kl.stride()[2],
+                        v: &v[at(vl, kr, 0, 0)..],
+                        vs: vl.stride()[2],
+                        heads,
+                        n,
+                        bias: &self.bias,
+                        bias_at,
+                    };
+                    attend_heads_dispatch(&job, &mut scores[..heads * n], inv, o);
+                },
+            );
+            return Ok((CpuStorage::F32(out), Shape::from((rows, heads, queries, d))));
+        }
         out.par_chunks_mut(d).enumerate().for_each_init(
             || vec![0f32; len],
             |scores, (i, o)| {
                 let (r, h, t) = (i / (heads * queries), (i / queries) % heads, i % queries);
-                let qv = &q[at(ql, r, h, t)..][..d];
+                let (kr, n) = row_of(r);
                 let bi = (((r % rb) * hb + (h % hb)) * tb + (t % tb)) * len;
-                let bias = &self.bias[bi..][..len];
-                let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let kv = &k[at(kl, r, h, j)..][..d];
-                    *s = dot(qv, kv) + bias[j];
-                    max = max.max(*s);
-                }
-                let mut total = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
-                let inv = 1.0 / total;
-                for (j, s) in scores.iter().enumerate() {
-                    let w = s * inv;
-                    let vv = &v[at(vl, r, h, j)..][..d];
-                    for (o, x) in o.iter_mut().zip(vv) {
-                        *o += w * x;
-                    }
-                }
+                let job = OneQuery {
+                    q: &q[at(ql, r, h, t)..][..d],
+                    k: &k[at(kl, kr, h, 0)..],
+                    ks: kl.stride()[2],
+                    v: &v[at(vl, kr, h, 0)..],
+                    vs: vl.stride()[2],
+                    bias: &self.bias[bi..][..n],
+                };
+                attend_one_dispatch(&job, &mut scores[..n], o);
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((rows, heads, queries, d))))
@@ -119,9 +352,16 @@ pub fn applies(x: &Tensor) -> bool {
         && x.dtype() == DType::F32
 }
 
-/// softmax(q k^T + bias) v for q (rows, heads, queries, d), k and v (rows, heads, len, d) (strided
-/// views allowed), and a bias broadcastable to (rows, heads, queries, len).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// softmax(q k^T + bias) v for q (rows, heads, queries, d), k and v (kv_rows, heads, len, d) (strided
+/// views allowed), and a bias broadcastable to (rows, heads, queries, len). Without an `index`, query
+/// row r reads key row r.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    index: Option<&KvIndex>,
+) -> Result<Tensor> {
     let (b0, b1, b2, b3) = bias.dims4()?;
     let bias_vec: Vec<f32> = bias
         .to_dtype(DType::F32)?
@@ -131,6 +371,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Te
     let op = FusedAttention {
         bias: bias_vec,
         bias_dims: [b0, b1, b2, b3],
+        index: index.cloned(),
     };
     Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?)
 }
@@ -300,7 +541,7 @@ mod tests {
         let bias = Tensor::randn(0f32, 1.0, (1, heads, 1, len), &dev).unwrap();
         assert!(
             max_diff(
-                &attention(&q, &k, &v, &bias).unwrap(),
+                &attention(&q, &k, &v, &bias, None).unwrap(),
                 &reference(&q, &k, &v, &bias)
             ) < 1e-5
         );
@@ -313,7 +554,7 @@ mod tests {
             .unwrap();
         assert!(
             max_diff(
-                &attention(&q, &k, &v, &pad).unwrap(),
+                &attention(&q, &k, &v, &pad, None).unwrap(),
                 &reference(&q, &k, &v, &pad)
             ) < 1e-5
         );
@@ -325,10 +566,100 @@ mod tests {
             .unwrap();
         assert!(
             max_diff(
-                &attention(&q, &k, &v, &full).unwrap(),
+                &attention(&q, &k, &v, &full, None).unwrap(),
                 &reference(&q, &k, &v, &full)
             ) < 1e-5
         );
+    }
+
+    #[test]
+    fn index_maps_rows_and_skips_padding_exactly() {
+        let dev = Device::Cpu;
+        let (kv_rows, heads, len, d) = (3, 2, 6, 20);
+        let k = Tensor::randn(0f32, 1.0, (kv_rows, heads, len, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (kv_rows, heads, len, d), &dev).unwrap();
+        let mask = Tensor::new(
+            &[[1u8, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]],
+            &dev,
+        )
+        .unwrap();
+        let mut index = KvIndex::from_mask(&mask).unwrap();
+        assert_eq!(index.lens, vec![6, 2, 4]);
+        // Rows finish and beams repeat: query rows read key rows 2, 1, 1.
+        index.select(&[2, 1, 1]);
+        assert_eq!(
+            (index.rows.clone(), index.lens.clone()),
+            (vec![2, 1, 1], vec![4, 2, 2])
+        );
+        let pick = Tensor::new(&[2u32, 1, 1], &dev).unwrap();
+        let bias = crate::model::attention::padding_bias(
+            &mask.index_select(&pick, 0).unwrap(),
+            DType::F32,
+        )
+        .unwrap();
+        let q = Tensor::randn(0f32, 1.0, (3, heads, 1, d), &dev).unwrap();
+        let (kg, vg) = (
+            k.index_select(&pick, 0).unwrap(),
+            v.index_select(&pick, 0).unwrap(),
+        );
+        let full = attention(&q, &kg, &vg, &bias, None).unwrap();
+        let indexed = attention(&q, &k, &v, &bias, Some(&index)).unwrap();
+        // Padding keys weigh exactly zero, so skipping them changes no bit.
+        assert_eq!(max_diff(&full, &indexed), 0.0);
+        assert!(max_diff(&full, &reference(&q, &kg, &vg, &bias)) < 1e-5);
+        index.rows[0] = 3;
+        assert!(attention(&q, &k, &v, &bias, Some(&index)).is_err());
+    }
+
+    #[test]
+    fn heads_side_by_side_give_the_same_bits() {
+        let dev = Device::Cpu;
+        let (rows, heads, len, d) = (3, 4, 7, 24);
+        // (rows, len, heads, d) viewed as (rows, heads, len, d): a key's heads are adjacent, as in
+        // the stacked cross-attention projection.
+        let k = Tensor::randn(0f32, 1.0, (rows, len, heads, d), &dev)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let v = Tensor::randn(0f32, 1.0, (rows, len, heads, d), &dev)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        assert_eq!(k.stride()[1], d);
+        let q = Tensor::randn(0f32, 1.0, (rows, heads, 1, d), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, (1, heads, 1, len), &dev).unwrap();
+        let side_by_side = attention(&q, &k, &v, &bias, None).unwrap();
+        let (kc, vc) = (k.contiguous().unwrap(), v.contiguous().unwrap());
+        let per_head = attention(&q, &kc, &vc, &bias, None).unwrap();
+        assert_eq!(max_diff(&side_by_side, &per_head), 0.0);
+        assert!(max_diff(&side_by_side, &reference(&q, &kc, &vc, &bias)) < 1e-5);
+        let mask = Tensor::new(
+            &[
+                [1u8, 1, 1, 1, 1, 1, 1],
+                [1, 1, 1, 0, 0, 0, 0],
+                [1, 0, 0, 0, 0, 0, 0],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let mut index = KvIndex::from_mask(&mask).unwrap();
+        index.select(&[1, 2, 0]);
+        let pick = Tensor::new(&[1u32, 2, 0], &dev).unwrap();
+        let pad = crate::model::attention::padding_bias(
+            &mask.index_select(&pick, 0).unwrap(),
+            DType::F32,
+        )
+        .unwrap();
+        let indexed = attention(&q, &k, &v, &pad, Some(&index)).unwrap();
+        let gathered = attention(
+            &q,
+            &kc.index_select(&pick, 0).unwrap(),
+            &vc.index_select(&pick, 0).unwrap(),
+            &pad,
+            None,
+        )
+        .unwrap();
+        assert_eq!(max_diff(&indexed, &gathered), 0.0);
     }
 
     #[test]

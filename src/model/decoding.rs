@@ -227,6 +227,83 @@ fn sample(logits: &mut [f32], o: &DecodeOptions, rng: &mut Rng) -> u32 {
     order[keep - 1]
 }
 
+/// The next token of every active row from its logits (rows in `active` order, (rows, vocab)):
+/// processors, then argmax or a draw. Rows are independent, so they run in parallel, reading the
+/// logits in place (a copy per row only when a processor edits them).
+fn next_tokens(
+    logits: &Tensor,
+    active: &[usize],
+    seqs: &[Vec<u32>],
+    rngs: &mut [Rng],
+    step: usize,
+    eos: u32,
+    o: &DecodeOptions,
+) -> Result<Vec<u32>> {
+    let logits = logits.contiguous()?;
+    let (rows, vocab) = logits.dims2()?;
+    if rows != active.len() {
+        return Err(Error::model(format!(
+            "decoder returned {rows} rows of logits for {} active rows",
+            active.len()
+        )));
+    }
+    let (storage, layout) = logits.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        drop(storage);
+        let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        return Ok(pick(&flat, vocab, active, seqs, rngs, step, eos, o));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(Error::model("logits are not contiguous"));
+    };
+    let flat = &cpu.as_slice::<f32>()?[start..end];
+    Ok(pick(flat, vocab, active, seqs, rngs, step, eos, o))
+}
+
+/// `next_tokens` over host logits `flat` (rows x vocab).
+#[allow(clippy::too_many_arguments)]
+fn pick(
+    flat: &[f32],
+    vocab: usize,
+    active: &[usize],
+    seqs: &[Vec<u32>],
+    rngs: &mut [Rng],
+    step: usize,
+    eos: u32,
+    o: &DecodeOptions,
+) -> Vec<u32> {
+    use rayon::prelude::*;
+    let edits =
+        o.repetition_penalty != 1.0 || o.no_repeat_ngram_size > 0 || step < o.min_new_tokens;
+    // Each active row's generator, in slot order (`active` is ascending and has no repeats).
+    let mut is_active = vec![false; rngs.len()];
+    for &r in active {
+        is_active[r] = true;
+    }
+    let row_rngs: Vec<&mut Rng> = rngs
+        .iter_mut()
+        .enumerate()
+        .filter(|(r, _)| is_active[*r])
+        .map(|(_, g)| g)
+        .collect();
+    flat.par_chunks(vocab)
+        .zip(active.par_iter())
+        .zip(row_rngs.into_par_iter())
+        .map(|((row, &r), rng)| {
+            if !edits && !o.do_sample {
+                return argmax(row);
+            }
+            let mut l = row.to_vec();
+            process(&mut l, &seqs[r], step, eos, o);
+            if o.do_sample {
+                sample(&mut l, o, rng)
+            } else {
+                argmax(&l)
+            }
+        })
+        .collect()
+}
+
 /// Generate for a batch of rows. `seeds` (one per row) make sampling independent of batching.
 pub fn generate(
     model: &T5,
@@ -265,17 +342,13 @@ pub fn generate(
             .map(|&r| *seqs[r].last().expect("start token"))
             .collect();
         let tokens = Tensor::new(last, &model.device)?;
-        let logits = model.decode_step(&mut state, &tokens)?;
-        let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        let logits = model
+            .decode_step(&mut state, &tokens)?
+            .to_dtype(DType::F32)?;
+        let next = next_tokens(&logits, &active, &seqs, &mut rngs, step, eos, o)?;
         let mut keep: Vec<u32> = vec![];
         let mut still: Vec<usize> = vec![];
-        for (slot, (&r, mut l)) in active.iter().zip(logits).enumerate() {
-            process(&mut l, &seqs[r], step, eos, o);
-            let next = if o.do_sample {
-                sample(&mut l, o, &mut rngs[r])
-            } else {
-                argmax(&l)
-            };
+        for (slot, (&r, next)) in active.iter().zip(next).enumerate() {
             seqs[r].push(next);
             if next == eos {
                 done[r] = Some(Finish::Eos);

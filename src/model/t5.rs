@@ -10,6 +10,7 @@ use super::attention::{
     causal_bias, padding_bias, Attention, BucketTable, CrossKv, KvCache, PositionBias,
 };
 use super::config::T5Config;
+use super::cpu_attention::KvIndex;
 use super::layers::{model_dropout, Ffn, Linear, Mode, RmsNorm};
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -40,6 +41,9 @@ pub struct T5 {
     pub decoder: Stack,
     /// The output layer; `None`: the shared embedding (tied).
     pub lm_head: Option<Linear>,
+    /// Inference only: every decoder layer's cross-attention k and v weights stacked
+    /// (layers x 2 x inner, d), so one matmul projects the encoder output for all of them.
+    pub cross_kv_all: Option<Tensor>,
     pub device: Device,
     pub dtype: DType,
 }
@@ -47,6 +51,9 @@ pub struct T5 {
 /// Everything decoding needs to carry from step to step for a batch of rows.
 pub struct DecodeState {
     cross: Vec<CrossKv>,
+    /// Fused CPU path: the cross K/V above are strided views of one projection of the encoder output,
+    /// read through this index (rows that finish or reorder only change the index).
+    cross_index: Option<KvIndex>,
     caches: Vec<KvCache>,
     /// (rows, 1, 1, src_len) padding bias of the encoder output.
     cross_bias: Tensor,
@@ -66,8 +73,13 @@ impl DecodeState {
     pub fn select_rows(&mut self, idx: &[u32]) -> Result<()> {
         let dev = self.cross_bias.device().clone();
         let t = Tensor::new(idx, &dev)?;
-        for c in &mut self.cross {
-            c.select_rows(&t)?;
+        match &mut self.cross_index {
+            Some(ix) => ix.select(idx),
+            None => {
+                for c in &mut self.cross {
+                    c.select_rows(&t)?;
+                }
+            }
         }
         for c in &mut self.caches {
             c.select(&t)?;
@@ -192,6 +204,7 @@ impl T5 {
             encoder: stack(w, cfg, false)?,
             decoder: stack(w, cfg, true)?,
             lm_head,
+            cross_kv_all: None,
             device: w.device.clone(),
             dtype: w.dtype,
         })
@@ -296,29 +309,69 @@ impl T5 {
         max_len: usize,
     ) -> Result<DecodeState> {
         let rows = enc.dims()[0];
-        let mut cross = Vec::with_capacity(self.decoder.blocks.len());
-        let mut caches = Vec::with_capacity(self.decoder.blocks.len());
-        for b in &self.decoder.blocks {
-            let (ca, _) = b
-                .cross
-                .as_ref()
-                .expect("decoder blocks have cross-attention");
-            cross.push(ca.cross_kv(enc)?);
-            caches.push(KvCache::new(
-                rows,
-                self.cfg.num_heads,
-                max_len.max(1),
-                self.cfg.d_kv,
-                self.dtype,
-                &self.device,
-            )?);
-        }
+        let (cross, cross_index) = self.cross_kv(enc, enc_mask)?;
+        let caches = (0..self.decoder.blocks.len())
+            .map(|_| {
+                KvCache::new(
+                    rows,
+                    self.cfg.num_heads,
+                    max_len.max(1),
+                    self.cfg.d_kv,
+                    self.dtype,
+                    &self.device,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(DecodeState {
             cross,
+            cross_index,
             caches,
             cross_bias: padding_bias(enc_mask, self.dtype)?,
             step: 0,
         })
+    }
+
+    /// Cross-attention keys and values of every decoder layer for encoder output `enc`. On the CPU
+    /// in f32 (with the stacked weight): one matmul for all layers, handed out as strided views, no
+    /// per-layer copies into head-major layout, and an index over the rows. Elsewhere, per layer.
+    fn cross_kv(&self, enc: &Tensor, enc_mask: &Tensor) -> Result<(Vec<CrossKv>, Option<KvIndex>)> {
+        let layers = self.decoder.blocks.len();
+        let (heads, d_kv) = (self.cfg.num_heads, self.cfg.d_kv);
+        if let Some(w) = self
+            .cross_kv_all
+            .as_ref()
+            .filter(|_| super::cpu_attention::applies(enc))
+        {
+            let (rows, s, _) = enc.dims3()?;
+            let y = Linear::new(w.clone())
+                .forward(enc, &Mode::INFER)?
+                .reshape((rows, s, layers * 2 * heads, d_kv))?;
+            let view = |i: usize| -> Result<Tensor> {
+                Ok(y.narrow(2, i * heads, heads)?.transpose(1, 2)?)
+            };
+            let cross = (0..layers)
+                .map(|l| {
+                    Ok(CrossKv {
+                        k: view(2 * l)?,
+                        v: view(2 * l + 1)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok((cross, Some(KvIndex::from_mask(enc_mask)?)));
+        }
+        let cross = self
+            .decoder
+            .blocks
+            .iter()
+            .map(|b| {
+                let (ca, _) = b
+                    .cross
+                    .as_ref()
+                    .expect("decoder blocks have cross-attention");
+                ca.cross_kv(enc)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((cross, None))
     }
 
     /// One decoding step: `tokens` (rows,) are the newest tokens; returns next-token logits (rows, vocab).
@@ -348,7 +401,12 @@ impl T5 {
                 .cross
                 .as_ref()
                 .expect("decoder blocks have cross-attention");
-            let h = ca.forward_cross(&cn.forward(&x)?, &st.cross[i], &st.cross_bias)?;
+            let h = ca.forward_cross(
+                &cn.forward(&x)?,
+                &st.cross[i],
+                &st.cross_bias,
+                st.cross_index.as_ref(),
+            )?;
             x = (x + h)?;
             let h = b.ffn.forward(&b.ffn_norm.forward(&x)?, &Mode::INFER)?;
             x = (x + h)?;
@@ -376,6 +434,33 @@ impl T5 {
                 b.ffn.fuse()?;
             }
         }
+        self.stack_cross_kv()
+    }
+
+    /// Stack every decoder layer's cross-attention k, v weights into `cross_kv_all`; the layers keep
+    /// views of it (no second copy of the weights).
+    fn stack_cross_kv(&mut self) -> Result<()> {
+        let mut parts = vec![];
+        for b in &self.decoder.blocks {
+            match b.cross.as_ref().and_then(|(ca, _)| ca.kv.as_ref()) {
+                Some(w) => parts.push(w.clone()),
+                None => return Ok(()), // an unmerged adapter: keep the per-layer path
+            }
+        }
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let all = Tensor::cat(&parts, 0)?;
+        let rows = parts[0].dims()[0];
+        for (l, b) in self.decoder.blocks.iter_mut().enumerate() {
+            if let Some((ca, _)) = &mut b.cross {
+                let w = all.narrow(0, l * rows, rows)?;
+                ca.k.weight = w.narrow(0, 0, rows / 2)?;
+                ca.v.weight = w.narrow(0, rows / 2, rows / 2)?;
+                ca.kv = Some(w);
+            }
+        }
+        self.cross_kv_all = Some(all);
         Ok(())
     }
 
