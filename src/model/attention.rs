@@ -227,9 +227,9 @@ pub struct Attention {
     pub d_kv: usize,
     /// Inference only: q, k and v stacked (3 x inner, d) so one matmul projects all three; q, k, v
     /// then hold views of it.
-    pub qkv: Option<Tensor>,
+    pub qkv: Option<Linear>,
     /// Inference only: k and v stacked, for projecting the encoder output in cross-attention.
-    pub kv: Option<Tensor>,
+    pub kv: Option<Linear>,
 }
 
 impl Attention {
@@ -258,19 +258,19 @@ impl Attention {
             self.q.weight = w.narrow(0, 0, inner)?;
             self.k.weight = w.narrow(0, inner, inner)?;
             self.v.weight = w.narrow(0, 2 * inner, inner)?;
-            self.qkv = Some(w);
+            self.qkv = Some(Linear::new(w));
         } else {
             let w = Tensor::cat(&[&self.k.weight, &self.v.weight], 0)?;
             self.k.weight = w.narrow(0, 0, inner)?;
             self.v.weight = w.narrow(0, inner, inner)?;
-            self.kv = Some(w);
+            self.kv = Some(Linear::new(w));
         }
         Ok(())
     }
 
     /// Project with a stacked weight and split the result into `n` (b, heads, t, d_kv) tensors.
-    fn project_stacked(&self, x: &Tensor, w: &Tensor, n: usize) -> Result<Vec<Tensor>> {
-        let y = Linear::new(w.clone()).forward(x, &Mode::INFER)?;
+    fn project_stacked(&self, x: &Tensor, w: &Linear, n: usize) -> Result<Vec<Tensor>> {
+        let y = w.forward(x, &Mode::INFER)?;
         let inner = self.heads * self.d_kv;
         (0..n)
             .map(|i| self.split_heads(&y.narrow(2, i * inner, inner)?))
@@ -283,6 +283,23 @@ impl Attention {
         Ok(x.reshape((b, t, self.heads, self.d_kv))?
             .transpose(1, 2)?
             .contiguous()?)
+    }
+
+    /// Store the projections that decoding runs on a few rows at a time transposed (CPU, f32; see
+    /// [`Linear::transpose_for_inference`]): the stacked self-attention projection or q, and o.
+    pub fn transpose_for_decoding(&mut self) -> Result<()> {
+        match &mut self.qkv {
+            Some(w) => {
+                w.transpose_for_inference()?;
+                // q, k and v view the stacked weight: point them at its new storage.
+                let inner = self.q.out_dim();
+                self.q.weight = w.weight.narrow(0, 0, inner)?;
+                self.k.weight = w.weight.narrow(0, inner, inner)?;
+                self.v.weight = w.weight.narrow(0, 2 * inner, inner)?;
+            }
+            None => self.q.transpose_for_inference()?,
+        }
+        self.o.transpose_for_inference()
     }
 
     /// Project keys and values of `memory` (for cross-attention, once per sequence).

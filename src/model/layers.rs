@@ -84,11 +84,18 @@ pub struct Lora {
 pub struct Linear {
     pub weight: Tensor,
     pub lora: Option<Lora>,
+    /// Inference on the CPU only: the weight stored transposed, (in, out) contiguous; `weight` is then
+    /// a view of it. The CPU gemm runs decoding's few-row products up to 1.5x faster this way.
+    pub weight_t: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
-        Linear { weight, lora: None }
+        Linear {
+            weight,
+            lora: None,
+            weight_t: None,
+        }
     }
 
     pub fn out_dim(&self) -> usize {
@@ -100,7 +107,9 @@ impl Linear {
         let (lead, k) = dims.split_at(dims.len() - 1);
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, k[0]))?;
-        let mut y = if super::frozen_matmul::applies(&x2, &self.weight) {
+        let mut y = if let Some(wt) = &self.weight_t {
+            x2.matmul(wt)?
+        } else if super::frozen_matmul::applies(&x2, &self.weight) {
             super::frozen_matmul::forward(&x2, &self.weight)?
         } else {
             x2.matmul(&self.weight.t()?)?
@@ -115,6 +124,23 @@ impl Linear {
         let mut out_shape = lead.to_vec();
         out_shape.push(self.out_dim());
         Ok(y.reshape(out_shape)?)
+    }
+
+    /// Store the weight transposed for inference on the CPU in f32 (no-op elsewhere, or with an
+    /// adapter): for layers that see few rows at a time (decoding), where the gemm is faster with a
+    /// row-major right-hand side. The model can no longer be trained after this.
+    pub fn transpose_for_inference(&mut self) -> Result<()> {
+        if self.lora.is_some()
+            || self.weight_t.is_some()
+            || !self.weight.device().is_cpu()
+            || self.weight.dtype() != DType::F32
+        {
+            return Ok(());
+        }
+        let wt = self.weight.t()?.contiguous()?;
+        self.weight = wt.t()?;
+        self.weight_t = Some(wt);
+        Ok(())
     }
 
     /// The weight with the adapter folded in: W + scale * B @ A.
@@ -179,7 +205,7 @@ pub struct Ffn {
     pub wi_1: Option<Linear>,
     pub wo: Linear,
     /// `[wi_0; wi_1]` stacked for inference (one matmul, then a fused gated activation on the CPU).
-    pub gate_stacked: Option<Tensor>,
+    pub gate_stacked: Option<Linear>,
 }
 
 impl Ffn {
@@ -195,13 +221,35 @@ impl Ffn {
         let w = Tensor::cat(&[&self.wi.weight, &w1.weight], 0)?;
         self.wi.weight = w.narrow(0, 0, f)?;
         w1.weight = w.narrow(0, f, f)?;
-        self.gate_stacked = Some(w);
+        self.gate_stacked = Some(Linear::new(w));
         Ok(())
+    }
+
+    /// Transposed weights for decoding (see [`Linear::transpose_for_inference`]).
+    pub fn transpose_for_decoding(&mut self) -> Result<()> {
+        match &mut self.gate_stacked {
+            Some(w) => {
+                w.transpose_for_inference()?;
+                // wi_0 and wi_1 view the stacked weight: point them at its new storage.
+                let f = self.wi.out_dim();
+                self.wi.weight = w.weight.narrow(0, 0, f)?;
+                if let Some(w1) = &mut self.wi_1 {
+                    w1.weight = w.weight.narrow(0, f, f)?;
+                }
+            }
+            None => {
+                self.wi.transpose_for_inference()?;
+                if let Some(w1) = &mut self.wi_1 {
+                    w1.transpose_for_inference()?;
+                }
+            }
+        }
+        self.wo.transpose_for_inference()
     }
 
     pub fn forward(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
         if let (Some(w), None) = (&self.gate_stacked, &mode.train) {
-            let y = Linear::new(w.clone()).forward(x, mode)?;
+            let y = w.forward(x, mode)?;
             let act = self.kind.activation;
             let h = if super::cpu_attention::applies(&y)
                 && super::cpu_attention::gated_act_supported(act)
@@ -283,6 +331,32 @@ mod tests {
     }
 
     #[test]
+    fn transposed_weight_gives_the_same_products() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
+        let plain = Linear::new(w.clone());
+        let mut t = Linear::new(w);
+        t.transpose_for_inference().unwrap();
+        assert_eq!(t.weight_t.as_ref().unwrap().dims(), &[5, 6]);
+        assert_eq!(t.out_dim(), 6);
+        let (a, b) = (
+            plain.forward(&x, &Mode::INFER).unwrap(),
+            t.forward(&x, &Mode::INFER).unwrap(),
+        );
+        assert_eq!(b.dims(), &[2, 3, 6]);
+        let d: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
     fn lora_adds_scaled_delta_and_merges() {
         let dev = Device::Cpu;
         let w = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 1.]], &dev).unwrap(); // out 3, in 2
@@ -296,6 +370,7 @@ mod tests {
                 scale: 2.0,
                 dropout: 0.0,
             }),
+            weight_t: None,
         };
         let x = Tensor::new(&[[1f32, 1.]], &dev).unwrap();
         let y: Vec<f32> = lin

@@ -44,6 +44,8 @@ pub struct T5 {
     /// Inference only: every decoder layer's cross-attention k and v weights stacked
     /// (layers x 2 x inner, d), so one matmul projects the encoder output for all of them.
     pub cross_kv_all: Option<Tensor>,
+    /// Inference on the CPU with a tied output layer: the shared embedding transposed (d, vocab).
+    pub tied_head_t: Option<Tensor>,
     pub device: Device,
     pub dtype: DType,
 }
@@ -205,6 +207,7 @@ impl T5 {
             decoder: stack(w, cfg, true)?,
             lm_head,
             cross_kv_all: None,
+            tied_head_t: None,
             device: w.device.clone(),
             dtype: w.dtype,
         })
@@ -280,9 +283,15 @@ impl T5 {
         } else {
             hidden.clone()
         };
-        let l = match &self.lm_head {
-            Some(h) => h.forward(&hidden, mode)?,
-            None => Linear::new(self.shared.clone()).forward(&hidden, mode)?,
+        let l = match (&self.lm_head, &self.tied_head_t) {
+            (Some(h), _) => h.forward(&hidden, mode)?,
+            (None, Some(wt)) => Linear {
+                weight: wt.t()?,
+                lora: None,
+                weight_t: Some(wt.clone()),
+            }
+            .forward(&hidden, mode)?,
+            (None, None) => Linear::new(self.shared.clone()).forward(&hidden, mode)?,
         };
         Ok(l.to_dtype(DType::F32)?)
     }
@@ -434,7 +443,25 @@ impl T5 {
                 b.ffn.fuse()?;
             }
         }
-        self.stack_cross_kv()
+        self.stack_cross_kv()?;
+        // The decoder's per-step products see few rows: transposed weights (CPU, f32).
+        for b in &mut self.decoder.blocks {
+            b.self_attn.transpose_for_decoding()?;
+            if let Some((c, _)) = &mut b.cross {
+                c.transpose_for_decoding()?;
+            }
+            b.ffn.transpose_for_decoding()?;
+        }
+        match &mut self.lm_head {
+            Some(h) => h.transpose_for_inference()?,
+            None if self.shared.device().is_cpu() && self.dtype == DType::F32 => {
+                // Tied: the embedding keeps its (vocab, d) rows for lookups; the output layer gets
+                // its own transposed copy.
+                self.tied_head_t = Some(self.shared.t()?.contiguous()?);
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     /// Stack every decoder layer's cross-attention k, v weights into `cross_kv_all`; the layers keep
@@ -443,7 +470,7 @@ impl T5 {
         let mut parts = vec![];
         for b in &self.decoder.blocks {
             match b.cross.as_ref().and_then(|(ca, _)| ca.kv.as_ref()) {
-                Some(w) => parts.push(w.clone()),
+                Some(w) => parts.push(w.weight.clone()),
                 None => return Ok(()), // an unmerged adapter: keep the per-layer path
             }
         }
@@ -457,7 +484,7 @@ impl T5 {
                 let w = all.narrow(0, l * rows, rows)?;
                 ca.k.weight = w.narrow(0, 0, rows / 2)?;
                 ca.v.weight = w.narrow(0, rows / 2, rows / 2)?;
-                ca.kv = Some(w);
+                ca.kv = Some(Linear::new(w));
             }
         }
         self.cross_kv_all = Some(all);
