@@ -5,7 +5,7 @@
 //! base weight is frozen, so that is a third of a step's matmul work and a weight-sized allocation per
 //! linear layer thrown away. This op runs on the CPU in f32; other devices and dtypes take the plain path.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 struct FrozenMatmul {
     /// The frozen weight, `[out, in]`.
@@ -19,15 +19,26 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let data = storage.as_slice::<f32>()?;
-        let x = match layout.contiguous_offsets() {
-            Some((start, end)) => {
-                Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?
-            }
-            None => candle_core::bail!("frozen-matmul: the input must be contiguous"),
+        let ((m, k), (n, k2)) = (layout.shape().dims2()?, self.weight.dims2()?);
+        if k != k2 {
+            candle_core::bail!("frozen-matmul: ({m}, {k}) @ ({n}, {k2})ᵀ");
+        }
+        let (ws, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*ws else {
+            candle_core::bail!("frozen-matmul: the weight must be on the CPU");
         };
-        let y = x.matmul(&self.weight.t()?)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+        let w = &w.as_slice::<f32>()?[wl.start_offset()..];
+        // Straight into the output (candle's matmul would zero-fill it first and this op then copied
+        // it out); Wᵀ is W with its strides swapped.
+        let (sx, sw) = (layout.stride(), wl.stride());
+        let y = crate::model::cpu_matmul::gemm_f32(
+            (m, k, n),
+            &data[layout.start_offset()..],
+            (sx[0], sx[1]),
+            w,
+            (sw[1], sw[0]),
+        );
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -57,7 +68,7 @@ pub fn forward(x2: &Tensor, weight: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     #[test]
     fn same_values_and_input_gradient_as_matmul() -> Result<()> {

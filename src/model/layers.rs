@@ -107,12 +107,16 @@ impl Linear {
         let (lead, k) = dims.split_at(dims.len() - 1);
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, k[0]))?;
-        let mut y = if let Some(wt) = &self.weight_t {
-            x2.matmul(wt)?
-        } else if super::frozen_matmul::applies(&x2, &self.weight) {
+        let wt = match &self.weight_t {
+            Some(wt) => wt.clone(),
+            None => self.weight.t()?,
+        };
+        let mut y = if super::frozen_matmul::applies(&x2, &self.weight) {
             super::frozen_matmul::forward(&x2, &self.weight)?
+        } else if super::cpu_matmul::applies(&x2, &wt) {
+            super::cpu_matmul::matmul(&x2, &wt)?
         } else {
-            x2.matmul(&self.weight.t()?)?
+            x2.matmul(&wt)?
         };
         if let Some(l) = &self.lora {
             let xd = dropout(&x2, l.dropout, mode)?;

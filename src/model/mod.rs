@@ -12,6 +12,7 @@ pub mod attention;
 pub mod beam;
 pub mod config;
 pub mod cpu_attention;
+pub mod cpu_matmul;
 pub mod decoding;
 pub mod frozen_matmul;
 pub mod init;
