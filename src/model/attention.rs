@@ -128,15 +128,8 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        // SAFETY: positions at and past `len` are never read (views stop at `len`, selection copies
-        // only the filled prefix), so the cache need not be zeroed — zeroing cost a pass over
-        // memory the size of the whole cache before the first step.
-        let (k, v) = unsafe {
-            (
-                Tensor::empty((rows, heads, max_len, d_kv), dtype, device)?,
-                Tensor::empty((rows, heads, max_len, d_kv), dtype, device)?,
-            )
-        };
+        let shape = (rows, heads, max_len, d_kv);
+        let (k, v) = (uninit(shape, dtype, device)?, uninit(shape, dtype, device)?);
         Ok(KvCache { k, v, len: 0 })
     }
 
@@ -155,18 +148,8 @@ impl KvCache {
         if self.len + t > cap {
             // Grow (rarely: only when a caller decodes past the length it planned for).
             let new_cap = (self.len + t).max(cap * 2);
-            let len = self.len;
-            let grow = |x: &Tensor| -> Result<Tensor> {
-                let (r, h, _, d) = x.dims4()?;
-                // SAFETY: as in `new`; the filled prefix is copied over.
-                let out = unsafe { Tensor::empty((r, h, new_cap, d), x.dtype(), x.device())? };
-                if len > 0 {
-                    out.slice_set(&x.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                }
-                Ok(out)
-            };
-            self.k = grow(&self.k)?;
-            self.v = grow(&self.v)?;
+            self.k = refill(&self.k, self.len, new_cap, None)?;
+            self.v = refill(&self.v, self.len, new_cap, None)?;
         }
         self.k.slice_set(&k.contiguous()?, 2, self.len)?;
         self.v.slice_set(&v.contiguous()?, 2, self.len)?;
@@ -177,23 +160,42 @@ impl KvCache {
         ))
     }
 
-    /// Keep rows `idx`, copying only the filled prefix of each into a fresh cache of the same
-    /// capacity.
-    fn select_rows(&mut self, idx: &Tensor) -> Result<()> {
-        let keep = |x: &Tensor| -> Result<Tensor> {
-            let (_, h, cap, d) = x.dims4()?;
-            // SAFETY: as in `new`, only the prefix written below is ever read.
-            let out = unsafe { Tensor::empty((idx.dims1()?, h, cap, d), x.dtype(), x.device())? };
-            if self.len > 0 {
-                let filled = x.narrow(2, 0, self.len)?.contiguous()?;
-                out.slice_set(&filled.index_select(idx, 0)?, 2, 0)?;
-            }
-            Ok(out)
-        };
-        self.k = keep(&self.k)?;
-        self.v = keep(&self.v)?;
+    /// Keep rows `idx` (in that order; repeats allowed, for beams), copying only the filled prefix of
+    /// each into a fresh cache of the same capacity.
+    pub fn select(&mut self, idx: &Tensor) -> Result<()> {
+        let cap = self.k.dims()[2];
+        self.k = refill(&self.k, self.len, cap, Some(idx))?;
+        self.v = refill(&self.v, self.len, cap, Some(idx))?;
         Ok(())
     }
+}
+
+/// An uninitialized cache tensor.
+fn uninit(shape: (usize, usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    // SAFETY: a cache's positions at and past its `len` are never read (views stop at `len`, and
+    // `refill` copies only the filled prefix), so it need not be zeroed: zeroing cost a pass over
+    // memory the size of the whole cache before the first step.
+    Ok(unsafe { Tensor::empty(shape, dtype, device)? })
+}
+
+/// A cache tensor of capacity `cap` holding the first `len` positions of `x` (of its rows `idx`, when
+/// given); the rest uninitialized.
+fn refill(x: &Tensor, len: usize, cap: usize, idx: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, h, _, d) = x.dims4()?;
+    let rows = match idx {
+        Some(i) => i.dims1()?,
+        None => rows,
+    };
+    let out = uninit((rows, h, cap, d), x.dtype(), x.device())?;
+    if len > 0 {
+        let filled = x.narrow(2, 0, len)?.contiguous()?;
+        let filled = match idx {
+            Some(i) => filled.index_select(i, 0)?,
+            None => filled,
+        };
+        out.slice_set(&filled, 2, 0)?;
+    }
+    Ok(out)
 }
 
 /// Cross-attention keys and values over the encoder output, computed once per sequence.
@@ -208,12 +210,6 @@ impl CrossKv {
         self.k = self.k.index_select(idx, 0)?;
         self.v = self.v.index_select(idx, 0)?;
         Ok(())
-    }
-}
-
-impl KvCache {
-    pub fn select(&mut self, idx: &Tensor) -> Result<()> {
-        self.select_rows(idx)
     }
 }
 
