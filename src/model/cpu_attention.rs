@@ -12,13 +12,13 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
-struct FusedAttention {
+struct FusedAttention<'a> {
     /// Additive bias, broadcast over (rows, heads, queries): `bias` has dims `bias_dims` where each of
     /// the first three is 1 or the full size, and the last is the key length.
     bias: Vec<f32>,
     bias_dims: [usize; 4],
     /// Optional per-query-row indirection into the keys and values (see [`KvIndex`]).
-    index: Option<KvIndex>,
+    index: Option<&'a KvIndex>,
 }
 
 /// Which key/value row each query row reads, and how many of its leading keys count.
@@ -235,7 +235,7 @@ fn at(l: &Layout, b: usize, h: usize, t: usize) -> usize {
     l.start_offset() + b * s[0] + h * s[1] + t * s[2]
 }
 
-impl CustomOp3 for FusedAttention {
+impl CustomOp3 for FusedAttention<'_> {
     fn name(&self) -> &'static str {
         "fused-attention"
     }
@@ -263,7 +263,7 @@ impl CustomOp3 for FusedAttention {
         if bl != len {
             candle_core::bail!("fused-attention: bias covers {bl} keys, there are {len}");
         }
-        if let Some(ix) = &self.index {
+        if let Some(ix) = self.index {
             if ix.rows.len() != rows || ix.lens.len() != rows {
                 candle_core::bail!(
                     "fused-attention: index covers {} rows, not {rows}",
@@ -276,7 +276,7 @@ impl CustomOp3 for FusedAttention {
         }
         let mut out = vec![0f32; rows * heads * queries * d];
         let row_of = |r: usize| -> (usize, usize) {
-            match &self.index {
+            match self.index {
                 Some(ix) => (
                     ix.rows[r] as usize,
                     match ix.lens[r] as usize {
@@ -371,7 +371,7 @@ pub fn attention(
     let op = FusedAttention {
         bias: bias_vec,
         bias_dims: [b0, b1, b2, b3],
-        index: index.cloned(),
+        index,
     };
     Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?)
 }
@@ -500,18 +500,7 @@ mod tests {
             .unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::model::max_abs_diff as max_diff;
 
     #[test]
     fn gated_activation_is_bit_identical_to_composed_ops() {

@@ -26,6 +26,14 @@ use candle_core::{DType, Device};
 pub use config::T5Config;
 pub use t5::{DecodeState, T5};
 
+/// Largest absolute elementwise difference of two tensors (unit tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("comparable f32 tensors")
+}
+
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::plans::spec::ModelSpec;
