@@ -128,14 +128,7 @@ mod tests {
             let ours = matmul(&a, &b).unwrap();
             let theirs = a.matmul(&b).unwrap();
             assert_eq!(ours.dims(), &[7, 3]);
-            let d: f32 = (ours - theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = crate::model::max_abs_diff(&ours, &theirs);
             assert!(d < 1e-5, "{d}");
         }
         // A narrowed (offset) left operand and an empty inner dimension.
@@ -143,14 +136,10 @@ mod tests {
             .unwrap()
             .narrow(0, 2, 7)
             .unwrap();
-        let d: f32 = (matmul(&a2, &w.t().unwrap()).unwrap() - a2.matmul(&w.t().unwrap()).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = crate::model::max_abs_diff(
+            &matmul(&a2, &w.t().unwrap()).unwrap(),
+            &a2.matmul(&w.t().unwrap()).unwrap(),
+        );
         assert!(d < 1e-5, "{d}");
         let e = matmul(
             &Tensor::zeros((2, 0), DType::F32, &dev).unwrap(),
