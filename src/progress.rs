@@ -81,7 +81,8 @@ impl Progress {
                     }
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(if bars { 200 } else { 500 }));
+                // Parked rather than slept: `finish` unparks it, so ending a run never waits out a tick.
+                std::thread::park_timeout(Duration::from_millis(if bars { 200 } else { 500 }));
             }
         });
         Progress {
@@ -93,6 +94,7 @@ impl Progress {
     pub fn finish(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
+            h.thread().unpark();
             let _ = h.join();
         }
     }
@@ -101,5 +103,8 @@ impl Progress {
 impl Drop for Progress {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = &self.handle {
+            h.thread().unpark();
+        }
     }
 }
