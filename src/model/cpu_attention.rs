@@ -429,16 +429,7 @@ struct FusedGatedAct {
 impl FusedGatedAct {
     #[inline(always)]
     fn act(&self, v: f32) -> f32 {
-        use super::config::Activation;
-        match self.act {
-            Activation::GeluNew => {
-                0.5 * v * (1.0 + f32::tanh(0.797_884_6 * v * (1.0 + 0.044715 * v * v)))
-            }
-            Activation::Silu => v / (1.0 + (-v).exp()),
-            Activation::Relu => v.max(0.0),
-            // Not routed here (see `gated_act_supported`).
-            Activation::Gelu => f32::NAN,
-        }
+        super::fused_activation::value(self.act, v)
     }
 }
 
@@ -471,11 +462,6 @@ impl candle_core::CustomOp1 for FusedGatedAct {
         *shape.last_mut().expect("rank >= 1") = f;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
-}
-
-/// Whether the fused kernel implements this activation with candle's exact formula.
-pub fn gated_act_supported(act: super::config::Activation) -> bool {
-    !matches!(act, super::config::Activation::Gelu)
 }
 
 /// `act(y[.., :f]) * y[.., f:]` for `y` = the stacked gate projections (inference, CPU, f32).

@@ -255,8 +255,7 @@ impl Ffn {
         if let (Some(w), None) = (&self.gate_stacked, &mode.train) {
             let y = w.forward(x, mode)?;
             let act = self.kind.activation;
-            let h = if super::cpu_attention::applies(&y)
-                && super::cpu_attention::gated_act_supported(act)
+            let h = if super::cpu_attention::applies(&y) && super::fused_activation::supported(act)
             {
                 super::cpu_attention::gated_act(&y, act)?
             } else {
@@ -265,10 +264,20 @@ impl Ffn {
             };
             return self.wo.forward(&h, mode);
         }
-        let h = activate(&self.wi.forward(x, mode)?, self.kind.activation)?;
-        let h = match &self.wi_1 {
-            Some(w1) => (h * w1.forward(x, mode)?)?,
-            None => h,
+        let act = self.kind.activation;
+        let a = self.wi.forward(x, mode)?;
+        let b = self
+            .wi_1
+            .as_ref()
+            .map(|w1| w1.forward(x, mode))
+            .transpose()?;
+        let fused = super::fused_activation::supported(act)
+            && super::fused_activation::applies(&a, b.as_ref());
+        let h = match (b, fused) {
+            (Some(b), true) => super::fused_activation::gated(&a, &b, act)?,
+            (None, true) => super::fused_activation::act(&a, act)?,
+            (Some(b), false) => (activate(&a, act)? * b)?,
+            (None, false) => activate(&a, act)?,
         };
         let h = model_dropout(&h, mode)?;
         self.wo.forward(&h, mode)

@@ -15,6 +15,7 @@ pub mod cpu_attention;
 pub mod cpu_matmul;
 pub mod decoding;
 pub mod frozen_matmul;
+pub mod fused_activation;
 pub mod init;
 pub mod layers;
 pub mod lora;

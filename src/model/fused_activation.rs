@@ -1,0 +1,288 @@
+//! Feed-forward activations for training on the CPU with a one-pass backward.
+//!
+//! Composed from candle's ops, `act(a) * b` and its gradient take about a dozen passes over the
+//! hidden activations, several single-threaded (candle's GELU backward alone is `powf(3)`, `tanh`,
+//! `powf(2)` and six binary ops, each with a fresh temporary). Here the forward is one parallel pass
+//! and the backward one more, producing both inputs' gradients at once. Values use candle's formulas,
+//! so the forward is bit-identical to the composed ops; derivatives are the exact ones (as torch's).
+
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::config::Activation;
+use crate::error::Result;
+
+/// Elements per parallel task: big enough that a task outweighs its scheduling.
+const CHUNK: usize = 8192;
+
+/// The activation's value, with candle's formulas (bit-identical to `layers::activate`).
+#[inline(always)]
+pub fn value(act: Activation, v: f32) -> f32 {
+    match act {
+        Activation::GeluNew => {
+            0.5 * v * (1.0 + f32::tanh(0.797_884_6 * v * (1.0 + 0.044715 * v * v)))
+        }
+        Activation::Silu => v / (1.0 + (-v).exp()),
+        Activation::Relu => v.max(0.0),
+        // Not routed here (see `supported`).
+        Activation::Gelu => f32::NAN,
+    }
+}
+
+/// `(act(v), d act / dv)`, sharing the transcendental between the two.
+#[inline(always)]
+fn value_and_derivative(act: Activation, v: f32) -> (f32, f32) {
+    match act {
+        Activation::GeluNew => {
+            const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+            let t = f32::tanh(C * v * (1.0 + 0.044715 * v * v));
+            let d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * v * v);
+            (0.5 * v * (1.0 + t), d)
+        }
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-v).exp());
+            (v * s, s * (1.0 + v * (1.0 - s)))
+        }
+        // As torch: no gradient at exactly 0.
+        Activation::Relu => (v.max(0.0), if v > 0.0 { 1.0 } else { 0.0 }),
+        Activation::Gelu => (f32::NAN, f32::NAN),
+    }
+}
+
+/// Whether the fused ops implement `act` (the erf GELU is left to candle's composed ops).
+pub fn supported(act: Activation) -> bool {
+    !matches!(act, Activation::Gelu)
+}
+
+/// Whether the fused ops can run on these tensors: f32 on the CPU, same shapes.
+pub fn applies(a: &Tensor, b: Option<&Tensor>) -> bool {
+    super::cpu_attention::applies(a)
+        && b.is_none_or(|b| b.dims() == a.dims() && b.dtype() == a.dtype())
+}
+
+/// `act(a)`, differentiable.
+pub fn act(a: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(a.contiguous()?.apply_op1(Act(act))?)
+}
+
+/// `act(a) * b`, differentiable in both.
+pub fn gated(a: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(a.contiguous()?.apply_op2(&b.contiguous()?, Gated(act))?)
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input not contiguous")))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+struct Act(Activation);
+
+impl candle_core::CustomOp1 for Act {
+    fn name(&self) -> &'static str {
+        "fused-act"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = slice(s, l, self.name())?;
+        let mut out = vec![0f32; a.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .for_each(|(o, a)| {
+                o.iter_mut()
+                    .zip(a)
+                    .for_each(|(o, &a)| *o = value(self.0, a))
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &ActBackward(self.0),
+        )?))
+    }
+}
+
+/// `grad * act'(a)`.
+struct ActBackward(Activation);
+
+impl candle_core::CustomOp2 for ActBackward {
+    fn name(&self) -> &'static str {
+        "fused-act-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, g) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let mut out = vec![0f32; a.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(o, (a, g))| {
+                for ((o, &a), &g) in o.iter_mut().zip(a).zip(g) {
+                    *o = g * value_and_derivative(self.0, a).1;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+struct Gated(Activation);
+
+impl candle_core::CustomOp2 for Gated {
+    fn name(&self) -> &'static str {
+        "fused-gated-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let mut out = vec![0f32; a.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                    *o = value(self.0, a) * b;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // Both gradients from one pass, stacked as (2, ..a's shape): [grad_a; grad_b].
+        let both = a.apply_op3_no_bwd(b, &grad.contiguous()?, &GatedBackward(self.0))?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// `[grad * b * act'(a); grad * act(a)]`.
+struct GatedBackward(Activation);
+
+impl candle_core::CustomOp3 for GatedBackward {
+    fn name(&self) -> &'static str {
+        "fused-gated-act-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (a, b, g) = (
+            slice(s1, l1, name)?,
+            slice(s2, l2, name)?,
+            slice(s3, l3, name)?,
+        );
+        let n = a.len();
+        let mut out = vec![0f32; 2 * n];
+        let (ga, gb) = out.split_at_mut(n);
+        ga.par_chunks_mut(CHUNK)
+            .zip(gb.par_chunks_mut(CHUNK))
+            .zip(
+                a.par_chunks(CHUNK)
+                    .zip(b.par_chunks(CHUNK))
+                    .zip(g.par_chunks(CHUNK)),
+            )
+            .for_each(|((ga, gb), ((a, b), g))| {
+                for i in 0..a.len() {
+                    let (v, d) = value_and_derivative(self.0, a[i]);
+                    ga[i] = g[i] * b[i] * d;
+                    gb[i] = g[i] * v;
+                }
+            });
+        let mut shape = vec![2];
+        shape.extend_from_slice(l1.dims());
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers::activate;
+    use crate::model::max_abs_diff;
+    use candle_core::{Device, Var};
+
+    /// Forward bit-identical to candle's composed ops, gradients equal to candle's autograd of them.
+    #[test]
+    fn fused_ops_match_composed_values_and_gradients() {
+        let dev = Device::Cpu;
+        // Enough elements for several parallel chunks; values spread over the activations' curves.
+        let a = Var::randn(0f32, 2.0, (3, 7, 1000), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, (3, 7, 1000), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 7, 1000), &dev).unwrap();
+        for act_kind in [Activation::GeluNew, Activation::Silu, Activation::Relu] {
+            let loss = |y: &Tensor| (y * &w).unwrap().sum_all().unwrap();
+            // Ungated.
+            let composed = activate(a.as_tensor(), act_kind).unwrap();
+            let fused = act(a.as_tensor(), act_kind).unwrap();
+            assert_eq!(max_abs_diff(&composed, &fused), 0.0, "{act_kind:?}");
+            let (gc, gf) = (
+                loss(&composed).backward().unwrap(),
+                loss(&fused).backward().unwrap(),
+            );
+            let (gc, gf) = (gc.get(&a).unwrap(), gf.get(&a).unwrap());
+            assert!(
+                max_abs_diff(gc, gf) < 1e-4,
+                "{act_kind:?}: {}",
+                max_abs_diff(gc, gf)
+            );
+            // Gated.
+            let composed = (activate(a.as_tensor(), act_kind).unwrap() * b.as_tensor()).unwrap();
+            let fused = gated(a.as_tensor(), b.as_tensor(), act_kind).unwrap();
+            assert_eq!(max_abs_diff(&composed, &fused), 0.0, "{act_kind:?}");
+            let (gc, gf) = (
+                loss(&composed).backward().unwrap(),
+                loss(&fused).backward().unwrap(),
+            );
+            for v in [&a, &b] {
+                let (x, y) = (gc.get(v).unwrap(), gf.get(v).unwrap());
+                assert!(
+                    max_abs_diff(x, y) < 1e-4,
+                    "{act_kind:?}: {}",
+                    max_abs_diff(x, y)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn derivatives_match_finite_differences() {
+        for act_kind in [Activation::GeluNew, Activation::Silu, Activation::Relu] {
+            for &v in &[-3.0f32, -1.2, -0.3, 0.4, 1.1, 2.5] {
+                let h = 1e-2f32;
+                let fd = (value(act_kind, v + h) - value(act_kind, v - h)) / (2.0 * h);
+                let d = value_and_derivative(act_kind, v).1;
+                assert!((fd - d).abs() < 2e-3, "{act_kind:?} at {v}: {d} vs {fd}");
+            }
+        }
+        assert_eq!(value_and_derivative(Activation::Relu, 0.0).1, 0.0);
+    }
+}
