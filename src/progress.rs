@@ -91,11 +91,34 @@ impl Progress {
         }
     }
 
+    /// A handle that ends the reporting from elsewhere (e.g. when an input stream runs dry).
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            stop: self.stop.clone(),
+            thread: self.handle.as_ref().map(|h| h.thread().clone()),
+        }
+    }
+
     pub fn finish(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
             h.thread().unpark();
             let _ = h.join();
+        }
+    }
+}
+
+/// Ends a [`Progress`]'s reporting without waiting for its thread.
+pub struct Stopper {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::Thread>,
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = &self.thread {
+            t.unpark();
         }
     }
 }

@@ -296,6 +296,21 @@ impl Pipeline {
         let progress = Progress::start(&label, "rows", ctx.progress_bars, None, move || {
             (rows.load(Ordering::Relaxed), None)
         });
+        // `train` reads all its rows before its first step and then reports steps itself: the rows
+        // line stops when the input is exhausted instead of ticking on through training.
+        let stream = match &self.sink {
+            Sink::Train(_) => {
+                let stopper = progress.stopper();
+                let schema = stream.schema();
+                let tail = futures::stream::poll_fn(move |_| {
+                    stopper.stop();
+                    std::task::Poll::Ready(None)
+                });
+                Box::pin(RecordBatchStreamAdapter::new(schema, stream.chain(tail)))
+                    as SendableRecordBatchStream
+            }
+            Sink::Write(_) => stream,
+        };
         let (write, train) = match &mut self.sink {
             Sink::Write(w) => (
                 Some(w.run(stream, &stats, plan_json, &self.plan.name).await?),
