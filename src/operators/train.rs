@@ -12,7 +12,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{Tensor, Var};
 use datafusion::arrow::array::{
@@ -485,7 +485,10 @@ impl TrainJob {
                     .sum();
                 let mut grads: Option<Vec<Tensor>> = None;
                 let mut loss_sum = 0f64;
+                // Where a step's time goes (CONALA_LOG=debug).
+                let (mut forward_time, mut backward_time) = (Duration::ZERO, Duration::ZERO);
                 for idx in &micro {
+                    let clock = Instant::now();
                     let batch: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
                     let (ids, mask, dec, lab, lmask) = batch_tensors(model, &batch)?;
                     let mode = Mode {
@@ -496,6 +499,8 @@ impl TrainJob {
                     let loss = (sum / total_tokens as f64)?;
                     let l = loss.to_scalar::<f32>()? as f64;
                     loss_sum += l;
+                    forward_time += clock.elapsed();
+                    let clock = Instant::now();
                     let g = loss.backward()?;
                     let gs: Vec<Tensor> = vars
                         .iter()
@@ -515,6 +520,7 @@ impl TrainJob {
                     });
                     samples_total += batch.len();
                     log_samples += batch.len();
+                    backward_time += clock.elapsed();
                 }
                 if !loss_sum.is_finite() {
                     let last = checkpoint::list(&self.out)
@@ -529,6 +535,7 @@ impl TrainJob {
                         }
                     )));
                 }
+                let clock = Instant::now();
                 let mut grads = grads.expect("at least one micro-batch");
                 let grad_norm = clip_grad_norm(&mut grads, spec.max_grad_norm)?;
                 let lr = self.schedule.lr(
@@ -538,6 +545,13 @@ impl TrainJob {
                     spec.max_steps,
                 );
                 opt.apply(&grads, lr)?;
+                log::debug!(
+                    "train: step {}: forward {} ms, backward {} ms, clip + optimizer {} ms",
+                    state.step + 1,
+                    forward_time.as_millis(),
+                    backward_time.as_millis(),
+                    clock.elapsed().as_millis()
+                );
                 state.step += 1;
                 step_counter.store(state.step, Ordering::Relaxed);
                 log_loss += loss_sum;
