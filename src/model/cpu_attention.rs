@@ -421,7 +421,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// `act(a) * b` where each row of the input is `[a | b]` (the stacked `wi_0`, `wi_1` projections of a
 /// gated feed-forward block): one parallel pass instead of a single-threaded activation, a multiply
-/// and their temporaries. The activation formulas are candle's own, so results are bit-identical.
+/// and their temporaries. The activation formulas are `fused_activation::value` (candle's, with a fast tanh).
 struct FusedGatedAct {
     act: super::config::Activation,
 }
@@ -489,7 +489,7 @@ mod tests {
     use crate::model::max_abs_diff as max_diff;
 
     #[test]
-    fn gated_activation_is_bit_identical_to_composed_ops() {
+    fn gated_activation_matches_composed_ops() {
         use crate::model::config::Activation;
         use crate::model::layers::activate;
         let dev = Device::Cpu;
@@ -500,7 +500,13 @@ mod tests {
             .unwrap();
             let fused = gated_act(&y, act).unwrap();
             assert_eq!(fused.dims(), &[3, 5, 7]);
-            assert_eq!(max_diff(&composed, &fused), 0.0, "{act:?}");
+            // Bit-identical but for GELU, whose tanh is the fast rational approximation.
+            let tol = if act == Activation::GeluNew {
+                4e-6
+            } else {
+                0.0
+            };
+            assert!(max_diff(&composed, &fused) <= tol, "{act:?}");
         }
     }
 

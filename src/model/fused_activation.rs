@@ -3,8 +3,9 @@
 //! Composed from candle's ops, `act(a) * b` and its gradient take about a dozen passes over the
 //! hidden activations, several single-threaded (candle's GELU backward alone is `powf(3)`, `tanh`,
 //! `powf(2)` and six binary ops, each with a fresh temporary). Here the forward is one parallel pass
-//! and the backward one more, producing both inputs' gradients at once. Values use candle's formulas,
-//! so the forward is bit-identical to the composed ops; derivatives are the exact ones (as torch's).
+//! and the backward one more, producing both inputs' gradients at once. SiLU and ReLU values use
+//! candle's formulas (bit-identical to the composed ops); GELU's tanh is [`fast_tanh`] (within 1e-6
+//! of libm's, and the loops vectorize); derivatives are the exact ones (as torch's).
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -15,12 +16,37 @@ use crate::error::Result;
 /// Elements per parallel task: big enough that a task outweighs its scheduling.
 const CHUNK: usize = 8192;
 
-/// The activation's value, with candle's formulas (bit-identical to `layers::activate`).
+/// tanh by the odd rational minimax approximation (degrees 13/6) that Eigen, XLA and ONNX Runtime
+/// use, clamped where tanh rounds to +-1 in f32. Within a few ulp of libm's `tanhf`, and without
+/// its branches, so loops over activations vectorize (libm's tanh was 9% of a training step).
+#[inline(always)]
+pub fn fast_tanh(x: f32) -> f32 {
+    let x = x.clamp(-7.905_311, 7.905_311);
+    let x2 = x * x;
+    let mut p = -2.760_768_5e-16f32;
+    for c in [
+        2.000_187_9e-13,
+        -8.604_671_5e-11,
+        5.122_297e-8,
+        1.485_722_4e-5,
+        6.372_619_3e-4,
+        4.893_524_6e-3,
+    ] {
+        p = p * x2 + c;
+    }
+    let mut q = 1.198_258_4e-6f32;
+    for c in [1.185_347_1e-4, 2.268_434_6e-3, 4.893_525_2e-3] {
+        q = q * x2 + c;
+    }
+    x * p / q
+}
+
+/// The activation's value: candle's formulas, with [`fast_tanh`] in GELU.
 #[inline(always)]
 pub fn value(act: Activation, v: f32) -> f32 {
     match act {
         Activation::GeluNew => {
-            0.5 * v * (1.0 + f32::tanh(0.797_884_6 * v * (1.0 + 0.044715 * v * v)))
+            0.5 * v * (1.0 + fast_tanh(0.797_884_6 * v * (1.0 + 0.044715 * v * v)))
         }
         Activation::Silu => v / (1.0 + (-v).exp()),
         Activation::Relu => v.max(0.0),
@@ -35,7 +61,7 @@ fn value_and_derivative(act: Activation, v: f32) -> (f32, f32) {
     match act {
         Activation::GeluNew => {
             const C: f32 = 0.797_884_6; // sqrt(2 / pi)
-            let t = f32::tanh(C * v * (1.0 + 0.044715 * v * v));
+            let t = fast_tanh(C * v * (1.0 + 0.044715 * v * v));
             let d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * v * v);
             (0.5 * v * (1.0 + t), d)
         }
@@ -230,7 +256,8 @@ mod tests {
     use crate::model::max_abs_diff;
     use candle_core::{Device, Var};
 
-    /// Forward bit-identical to candle's composed ops, gradients equal to candle's autograd of them.
+    /// Forward equal to candle's composed ops (bit-identical but for GELU's tanh), gradients equal to
+    /// candle's autograd of them.
     #[test]
     fn fused_ops_match_composed_values_and_gradients() {
         let dev = Device::Cpu;
@@ -243,7 +270,12 @@ mod tests {
             // Ungated.
             let composed = activate(a.as_tensor(), act_kind).unwrap();
             let fused = act(a.as_tensor(), act_kind).unwrap();
-            assert_eq!(max_abs_diff(&composed, &fused), 0.0, "{act_kind:?}");
+            let tol = if act_kind == Activation::GeluNew {
+                1e-6
+            } else {
+                0.0
+            };
+            assert!(max_abs_diff(&composed, &fused) <= tol, "{act_kind:?}");
             let (gc, gf) = (
                 loss(&composed).backward().unwrap(),
                 loss(&fused).backward().unwrap(),
@@ -257,7 +289,7 @@ mod tests {
             // Gated.
             let composed = (activate(a.as_tensor(), act_kind).unwrap() * b.as_tensor()).unwrap();
             let fused = gated(a.as_tensor(), b.as_tensor(), act_kind).unwrap();
-            assert_eq!(max_abs_diff(&composed, &fused), 0.0, "{act_kind:?}");
+            assert!(max_abs_diff(&composed, &fused) <= 4.0 * tol, "{act_kind:?}");
             let (gc, gf) = (
                 loss(&composed).backward().unwrap(),
                 loss(&fused).backward().unwrap(),
@@ -271,6 +303,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn fast_tanh_is_within_a_few_ulp_of_tanh() {
+        let mut worst = 0f64;
+        for i in -200_000..=200_000 {
+            let x = i as f32 * 5e-5; // -10 .. 10, dense near 0
+            let exact = (x as f64).tanh();
+            let err = (fast_tanh(x) as f64 - exact).abs() / exact.abs().max(1e-30);
+            worst = worst.max(if x == 0.0 { 0.0 } else { err });
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+        assert_eq!(fast_tanh(0.0), 0.0);
+        assert_eq!(fast_tanh(40.0), 1.0);
+        assert_eq!(fast_tanh(-40.0), -1.0);
     }
 
     #[test]
