@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use super::config::{Activation, FeedForward};
 use crate::error::Result;
 use crate::rng::Rng;
+use rayon::prelude::*;
 
 /// What a forward pass is for: inference, or training (dropout on, differentiable softmax).
 pub struct Mode<'a> {
@@ -32,15 +33,30 @@ pub fn dropout(x: &Tensor, p: f64, mode: &Mode) -> Result<Tensor> {
     }
     let n = x.elem_count();
     let scale = (1.0 / (1.0 - p)) as f32;
-    let mask: Vec<f32> = {
-        let mut st = state.borrow_mut();
-        (0..n)
-            .map(|_| if st.rng.next_f64() < p { 0.0 } else { scale })
-            .collect()
-    };
+    // The mask is drawn in parallel, chunk by chunk, each chunk from its own stream of one seed taken
+    // from the training RNG: the same mask whatever the thread count (drawn serially, it was a few
+    // percent of a training step with every core but one waiting).
+    let seed = state.borrow_mut().rng.next_u64();
+    let drop_below = (p * 4_294_967_296.0) as u64; // a 32-bit draw below this drops the element
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(DROPOUT_CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut rng = Rng::derive(seed, i as u64);
+            for pair in chunk.chunks_mut(2) {
+                let r = rng.next_u64();
+                for (j, m) in pair.iter_mut().enumerate() {
+                    let draw = (r >> (32 * j)) & 0xFFFF_FFFF;
+                    *m = if draw < drop_below { 0.0 } else { scale };
+                }
+            }
+        });
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok(x.mul(&mask)?)
 }
+
+/// Elements per dropout-mask chunk (one RNG stream each).
+const DROPOUT_CHUNK: usize = 16384;
 
 /// Model dropout rate in training mode (0 at inference).
 pub fn model_dropout(x: &Tensor, mode: &Mode) -> Result<Tensor> {
@@ -426,5 +442,16 @@ mod tests {
             .unwrap();
         assert_eq!(a, b);
         assert!(a.iter().all(|v| *v == 0.0 || *v == 2.0));
+        // Over several chunks, about p of the elements are dropped, and chunks differ.
+        let big = Tensor::ones((5, 10_000), DType::F32, &Device::Cpu).unwrap();
+        let m: Vec<f32> = dropout(&big, 0.25, &Mode { train: Some(&st) })
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let dropped = m.iter().filter(|v| **v == 0.0).count() as f64 / m.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.01, "dropped {dropped}");
+        assert_ne!(m[..DROPOUT_CHUNK], m[DROPOUT_CHUNK..2 * DROPOUT_CHUNK]);
     }
 }
