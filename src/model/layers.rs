@@ -69,12 +69,14 @@ pub fn model_dropout(x: &Tensor, mode: &Mode) -> Result<Tensor> {
     }
 }
 
-/// Softmax over the last dimension in f32. The fused kernel has no backward pass, so training uses
-/// the composed form.
+/// Softmax over the last dimension in f32. candle's fused kernel has no backward pass, so training
+/// uses ours on the CPU and the composed form elsewhere.
 pub fn softmax_last_dim(x: &Tensor, train: bool) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
-    let y = if train {
+    let y = if train && super::fused_softmax::applies(&x) {
+        super::fused_softmax::softmax(&x)?
+    } else if train {
         let max = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&max)?.exp()?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?

@@ -16,6 +16,7 @@ pub mod cpu_matmul;
 pub mod decoding;
 pub mod frozen_matmul;
 pub mod fused_activation;
+pub mod fused_softmax;
 pub mod init;
 pub mod layers;
 pub mod lora;
