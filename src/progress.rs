@@ -100,9 +100,8 @@ impl Progress {
     }
 
     pub fn finish(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stopper().stop();
         if let Some(h) = self.handle.take() {
-            h.thread().unpark();
             let _ = h.join();
         }
     }
@@ -125,9 +124,6 @@ impl Stopper {
 
 impl Drop for Progress {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = &self.handle {
-            h.thread().unpark();
-        }
+        self.stopper().stop();
     }
 }

@@ -439,11 +439,7 @@ impl candle_core::CustomOp1 for FusedGatedAct {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let data = s.as_slice::<f32>()?;
-        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("fused-gated-act: input not contiguous".into())
-        })?;
-        let data = &data[start..end];
+        let data = super::contiguous_f32(s, l, self.name())?;
         let dims = l.dims();
         let width = dims[dims.len() - 1];
         let f = width / 2;

@@ -1,4 +1,5 @@
-//! Feed-forward activations for training on the CPU with a one-pass backward.
+//! Feed-forward activations on the CPU: one parallel pass forward (inference of ungated blocks uses
+//! it too) and a one-pass backward for training.
 //!
 //! Composed from candle's ops, `act(a) * b` and its gradient take about a dozen passes over the
 //! hidden activations, several single-threaded (candle's GELU backward alone is `powf(3)`, `tanh`,
@@ -11,6 +12,7 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::config::Activation;
+use super::contiguous_f32;
 use crate::error::Result;
 
 /// Elements per parallel task: big enough that a task outweighs its scheduling.
@@ -96,13 +98,6 @@ pub fn gated(a: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(a.contiguous()?.apply_op2(&b.contiguous()?, Gated(act))?)
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input not contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
-
 struct Act(Activation);
 
 impl candle_core::CustomOp1 for Act {
@@ -111,7 +106,7 @@ impl candle_core::CustomOp1 for Act {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let a = slice(s, l, self.name())?;
+        let a = contiguous_f32(s, l, self.name())?;
         let mut out = vec![0f32; a.len()];
         out.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK))
@@ -151,7 +146,10 @@ impl candle_core::CustomOp2 for ActBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, g) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let (a, g) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+        );
         let mut out = vec![0f32; a.len()];
         out.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
@@ -168,7 +166,7 @@ struct Gated(Activation);
 
 impl candle_core::CustomOp2 for Gated {
     fn name(&self) -> &'static str {
-        "fused-gated-act"
+        "fused-act-times-gate"
     }
 
     fn cpu_fwd(
@@ -178,7 +176,10 @@ impl candle_core::CustomOp2 for Gated {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let (a, b) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+        );
         let mut out = vec![0f32; a.len()];
         out.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
@@ -208,7 +209,7 @@ struct GatedBackward(Activation);
 
 impl candle_core::CustomOp3 for GatedBackward {
     fn name(&self) -> &'static str {
-        "fused-gated-act-backward"
+        "fused-act-times-gate-backward"
     }
 
     fn cpu_fwd(
@@ -222,9 +223,9 @@ impl candle_core::CustomOp3 for GatedBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
         let (a, b, g) = (
-            slice(s1, l1, name)?,
-            slice(s2, l2, name)?,
-            slice(s3, l3, name)?,
+            contiguous_f32(s1, l1, name)?,
+            contiguous_f32(s2, l2, name)?,
+            contiguous_f32(s3, l3, name)?,
         );
         let n = a.len();
         let mut out = vec![0f32; 2 * n];

@@ -8,6 +8,7 @@
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous_f32;
 use crate::error::Result;
 
 /// Rows per parallel task, at least: a row is as short as a few keys.
@@ -23,13 +24,6 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(Softmax)?)
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input not contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
-
 fn row_len(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1).max(1)
 }
@@ -42,7 +36,7 @@ impl candle_core::CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, self.name())?;
+        let x = contiguous_f32(s, l, self.name())?;
         let n = row_len(l);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(n)
@@ -89,7 +83,10 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, g) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let (y, g) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+        );
         let n = row_len(l1);
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(n)

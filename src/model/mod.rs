@@ -28,6 +28,18 @@ use candle_core::{DType, Device};
 pub use config::T5Config;
 pub use t5::{DecodeState, T5};
 
+/// The f32 elements a contiguous CPU layout covers, for custom ops (`op` names the op in the error).
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input not contiguous")))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
 /// Largest absolute elementwise difference of two tensors (unit tests).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
