@@ -392,13 +392,11 @@ impl CustomOp2 for FusedRmsNorm {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (xs.as_slice::<f32>()?, ws.as_slice::<f32>()?);
         let d = *xl.dims().last().unwrap_or(&1);
-        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
-            candle_core::bail!("fused-rms-norm: inputs must be contiguous");
-        };
-        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let (x, w) = (
+            super::contiguous_f32(xs, xl, self.name())?,
+            super::contiguous_f32(ws, wl, self.name())?,
+        );
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))

@@ -253,10 +253,7 @@ fn next_tokens(
         let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         return Ok(pick(&flat, vocab, active, seqs, rngs, step, eos, o));
     };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return Err(Error::model("logits are not contiguous"));
-    };
-    let flat = &cpu.as_slice::<f32>()?[start..end];
+    let flat = super::contiguous_f32(cpu, layout, "logits")?;
     Ok(pick(flat, vocab, active, seqs, rngs, step, eos, o))
 }
 
