@@ -40,6 +40,16 @@ pub(crate) fn contiguous_f32<'a>(
     Ok(&s.as_slice::<f32>()?[start..end])
 }
 
+/// Run `f` on a thread of the CPU compute pool (rayon's) rather than on the calling thread. A
+/// decoding batch or a training run is thousands of small parallel ops; called from outside the pool,
+/// each one wakes the pool's threads and puts the caller to sleep until they finish (two context
+/// switches per op, cores idle in between). From inside, the caller is one of the pool's threads and
+/// takes its share of every op. `f` must not wait on work that needs the pool (a pool of one thread
+/// would deadlock): pass it computations, not channel receivers.
+pub(crate) fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// Largest absolute elementwise difference of two tensors (unit tests).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {

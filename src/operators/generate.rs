@@ -333,7 +333,9 @@ impl Run {
             .spawn(move || {
                 for job in job_rx {
                     let refs: Vec<&[u32]> = job.inputs.iter().map(|v| v.as_slice()).collect();
-                    let results = match generate(&model, &refs, &job.seeds, &options) {
+                    let results = match crate::model::on_compute_pool(|| {
+                        generate(&model, &refs, &job.seeds, &options)
+                    }) {
                         Ok(r) => r.into_iter().map(Ok).collect(),
                         // A failing batch: retry its rows one by one so one bad row fails alone.
                         Err(batch_err) => refs

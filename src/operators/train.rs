@@ -339,7 +339,9 @@ impl Train {
         let tokenizer = loaded.tokenizer.clone();
         let mut model = loaded.model;
         let summary = tokio::task::spawn_blocking(move || {
-            job.run(&mut model, tokenizer.as_ref(), &train_rows, &eval_rows)
+            crate::model::on_compute_pool(|| {
+                job.run(&mut model, tokenizer.as_ref(), &train_rows, &eval_rows)
+            })
         })
         .await
         .map_err(|e| Error::Run(format!("training thread: {e}")))??;
