@@ -494,13 +494,18 @@ mod tests {
             .unwrap();
             let fused = gated_act(&y, act).unwrap();
             assert_eq!(fused.dims(), &[3, 5, 7]);
-            // Bit-identical but for GELU, whose tanh is the fast rational approximation.
+            // Bit-identical but for GELU, whose tanh is the fast rational approximation (within 1e-6
+            // relative of libm's): its error scales with |a| * |b|.
             let tol = if act == Activation::GeluNew {
-                4e-6
+                1e-6
             } else {
                 0.0
             };
-            assert!(max_diff(&composed, &fused) <= tol, "{act:?}");
+            let scale = ((y.narrow(2, 0, 7).unwrap().abs().unwrap() + 1.0).unwrap()
+                * (y.narrow(2, 7, 7).unwrap().abs().unwrap() + 1.0).unwrap())
+            .unwrap();
+            let diff = max_diff(&(&composed / &scale).unwrap(), &(&fused / &scale).unwrap());
+            assert!(diff <= tol, "{act:?}: {diff}");
         }
     }
 
