@@ -504,7 +504,7 @@ mod tests {
             let scale = ((y.narrow(2, 0, 7).unwrap().abs().unwrap() + 1.0).unwrap()
                 * (y.narrow(2, 7, 7).unwrap().abs().unwrap() + 1.0).unwrap())
             .unwrap();
-            let diff = max_diff(&(&composed / &scale).unwrap(), &(&fused / &scale).unwrap());
+            let diff = crate::model::max_scaled_diff(&composed, &fused, &scale);
             assert!(diff <= tol, "{act:?}: {diff}");
         }
     }

@@ -253,7 +253,7 @@ impl candle_core::CustomOp3 for GatedBackward {
 mod tests {
     use super::*;
     use crate::model::layers::activate;
-    use crate::model::max_abs_diff;
+    use crate::model::{max_abs_diff, max_scaled_diff};
     use candle_core::{Device, Var};
 
     /// Forward equal to candle's composed ops (bit-identical but for GELU's tanh), gradients equal to
@@ -277,14 +277,8 @@ mod tests {
             };
             // fast_tanh is within 1e-6 relative of libm's tanh: GELU's error scales with |a|.
             let scale = (a.as_tensor().abs().unwrap() + 1.0).unwrap();
-            let scaled_diff = |x: &Tensor, y: &Tensor, s: &Tensor| {
-                max_abs_diff(&(x / s).unwrap(), &(y / s).unwrap())
-            };
-            assert!(
-                scaled_diff(&composed, &fused, &scale) <= tol,
-                "{act_kind:?}: {}",
-                scaled_diff(&composed, &fused, &scale)
-            );
+            let diff = max_scaled_diff(&composed, &fused, &scale);
+            assert!(diff <= tol, "{act_kind:?}: {diff}");
             let (gc, gf) = (
                 loss(&composed).backward().unwrap(),
                 loss(&fused).backward().unwrap(),
@@ -299,11 +293,8 @@ mod tests {
             let composed = (activate(a.as_tensor(), act_kind).unwrap() * b.as_tensor()).unwrap();
             let fused = gated(a.as_tensor(), b.as_tensor(), act_kind).unwrap();
             let gated_scale = (&scale * (b.as_tensor().abs().unwrap() + 1.0).unwrap()).unwrap();
-            assert!(
-                scaled_diff(&composed, &fused, &gated_scale) <= tol,
-                "{act_kind:?}: {}",
-                scaled_diff(&composed, &fused, &gated_scale)
-            );
+            let diff = max_scaled_diff(&composed, &fused, &gated_scale);
+            assert!(diff <= tol, "{act_kind:?}: {diff}");
             let (gc, gf) = (
                 loss(&composed).backward().unwrap(),
                 loss(&fused).backward().unwrap(),

@@ -58,6 +58,21 @@ pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> 
         .expect("comparable f32 tensors")
 }
 
+/// Largest elementwise difference of two tensors, each element divided by `scale` first (unit tests of
+/// approximations whose error grows with the size of their inputs).
+#[cfg(test)]
+pub(crate) fn max_scaled_diff(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    scale: &candle_core::Tensor,
+) -> f32 {
+    let (a, b) = (
+        (a / scale).expect("same shapes"),
+        (b / scale).expect("same shapes"),
+    );
+    max_abs_diff(&a, &b)
+}
+
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::plans::spec::ModelSpec;
