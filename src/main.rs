@@ -166,6 +166,10 @@ struct ModelInitArgs {
     vocab: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Hand-set weights that copy the input (`model::copy_prior`; its own shape, replaces --size;
+    /// needs --family flan-t5 or ul2) instead of a random initialisation.
+    #[arg(long)]
+    copy_prior: bool,
     #[arg(long)]
     out: PathBuf,
 }
@@ -487,12 +491,19 @@ async fn model_init(a: ModelInitArgs) -> Result<()> {
         }
     };
     let vocab = conala::tokenizer::load(&tokenizer)?.get_vocab_size(true);
-    let cfg = conala::model::init::config(a.family, a.size, vocab);
-    conala::model::init::write_random_model(&cfg, a.seed, &tokenizer, &a.out)?;
+    let (cfg, kind) = if a.copy_prior {
+        let cfg = conala::model::copy_prior::config(a.family, vocab)?;
+        let w = conala::model::copy_prior::weights(&cfg, a.seed)?;
+        conala::model::init::write_model(&cfg, &w, &tokenizer, &a.out)?;
+        (cfg, "copy-prior".to_string())
+    } else {
+        let cfg = conala::model::init::config(a.family, a.size, vocab);
+        conala::model::init::write_random_model(&cfg, a.seed, &tokenizer, &a.out)?;
+        (cfg, format!("random {:?}", a.size))
+    };
     println!(
-        "wrote a random {:?} {:?} model (vocab {vocab}, d_model {}, {} layers) to {}",
+        "wrote a {kind} {:?} model (vocab {vocab}, d_model {}, {} layers) to {}",
         a.family,
-        a.size,
         cfg.d_model,
         cfg.num_layers,
         a.out.display()

@@ -491,6 +491,64 @@ async fn full_finetuning_is_seeded_and_reproducible() {
     assert_eq!(losses[0], losses[1], "same seed, same losses");
 }
 
+/// The offline default's recipe in small: a copy-prior base made by `model.init`, LoRA on q and v,
+/// beam-search evaluation. The prior copies before training, so a few gentle steps keep its BLEU at
+/// the level of copying (a random model scores ~0); a misspelt prior is refused by name.
+#[tokio::test]
+async fn copy_prior_base_trains_with_lora_and_beam_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = context(None, tmp.path(), true);
+    let model = tmp.path().join("prior");
+    let out = tmp.path().join("run");
+    let init = format!(
+        "path: \"{}\"\n  init: {{ family: flan-t5, prior: copy, tokenizer: \"{}\" }}",
+        model.display(),
+        tokenizer_path().display()
+    );
+    let train = "lora: { r: 8, alpha: 32, dropout: 0.0, targets: [q, v] }\n      dropout: 0.0\n      max_steps: 3\n      batch_size: 8\n      learning_rate: 1.0e-4\n      eval_every: 3\n      save_every: 3\n      eval_num_beams: 2\n      eval_no_repeat_ngram_size: 3\n      baseline: intent";
+    let yaml = train_plan(Path::new("X"), &out, train)
+        .replace("model: { path: \"X\" }", &format!("model:\n  {init}"));
+    let plan = plans::load_str(&yaml, "train.yaml", &[]).unwrap();
+    let s = plans::build(&plan, &ctx)
+        .await
+        .unwrap()
+        .run(&ctx)
+        .await
+        .unwrap();
+    let t = s.train.unwrap();
+    assert_eq!(t.steps, 3);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (cfg["d_model"].as_u64(), cfg["num_heads"].as_u64()),
+        (Some(256), Some(4))
+    );
+    let (scores, baseline) = (t.eval_scores.unwrap(), t.baseline_scores.unwrap());
+    assert!(
+        scores.bleu > 0.5 * baseline.bleu && baseline.bleu > 5.0,
+        "BLEU {} vs copy-the-intent {}",
+        scores.bleu,
+        baseline.bleu
+    );
+
+    let bad = yaml.replace("prior: copy", "prior: copy-intent").replace(
+        &format!("{}\"", model.display()),
+        &format!("{}-bad\"", model.display()),
+    );
+    let e = match plans::load_str(&bad, "bad.yaml", &[]) {
+        Ok(p) => match plans::build(&p, &ctx).await {
+            Ok(b) => b.run(&ctx).await.err().map(|e| e.to_string()),
+            Err(e) => Some(e.to_string()),
+        },
+        Err(e) => Some(e.to_string()),
+    };
+    let e = e.expect("an unknown prior fails");
+    assert!(
+        e.contains("copy-intent") && e.contains("random or copy"),
+        "{e}"
+    );
+}
+
 fn adapter_tensors(dir: &Path) -> HashMap<String, Vec<f32>> {
     candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &Device::Cpu)
         .unwrap()

@@ -74,13 +74,34 @@ pub fn materialize(path: &Path, init: &crate::plans::spec::InitSpec) -> Result<(
     })?;
     let tok = Path::new(&init.tokenizer);
     let vocab = crate::tokenizer::load(tok)?.get_vocab_size(true);
-    log::info!(
-        "creating a random {} {} model at {}",
-        init.family,
-        init.size,
-        path.display()
-    );
-    write_random_model(&config(family, size, vocab), init.seed, tok, path)
+    match init.prior.as_str() {
+        "random" => {
+            log::info!(
+                "creating a random {} {} model at {}",
+                init.family,
+                init.size,
+                path.display()
+            );
+            write_random_model(&config(family, size, vocab), init.seed, tok, path)
+        }
+        "copy" => {
+            log::info!(
+                "creating a {} copy-prior model at {}",
+                init.family,
+                path.display()
+            );
+            let cfg = super::copy_prior::config(family, vocab)?;
+            write_model(
+                &cfg,
+                &super::copy_prior::weights(&cfg, init.seed)?,
+                tok,
+                path,
+            )
+        }
+        other => Err(Error::model(format!(
+            "model.init.prior `{other}`: expected random or copy"
+        ))),
+    }
 }
 
 /// The config of a family at a size, with the vocabulary size of its tokenizer.
@@ -148,7 +169,7 @@ pub fn config_json(cfg: &T5Config) -> serde_json::Value {
     v
 }
 
-fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
+pub(crate) fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         // Box-Muller
@@ -272,9 +293,18 @@ pub fn write_random_model(
     tokenizer_json: &Path,
     out: &Path,
 ) -> Result<()> {
+    write_model(cfg, &random_weights(cfg, seed)?, tokenizer_json, out)
+}
+
+/// Write a model folder from weights with HF names: config.json, model.safetensors, tokenizer.json.
+pub fn write_model(
+    cfg: &T5Config,
+    weights: &BTreeMap<String, Tensor>,
+    tokenizer_json: &Path,
+    out: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out.display(), e))?;
-    let weights = random_weights(cfg, seed)?;
-    save_safetensors(&weights, &out.join(SAFETENSORS))?;
+    save_safetensors(weights, &out.join(SAFETENSORS))?;
     let text =
         serde_json::to_string_pretty(&config_json(cfg)).map_err(|e| Error::model(e.to_string()))?;
     std::fs::write(out.join(CONFIG), text).map_err(|e| Error::io(out.join(CONFIG).display(), e))?;

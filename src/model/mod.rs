@@ -7,10 +7,12 @@
 //! - [`weights`]: locating and reading checkpoints (folders, the Hub, sharded safetensors).
 //! - [`lora`]: LoRA adapters in PEFT's format, and merging.
 //! - [`init`]: random models written as HF folders (`conala model init`).
+//! - [`copy_prior`]: a model whose hand-set weights copy the input (the offline default starts there).
 
 pub mod attention;
 pub mod beam;
 pub mod config;
+pub mod copy_prior;
 pub mod cpu_attention;
 pub mod cpu_matmul;
 pub mod decoding;

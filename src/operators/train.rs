@@ -240,6 +240,9 @@ impl Train {
                 "max_steps, batch_size and gradient_accumulation_steps must be at least 1",
             ));
         }
+        if spec.eval_num_beams == 0 {
+            return Err(StepError::at("eval_num_beams", "must be at least 1"));
+        }
         if !(spec.learning_rate > 0.0 && spec.learning_rate.is_finite()) {
             return Err(StepError::at("learning_rate", "must be a positive number"));
         }
@@ -759,7 +762,7 @@ fn eval_loss(model: &T5, examples: &[Example]) -> Result<f64> {
     Ok(sum / n.max(1.0))
 }
 
-/// Greedy generations for the eval rows, scored against their references.
+/// Generations for the eval rows (greedy, or the spec's beams), scored against their references.
 fn score_generations(
     model: &T5,
     tok: &tokenizers::Tokenizer,
@@ -775,6 +778,8 @@ fn score_generations(
     order.sort_by_key(|&i| std::cmp::Reverse(eval.examples[i].input.len()));
     let opts = DecodeOptions {
         max_new_tokens: spec.eval_max_new_tokens,
+        num_beams: spec.eval_num_beams,
+        no_repeat_ngram_size: spec.eval_no_repeat_ngram_size,
         ..Default::default()
     };
     let mut predictions = vec![String::new(); n];

@@ -130,6 +130,12 @@ async fn load_step_tokenizer(
 ) -> Result<tokenizers::Tokenizer, StepError> {
     let (spec, revision, key) = match (explicit, &plan.model) {
         (Some(t), _) => (t.to_string(), None, "tokenizer"),
+        // A model made by `model.init` (maybe not yet) carries the tokenizer it was made for.
+        (None, Some(m)) if m.init.is_some() && !std::path::Path::new(&m.path).is_dir() => (
+            m.init.as_ref().map(|i| i.tokenizer.clone()).unwrap_or_default(),
+            None,
+            "tokenizer",
+        ),
         (None, Some(m)) => (m.path.clone(), m.revision.clone(), "tokenizer"),
         (None, None) => return Err(StepError::at("tokenizer", "no tokenizer: set `tokenizer:` (a tokenizer.json, a model folder or a Hub id) or give the plan a `model`")),
     };

@@ -105,6 +105,14 @@ pub struct InitSpec {
     pub tokenizer: String,
     #[serde(default)]
     pub seed: u64,
+    /// `random` (transformers' initialisation) or `copy` (hand-set weights that copy the input, in
+    /// the copy prior's own shape, which replaces `size`: see `model::copy_prior`).
+    #[serde(default = "default_init_prior")]
+    pub prior: String,
+}
+
+fn default_init_prior() -> String {
+    "random".to_string()
 }
 
 fn default_init_size() -> String {
@@ -453,9 +461,14 @@ pub struct TrainSpec {
     /// Generate on the eval split and report BLEU every N evaluations (0: only at the end).
     #[serde(default)]
     pub generate_every_evals: u64,
-    /// Decoding settings for the BLEU evaluation.
+    /// Decoding settings for the BLEU evaluation (greedy unless `eval_num_beams` > 1).
     #[serde(default = "default_eval_max_new")]
     pub eval_max_new_tokens: usize,
+    #[serde(default = "default_eval_beams")]
+    pub eval_num_beams: usize,
+    /// Block repeating any n-gram of this size in eval generations (0: off), as `generate` does.
+    #[serde(default)]
+    pub eval_no_repeat_ngram_size: usize,
     /// Cap on eval rows used for generation-based metrics (0: all).
     #[serde(default)]
     pub eval_generate_rows: usize,
@@ -467,6 +480,9 @@ pub struct TrainSpec {
     pub baseline: Option<String>,
 }
 
+fn default_eval_beams() -> usize {
+    1
+}
 fn default_lora() -> Option<LoraSpec> {
     Some(LoraSpec::default())
 }
