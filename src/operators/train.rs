@@ -426,8 +426,9 @@ impl TrainJob {
                 for (name, var) in &vars {
                     let t = ck.trainable.get(name).ok_or_else(|| {
                         Error::Run(format!(
-                            "{}: no `{name}`; the checkpoint is from a different setup",
-                            ck.dir.display()
+                            "{}: no `{name}`; the checkpoint is from a different setup (another model or lora), remove {} to start over",
+                            ck.dir.display(),
+                            self.out.display()
                         ))
                     })?;
                     var.set(&t.to_dtype(var.dtype())?)?;
