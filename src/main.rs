@@ -32,7 +32,7 @@ fn keep_freed_memory() {
 }
 
 /// The offline default, run by `conala run` without plan files: prepare the shipped curated split,
-/// train a small model from scratch on it, then generate for the test rows and score them.
+/// fine-tune a copy-prior base on it with LoRA, then generate for the test rows and score them.
 const DEFAULT_PLANS: [(&str, &str); 3] = [
     (
         "pipelines/conala-offline.yaml",
