@@ -859,3 +859,38 @@ fn deploy_examples_match_the_cli() {
         assert!(r.is_ok(), "{k}: {:?}", r.err().map(|e| e.to_string()));
     }
 }
+
+/// The offline training plans shipped in pipelines/ validate as written (their `model.init` models are
+/// made, elsewhere, by `--set`): the default (LoRA on a copy prior) and the from-scratch comparison.
+#[test]
+fn offline_training_plans_validate() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (plan, name, init) in [
+        ("conala-offline-train", "conala-offline-train", "prior"),
+        (
+            "conala-offline-train-scratch",
+            "conala-offline-train-scratch",
+            "scratch",
+        ),
+    ] {
+        let model = tmp.path().join(init);
+        let (ok, out, err) = run_cli(
+            &[
+                "validate",
+                &format!("pipelines/{plan}.yaml"),
+                "--set",
+                &format!("model.path={}", model.display()),
+                "--set",
+                &format!("train.output={}", tmp.path().join("run").display()),
+            ],
+            &[],
+            &repo_root(),
+        );
+        assert!(ok, "{out}\n{err}");
+        assert!(out.contains(&format!("valid plan `{name}`")), "{out}");
+        let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
+        let d_model = if init == "prior" { 256 } else { 128 };
+        assert!(cfg.contains(&format!("\"d_model\": {d_model}")), "{cfg}");
+    }
+    assert!(!tmp.path().join("run").exists(), "validate must not train");
+}
