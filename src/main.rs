@@ -490,20 +490,18 @@ async fn model_init(a: ModelInitArgs) -> Result<()> {
             p
         }
     };
-    let vocab = conala::tokenizer::load(&tokenizer)?.get_vocab_size(true);
-    let (cfg, kind) = if a.copy_prior {
-        let cfg = conala::model::copy_prior::config(a.family, vocab)?;
-        let w = conala::model::copy_prior::weights(&cfg, a.seed)?;
-        conala::model::init::write_model(&cfg, &w, &tokenizer, &a.out)?;
-        (cfg, "copy-prior".to_string())
+    use conala::model::init::{write_new_model, Prior};
+    let prior = if a.copy_prior {
+        Prior::Copy
     } else {
-        let cfg = conala::model::init::config(a.family, a.size, vocab);
-        conala::model::init::write_random_model(&cfg, a.seed, &tokenizer, &a.out)?;
-        (cfg, format!("random {:?}", a.size))
+        Prior::Random
     };
+    let cfg = write_new_model(a.family, a.size, prior, &tokenizer, a.seed, &a.out)?;
     println!(
-        "wrote a {kind} {:?} model (vocab {vocab}, d_model {}, {} layers) to {}",
+        "wrote a {} {:?} model (vocab {}, d_model {}, {} layers) to {}",
+        prior.describe(a.size),
         a.family,
+        cfg.vocab_size,
         cfg.d_model,
         cfg.num_layers,
         a.out.display()

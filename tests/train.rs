@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use conala::context::Context;
 use conala::model::layers::{Mode, TrainState};
 use conala::model::lora::AdapterFiles;
 use conala::model::weights::Weights;
@@ -275,6 +276,12 @@ steps:
     )
 }
 
+/// Load, validate and run a plan given as YAML text.
+async fn run_plan(yaml: &str, ctx: &Context) -> conala::error::Result<plans::RunSummary> {
+    let plan = plans::load_str(yaml, "train.yaml", &[])?;
+    plans::build(&plan, ctx).await?.run(ctx).await
+}
+
 fn tiny(
     dir: &Path,
     family: conala::model::init::Family,
@@ -305,13 +312,7 @@ async fn train_plan_writes_peft_adapter_merged_model_metrics_and_plot() {
     );
     let out = tmp.path().join("run");
     let yaml = train_plan(&base, &out, "lora: { r: 4, alpha: 8, targets: [q, v] }\n      max_steps: 12\n      batch_size: 8\n      learning_rate: 1.0e-2\n      warmup_steps: 2\n      log_every: 3\n      eval_every: 4\n      save_every: 4\n      save_total_limit: 1\n      baseline: intent");
-    let plan = plans::load_str(&yaml, "train.yaml", &[]).unwrap();
-    let s = plans::build(&plan, &ctx)
-        .await
-        .unwrap()
-        .run(&ctx)
-        .await
-        .unwrap();
+    let s = run_plan(&yaml, &ctx).await.unwrap();
     let t = s.train.unwrap();
     assert_eq!(t.steps, 12);
     assert!(t.final_eval_loss.unwrap().is_finite());
@@ -440,13 +441,7 @@ async fn train_plan_writes_peft_adapter_merged_model_metrics_and_plot() {
         .unwrap();
     assert!(d < 1e-6);
     // Running again without --resume refuses to clobber the checkpoints.
-    let e = plans::build(&plan, &ctx)
-        .await
-        .unwrap()
-        .run(&ctx)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = run_plan(&yaml, &ctx).await.unwrap_err().to_string();
     assert!(e.contains("--resume"), "{e}");
 }
 
@@ -464,13 +459,7 @@ async fn full_finetuning_is_seeded_and_reproducible() {
     for run in 0..2 {
         let out = tmp.path().join(format!("run{run}"));
         let yaml = train_plan(&base, &out, "lora: null\n      max_steps: 6\n      batch_size: 8\n      learning_rate: 1.0e-3\n      log_every: 1\n      eval_every: 3\n      save_every: 3\n      lr_scheduler: cosine\n      gradient_accumulation_steps: 2\n      label_smoothing: 0.1");
-        let plan = plans::load_str(&yaml, "t.yaml", &[]).unwrap();
-        plans::build(&plan, &ctx)
-            .await
-            .unwrap()
-            .run(&ctx)
-            .await
-            .unwrap();
+        run_plan(&yaml, &ctx).await.unwrap();
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         let values: Vec<(u64, Option<f64>, Option<f64>)> = metrics
             .lines()
@@ -508,14 +497,7 @@ async fn copy_prior_base_trains_with_lora_and_beam_evaluation() {
     let train = "lora: { r: 8, alpha: 32, dropout: 0.0, targets: [q, v] }\n      dropout: 0.0\n      max_steps: 3\n      batch_size: 8\n      learning_rate: 1.0e-4\n      eval_every: 3\n      save_every: 3\n      eval_num_beams: 2\n      eval_no_repeat_ngram_size: 3\n      baseline: intent";
     let yaml = train_plan(Path::new("X"), &out, train)
         .replace("model: { path: \"X\" }", &format!("model:\n  {init}"));
-    let plan = plans::load_str(&yaml, "train.yaml", &[]).unwrap();
-    let s = plans::build(&plan, &ctx)
-        .await
-        .unwrap()
-        .run(&ctx)
-        .await
-        .unwrap();
-    let t = s.train.unwrap();
+    let t = run_plan(&yaml, &ctx).await.unwrap().train.unwrap();
     assert_eq!(t.steps, 3);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
@@ -535,14 +517,10 @@ async fn copy_prior_base_trains_with_lora_and_beam_evaluation() {
         &format!("{}\"", model.display()),
         &format!("{}-bad\"", model.display()),
     );
-    let e = match plans::load_str(&bad, "bad.yaml", &[]) {
-        Ok(p) => match plans::build(&p, &ctx).await {
-            Ok(b) => b.run(&ctx).await.err().map(|e| e.to_string()),
-            Err(e) => Some(e.to_string()),
-        },
-        Err(e) => Some(e.to_string()),
-    };
-    let e = e.expect("an unknown prior fails");
+    let e = run_plan(&bad, &ctx)
+        .await
+        .expect_err("an unknown prior fails")
+        .to_string();
     assert!(
         e.contains("copy-intent") && e.contains("random or copy"),
         "{e}"
@@ -639,19 +617,12 @@ async fn bad_training_input_is_reported() {
         conala::model::init::Family::FlanT5,
         conala::model::init::Size::Tiny,
     );
-    let run = |yaml: String| {
-        let ctx = &ctx;
-        async move {
-            let plan = plans::load_str(&yaml, "t.yaml", &[])?;
-            plans::build(&plan, ctx).await?.run(ctx).await
-        }
-    };
     // Empty training set.
     let yaml = train_plan(&base, &tmp.path().join("e"), "max_steps: 2").replace(
         "rewritten_intent IS NOT NULL\"",
         "rewritten_intent IS NOT NULL AND false\"",
     );
-    let e = run(yaml).await.unwrap_err().to_string();
+    let e = run_plan(&yaml, &ctx).await.unwrap_err().to_string();
     assert!(e.contains("empty training set"), "{e}");
     // Eval rows without the target column.
     let j = tmp.path().join("eval.jsonl");
@@ -663,7 +634,7 @@ async fn bad_training_input_is_reported() {
         ),
         &format!("{{ uri: \"{}\" }}", j.display()),
     );
-    let e = run(yaml).await.unwrap_err().to_string();
+    let e = run_plan(&yaml, &ctx).await.unwrap_err().to_string();
     assert!(
         e.contains("rewritten_intent") && e.contains("eval rows"),
         "{e}"
@@ -671,7 +642,7 @@ async fn bad_training_input_is_reported() {
     // A loss that becomes NaN stops the run and names the last good checkpoint.
     let out = tmp.path().join("nan");
     let yaml = train_plan(&base, &out, "lora: null\n      max_steps: 50\n      batch_size: 8\n      learning_rate: 1.0e+30\n      max_grad_norm: 0\n      save_every: 1\n      eval_every: 100");
-    let e = run(yaml).await.unwrap_err().to_string();
+    let e = run_plan(&yaml, &ctx).await.unwrap_err().to_string();
     assert!(
         e.contains("loss became") && e.contains("checkpoint-"),
         "{e}"

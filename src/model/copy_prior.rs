@@ -102,6 +102,13 @@ impl Matrix {
         self.data.fill(0.0);
     }
 
+    /// Row `r`, cols `c0..c0+E` = scale * `dir`.
+    fn set_direction(&mut self, r: usize, c0: usize, dir: &[f64], scale: f64) {
+        for (i, x) in dir.iter().enumerate() {
+            self.set(r, c0 + i, x * scale);
+        }
+    }
+
     /// rows `r0..r0+E` x cols `c0..c0+E` = scale * identity.
     fn identity(&mut self, r0: usize, c0: usize, scale: f64) {
         for i in 0..E {
@@ -115,6 +122,80 @@ impl Matrix {
             (self.rows, self.cols),
             &Device::Cpu,
         )?)
+    }
+}
+
+/// One attention sublayer's projections (and its position bias, if it has one) taken out of the
+/// weight map to be edited, then put back.
+struct AttentionEdit {
+    prefix: &'static str,
+    q: Matrix,
+    k: Matrix,
+    v: Matrix,
+    o: Matrix,
+    bias: Option<Matrix>,
+}
+
+impl AttentionEdit {
+    fn take(w: &BTreeMap<String, Tensor>, prefix: &'static str) -> Result<AttentionEdit> {
+        let get = |n: &str| -> Result<Option<Matrix>> {
+            w.get(&format!("{prefix}.{n}.weight"))
+                .map(Matrix::from)
+                .transpose()
+        };
+        let need = |n: &str| -> Result<Matrix> {
+            get(n)?.ok_or_else(|| Error::model(format!("copy prior: missing {prefix}.{n}.weight")))
+        };
+        Ok(AttentionEdit {
+            prefix,
+            q: need("q")?,
+            k: need("k")?,
+            v: need("v")?,
+            o: need("o")?,
+            bias: get("relative_attention_bias")?,
+        })
+    }
+
+    /// Zero head `h`'s rows of q, k and v (the head then attends by position bias only, reading
+    /// nothing, until its entries are set).
+    fn clear_head(&mut self, h: usize) {
+        for m in [&mut self.q, &mut self.k, &mut self.v] {
+            m.zero_rows(h * D_KV..(h + 1) * D_KV);
+        }
+    }
+
+    /// Head `h` attends to relative position `offset` (`bidirectional`: the encoder's buckets).
+    fn attend_at(
+        &mut self,
+        cfg: &T5Config,
+        h: usize,
+        offset: i64,
+        bidirectional: bool,
+    ) -> Result<()> {
+        let b = bucket(
+            offset,
+            bidirectional,
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
+        );
+        self.bias
+            .as_mut()
+            .ok_or_else(|| {
+                Error::model(format!("copy prior: {} has no position bias", self.prefix))
+            })?
+            .set(b as usize, h, POSITION_BIAS);
+        Ok(())
+    }
+
+    fn put(self, w: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        let p = self.prefix;
+        for (n, m) in [("q", self.q), ("k", self.k), ("v", self.v), ("o", self.o)] {
+            w.insert(format!("{p}.{n}.weight"), m.tensor()?);
+        }
+        if let Some(b) = self.bias {
+            w.insert(format!("{p}.relative_attention_bias.weight"), b.tensor()?);
+        }
+        Ok(())
     }
 }
 
@@ -172,9 +253,7 @@ pub fn weights(cfg: &T5Config, seed: u64) -> Result<BTreeMap<String, Tensor>> {
     let mut emb = Matrix::from(&w["shared.weight"])?;
     emb.zero();
     for (t, dir) in u.iter().enumerate() {
-        for (i, x) in dir.iter().enumerate() {
-            emb.set(t, s0 + i, *x);
-        }
+        emb.set_direction(t, s0, dir, 1.0);
         emb.set(t, CONST, 1.0);
     }
     emb.set(eos, EOS_FLAG, 1.0);
@@ -182,106 +261,51 @@ pub fn weights(cfg: &T5Config, seed: u64) -> Result<BTreeMap<String, Tensor>> {
 
     let u2 = U_NORM * U_NORM;
     // Gains of the pre-attention RMS norms: an embedding (S0 + const), the decoder stream after its
-    // self-attention (S0 + S1 + const), the encoder output (S0 + S1 + S2 + const), the decoder output.
+    // self-attention (S0 + S1 + const), and a stream holding S0, S1, S2 + const (the encoder's output,
+    // and the decoder's output before the output layer).
     let g_emb = rms_gain(u2 + 1.0);
     let g_dec = rms_gain(2.0 * u2 + 1.0);
-    let g_enc = rms_gain(3.0 * u2 + 1.0);
-    let g_out = rms_gain(3.0 * u2 + 1.0);
-
-    let get = |w: &BTreeMap<String, Tensor>, n: &str| -> Result<Matrix> {
-        Matrix::from(
-            w.get(n)
-                .ok_or_else(|| Error::model(format!("copy prior: missing {n}")))?,
-        )
-    };
-    let rel = cfg.relative_attention_num_buckets;
-    let dist = cfg.relative_attention_max_distance;
+    let g_full = rms_gain(3.0 * u2 + 1.0);
 
     // Encoder layer 0: heads 0 and 1 read the tokens at -1 and -2 (or `</s>` at the start).
-    let p = "encoder.block.0.layer.0.SelfAttention";
-    let (mut q, mut k, mut v, mut o) = (
-        get(&w, &format!("{p}.q.weight"))?,
-        get(&w, &format!("{p}.k.weight"))?,
-        get(&w, &format!("{p}.v.weight"))?,
-        get(&w, &format!("{p}.o.weight"))?,
-    );
-    let mut bias = get(&w, &format!("{p}.relative_attention_bias.weight"))?;
+    let mut a = AttentionEdit::take(&w, "encoder.block.0.layer.0.SelfAttention")?;
     for (h, offset, dst) in [(0, -1i64, s1), (1, -2, s2)] {
         let r = h * D_KV;
-        for m in [&mut q, &mut k, &mut v] {
-            m.zero_rows(r..r + D_KV);
-        }
-        q.set(r, CONST, START_SCORE / (g_emb * g_emb));
-        k.set(r, EOS_FLAG, 1.0);
-        v.identity(r, s0, 1.0 / g_emb);
-        o.identity(dst, r, 1.0);
-        bias.set(bucket(offset, true, rel, dist) as usize, h, POSITION_BIAS);
+        a.clear_head(h);
+        a.q.set(r, CONST, START_SCORE / (g_emb * g_emb));
+        a.k.set(r, EOS_FLAG, 1.0);
+        a.v.identity(r, s0, 1.0 / g_emb);
+        a.o.identity(dst, r, 1.0);
+        a.attend_at(cfg, h, offset, true)?;
     }
-    for (n, m) in [("q", q), ("k", k), ("v", v), ("o", o)] {
-        w.insert(format!("{p}.{n}.weight"), m.tensor()?);
-    }
-    w.insert(
-        format!("{p}.relative_attention_bias.weight"),
-        bias.tensor()?,
-    );
+    a.put(&mut w)?;
 
     // Decoder layer 0 self-attention: head 0 reads the previous output token into S1.
-    let p = "decoder.block.0.layer.0.SelfAttention";
-    let (mut q, mut k, mut v, mut o) = (
-        get(&w, &format!("{p}.q.weight"))?,
-        get(&w, &format!("{p}.k.weight"))?,
-        get(&w, &format!("{p}.v.weight"))?,
-        get(&w, &format!("{p}.o.weight"))?,
-    );
-    let mut bias = get(&w, &format!("{p}.relative_attention_bias.weight"))?;
-    for m in [&mut q, &mut k, &mut v] {
-        m.zero_rows(0..D_KV);
-    }
-    v.identity(0, s0, 1.0 / g_emb);
-    o.identity(s1, 0, 1.0);
-    bias.set(bucket(-1, false, rel, dist) as usize, 0, POSITION_BIAS);
-    for (n, m) in [("q", q), ("k", k), ("v", v), ("o", o)] {
-        w.insert(format!("{p}.{n}.weight"), m.tensor()?);
-    }
-    w.insert(
-        format!("{p}.relative_attention_bias.weight"),
-        bias.tensor()?,
-    );
+    let mut a = AttentionEdit::take(&w, "decoder.block.0.layer.0.SelfAttention")?;
+    a.clear_head(0);
+    a.v.identity(0, s0, 1.0 / g_emb);
+    a.o.identity(s1, 0, 1.0);
+    a.attend_at(cfg, 0, -1, false)?;
+    a.put(&mut w)?;
 
     // Decoder layer 0 cross-attention: head 0 matches (last, one-before) output tokens against each
     // input position's (-1, -2) tokens and reads the position's own token into S2.
-    let p = "decoder.block.0.layer.1.EncDecAttention";
-    let (mut q, mut k, mut v, mut o) = (
-        get(&w, &format!("{p}.q.weight"))?,
-        get(&w, &format!("{p}.k.weight"))?,
-        get(&w, &format!("{p}.v.weight"))?,
-        get(&w, &format!("{p}.o.weight"))?,
-    );
-    for m in [&mut q, &mut k, &mut v] {
-        m.zero_rows(0..D_KV);
-    }
-    let per_match = MATCH_SCORE / u2 / (g_dec * g_enc);
-    q.identity(0, s0, per_match);
-    q.identity(E, s1, per_match);
-    k.identity(0, s1, 1.0);
-    k.identity(E, s2, 1.0);
-    v.identity(0, s0, 1.0 / g_enc);
-    o.identity(s2, 0, 1.0);
-    for (n, m) in [("q", q), ("k", k), ("v", v), ("o", o)] {
-        w.insert(format!("{p}.{n}.weight"), m.tensor()?);
-    }
+    let mut a = AttentionEdit::take(&w, "decoder.block.0.layer.1.EncDecAttention")?;
+    a.clear_head(0);
+    let per_match = MATCH_SCORE / u2 / (g_dec * g_full);
+    a.q.identity(0, s0, per_match);
+    a.q.identity(E, s1, per_match);
+    a.k.identity(0, s1, 1.0);
+    a.k.identity(E, s2, 1.0);
+    a.v.identity(0, s0, 1.0 / g_full);
+    a.o.identity(s2, 0, 1.0);
+    a.put(&mut w)?;
 
     // Output layer: reads S2; `<pad>` is never produced.
     let mut lm = Matrix::from(&w["lm_head.weight"])?;
     lm.zero();
-    let scale = COPY_LOGIT / u2 / g_out;
-    for (t, dir) in u.iter().enumerate() {
-        if t == pad {
-            continue;
-        }
-        for (i, x) in dir.iter().enumerate() {
-            lm.set(t, s2 + i, x * scale);
-        }
+    for (t, dir) in u.iter().enumerate().filter(|(t, _)| *t != pad) {
+        lm.set_direction(t, s2, dir, COPY_LOGIT / u2 / g_full);
     }
     w.insert("lm_head.weight".into(), lm.tensor()?);
     Ok(w)

@@ -72,36 +72,81 @@ pub fn materialize(path: &Path, init: &crate::plans::spec::InitSpec) -> Result<(
             init.size
         ))
     })?;
-    let tok = Path::new(&init.tokenizer);
-    let vocab = crate::tokenizer::load(tok)?.get_vocab_size(true);
-    match init.prior.as_str() {
-        "random" => {
-            log::info!(
-                "creating a random {} {} model at {}",
-                init.family,
-                init.size,
-                path.display()
-            );
-            write_random_model(&config(family, size, vocab), init.seed, tok, path)
+    let prior = Prior::parse(&init.prior).ok_or_else(|| {
+        Error::model(format!(
+            "model.init.prior `{}`: expected random or copy",
+            init.prior
+        ))
+    })?;
+    log::info!(
+        "creating a {} {} model at {}",
+        init.family,
+        prior.describe(size),
+        path.display()
+    );
+    write_new_model(
+        family,
+        size,
+        prior,
+        Path::new(&init.tokenizer),
+        init.seed,
+        path,
+    )?;
+    Ok(())
+}
+
+/// How a new model's weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prior {
+    /// transformers' T5 initialisation, in the family's shape at the given size.
+    Random,
+    /// Hand-set weights that copy the input ([`super::copy_prior`]), in the prior's own shape.
+    Copy,
+}
+
+impl Prior {
+    pub fn parse(s: &str) -> Option<Prior> {
+        match s {
+            "random" => Some(Prior::Random),
+            "copy" => Some(Prior::Copy),
+            _ => None,
         }
-        "copy" => {
-            log::info!(
-                "creating a {} copy-prior model at {}",
-                init.family,
-                path.display()
-            );
-            let cfg = super::copy_prior::config(family, vocab)?;
-            write_model(
-                &cfg,
-                &super::copy_prior::weights(&cfg, init.seed)?,
-                tok,
-                path,
-            )
-        }
-        other => Err(Error::model(format!(
-            "model.init.prior `{other}`: expected random or copy"
-        ))),
     }
+
+    /// For messages: `random Mini`, `copy-prior`.
+    pub fn describe(self, size: Size) -> String {
+        match self {
+            Prior::Random => format!("random {size:?}"),
+            Prior::Copy => "copy-prior".to_string(),
+        }
+    }
+}
+
+/// Write a new model folder (`size` applies to the random prior only) with the vocabulary of
+/// `tokenizer_json`; returns its config. What `model.init` and `conala model init` make.
+pub fn write_new_model(
+    family: Family,
+    size: Size,
+    prior: Prior,
+    tokenizer_json: &Path,
+    seed: u64,
+    out: &Path,
+) -> Result<T5Config> {
+    let vocab = crate::tokenizer::load(tokenizer_json)?.get_vocab_size(true);
+    let (cfg, weights) = match prior {
+        Prior::Random => {
+            let cfg = config(family, size, vocab);
+            let w = random_weights(&cfg, seed)?;
+            (cfg, w)
+        }
+        Prior::Copy => {
+            let cfg = super::copy_prior::config(family, vocab)?;
+            let w = super::copy_prior::weights(&cfg, seed)?;
+            (cfg, w)
+        }
+    };
+    write_model(&cfg, &weights, tokenizer_json, out)?;
+    Ok(cfg)
 }
 
 /// The config of a family at a size, with the vocabulary size of its tokenizer.

@@ -13,7 +13,7 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 
-use super::spec::{Plan, Step};
+use super::spec::{ModelSpec, Plan, Step};
 use crate::context::Context;
 use crate::error::{Error, PlanError, PlanLocation, Result};
 use crate::manifest::RunStats;
@@ -131,11 +131,11 @@ async fn load_step_tokenizer(
     let (spec, revision, key) = match (explicit, &plan.model) {
         (Some(t), _) => (t.to_string(), None, "tokenizer"),
         // A model made by `model.init` (maybe not yet) carries the tokenizer it was made for.
-        (None, Some(m)) if m.init.is_some() && !std::path::Path::new(&m.path).is_dir() => (
-            m.init.as_ref().map(|i| i.tokenizer.clone()).unwrap_or_default(),
-            None,
-            "tokenizer",
-        ),
+        (None, Some(ModelSpec { init: Some(init), path, .. }))
+            if !std::path::Path::new(path).is_dir() =>
+        {
+            (init.tokenizer.clone(), None, "tokenizer")
+        }
         (None, Some(m)) => (m.path.clone(), m.revision.clone(), "tokenizer"),
         (None, None) => return Err(StepError::at("tokenizer", "no tokenizer: set `tokenizer:` (a tokenizer.json, a model folder or a Hub id) or give the plan a `model`")),
     };
