@@ -16,6 +16,7 @@ pub mod copy_prior;
 pub mod cpu_attention;
 pub mod cpu_matmul;
 pub mod decoding;
+pub mod denormals;
 pub mod frozen_matmul;
 pub mod fused_activation;
 pub mod fused_softmax;
@@ -48,7 +49,9 @@ pub(crate) fn contiguous_f32<'a>(
 /// switches per op, cores idle in between). From inside, the caller is one of the pool's threads and
 /// takes its share of every op. `f` must not wait on work that needs the pool (a pool of one thread
 /// would deadlock): pass it computations, not channel receivers.
+/// Denormal floats are flushed to zero on the pool's threads (see [`denormals`]).
 pub(crate) fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    denormals::flush_on_compute_threads();
     rayon::scope(|_| f())
 }
 

@@ -96,7 +96,10 @@ impl candle_core::CustomOp1 for CrossEntropy {
             .find(|(_, (&l, &w))| w != 0.0 && l as usize >= v)
             .map(|(i, (l, _))| (i, l))
         {
-            candle_core::bail!("{}: label {l} at position {i} is outside the vocabulary of {v}", self.name());
+            candle_core::bail!(
+                "{}: label {l} at position {i} is outside the vocabulary of {v}",
+                self.name()
+            );
         }
         let e = self.smoothing;
         let per_row: Vec<(f32, f64)> = x
@@ -127,7 +130,12 @@ impl candle_core::CustomOp1 for CrossEntropy {
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let (rows, v) = arg.dims2()?;
         let lse = self
@@ -197,11 +205,14 @@ mod tests {
         let logits = Var::from_tensor(&Tensor::randn(0f32, 4.0, (b, t, v), &dev).unwrap()).unwrap();
         let labels: Vec<u32> = (0..b * t).map(|i| (i * 17 % v) as u32).collect();
         let labels = Tensor::from_vec(labels, (b, t), &dev).unwrap();
-        let mask: Vec<f32> = (0..b * t).map(|i| if i % t < 5 || i < t { 1.0 } else { 0.0 }).collect();
+        let mask: Vec<f32> = (0..b * t)
+            .map(|i| if i % t < 5 || i < t { 1.0 } else { 0.0 })
+            .collect();
         let mask = Tensor::from_vec(mask, (b, t), &dev).unwrap();
         for smoothing in [0.0, 0.1] {
             let (fused, n) = token_loss_sum(logits.as_tensor(), &labels, &mask, smoothing).unwrap();
-            let composed = composed_loss_sum(logits.as_tensor(), &labels, &mask, smoothing).unwrap();
+            let composed =
+                composed_loss_sum(logits.as_tensor(), &labels, &mask, smoothing).unwrap();
             assert_eq!(n, 17.0);
             let (f, c) = (
                 fused.to_scalar::<f32>().unwrap(),
@@ -214,7 +225,17 @@ mod tests {
             let d = crate::model::max_abs_diff(gf, gc);
             assert!(d < 1e-6, "smoothing {smoothing}: gradients differ by {d}");
             // A padded position gets no gradient.
-            let padded: f32 = gf.get(1).unwrap().get(6).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            let padded: f32 = gf
+                .get(1)
+                .unwrap()
+                .get(6)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             assert_eq!(padded, 0.0);
         }
     }
@@ -225,7 +246,12 @@ mod tests {
         let logits = Tensor::zeros((1, 2, 4), DType::F32, &dev).unwrap();
         let labels = Tensor::new(&[[1u32, 9]], &dev).unwrap();
         let mask = Tensor::new(&[[1f32, 1.0]], &dev).unwrap();
-        let err = token_loss_sum(&logits, &labels, &mask, 0.0).unwrap_err().to_string();
-        assert!(err.contains("label 9") && err.contains("vocabulary of 4"), "{err}");
+        let err = token_loss_sum(&logits, &labels, &mask, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("label 9") && err.contains("vocabulary of 4"),
+            "{err}"
+        );
     }
 }
