@@ -31,12 +31,18 @@ pub fn dropout(x: &Tensor, p: f64, mode: &Mode) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let n = x.elem_count();
-    let scale = (1.0 / (1.0 - p)) as f32;
-    // The mask is drawn in parallel, chunk by chunk, each chunk from its own stream of one seed taken
-    // from the training RNG: the same mask whatever the thread count (drawn serially, it was a few
-    // percent of a training step with every core but one waiting).
     let seed = state.borrow_mut().rng.next_u64();
+    let mask = dropout_mask(x.elem_count(), p, seed);
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+/// An inverted-dropout mask of `n` elements: 0 where dropped (with probability `p`), 1 / (1 - p)
+/// elsewhere. Drawn in parallel, chunk by chunk, each chunk from its own stream of `seed`: the same
+/// mask whatever the thread count (drawn serially, it was a few percent of a training step with every
+/// core but one waiting).
+pub fn dropout_mask(n: usize, p: f64, seed: u64) -> Vec<f32> {
+    let scale = (1.0 / (1.0 - p)) as f32;
     let drop_below = (p * 4_294_967_296.0) as u64; // a 32-bit draw below this drops the element
     let mut mask = vec![0f32; n];
     mask.par_chunks_mut(DROPOUT_CHUNK)
@@ -51,8 +57,7 @@ pub fn dropout(x: &Tensor, p: f64, mode: &Mode) -> Result<Tensor> {
                 }
             }
         });
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok(x.mul(&mask)?)
+    mask
 }
 
 /// Elements per dropout-mask chunk (one RNG stream each).

@@ -19,6 +19,7 @@ pub mod decoding;
 pub mod denormals;
 pub mod frozen_matmul;
 pub mod fused_activation;
+pub mod fused_residual;
 pub mod fused_softmax;
 pub mod init;
 pub mod layers;

@@ -11,6 +11,7 @@ use super::attention::{
 };
 use super::config::T5Config;
 use super::cpu_attention::KvIndex;
+use super::fused_residual::residual_dropout;
 use super::layers::{model_dropout, Ffn, Linear, Mode, RmsNorm};
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -235,9 +236,9 @@ impl T5 {
             let h = b
                 .self_attn
                 .forward(&b.self_norm.forward(&x)?, None, &bias, mode)?;
-            x = (x + model_dropout(&h, mode)?)?;
+            x = residual_dropout(&x, &h, mode)?;
             let h = b.ffn.forward(&b.ffn_norm.forward(&x)?, mode)?;
-            x = (x + model_dropout(&h, mode)?)?;
+            x = residual_dropout(&x, &h, mode)?;
         }
         model_dropout(&self.encoder.final_norm.forward(&x)?, mode)
     }
@@ -263,15 +264,15 @@ impl T5 {
             let h = b
                 .self_attn
                 .forward(&b.self_norm.forward(&x)?, None, &self_bias, mode)?;
-            x = (x + model_dropout(&h, mode)?)?;
+            x = residual_dropout(&x, &h, mode)?;
             let (ca, cn) = b
                 .cross
                 .as_ref()
                 .expect("decoder blocks have cross-attention");
             let h = ca.forward(&cn.forward(&x)?, Some(enc), &cross_bias, mode)?;
-            x = (x + model_dropout(&h, mode)?)?;
+            x = residual_dropout(&x, &h, mode)?;
             let h = b.ffn.forward(&b.ffn_norm.forward(&x)?, mode)?;
-            x = (x + model_dropout(&h, mode)?)?;
+            x = residual_dropout(&x, &h, mode)?;
         }
         model_dropout(&self.decoder.final_norm.forward(&x)?, mode)
     }
