@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::config::Activation;
-use super::contiguous_f32;
+use super::{contiguous_f32, par_map2};
 use crate::error::Result;
 
 /// Elements per parallel task: big enough that a task outweighs its scheduling.
@@ -98,19 +98,6 @@ pub fn gated(a: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(a.contiguous()?.apply_op2(&b.contiguous()?, Gated(act))?)
 }
 
-/// `f(a[i], b[i])` for every element, in parallel chunks of `CHUNK`.
-fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(a, b);
-            }
-        });
-    out
-}
-
 struct Act(Activation);
 
 impl candle_core::CustomOp1 for Act {
@@ -163,7 +150,7 @@ impl candle_core::CustomOp2 for ActBackward {
             contiguous_f32(s1, l1, self.name())?,
             contiguous_f32(s2, l2, self.name())?,
         );
-        let out = map2(a, g, |a, g| g * value_and_derivative(self.0, a).1);
+        let out = par_map2(a, g, |a, g| g * value_and_derivative(self.0, a).1);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -186,7 +173,7 @@ impl candle_core::CustomOp2 for Gated {
             contiguous_f32(s1, l1, self.name())?,
             contiguous_f32(s2, l2, self.name())?,
         );
-        let out = map2(a, b, |a, b| value(self.0, a) * b);
+        let out = par_map2(a, b, |a, b| value(self.0, a) * b);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
 use super::layers::{dropout_mask, Mode};
+use super::{contiguous_f32, par_map2};
 use crate::error::Result;
 
 /// Elements per parallel task.
@@ -115,14 +115,7 @@ impl candle_core::CustomOp1 for MaskGrad {
                 self.mask.len()
             );
         }
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(self.mask.par_chunks(CHUNK)))
-            .for_each(|(o, (g, m))| {
-                for ((o, &g), &m) in o.iter_mut().zip(g).zip(m) {
-                    *o = g * m;
-                }
-            });
+        let out = par_map2(g, &self.mask, |g, m| g * m);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

@@ -44,6 +44,23 @@ pub(crate) fn contiguous_f32<'a>(
     Ok(&s.as_slice::<f32>()?[start..end])
 }
 
+/// Elements per parallel task of [`par_map2`]: big enough that a task outweighs its scheduling.
+const MAP_CHUNK: usize = 8192;
+
+/// `f(a[i], b[i])` for every element, in parallel chunks (the elementwise pass of custom ops).
+pub(crate) fn par_map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(MAP_CHUNK)
+        .zip(a.par_chunks(MAP_CHUNK).zip(b.par_chunks(MAP_CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        });
+    out
+}
+
 /// Run `f` on a thread of the CPU compute pool (rayon's) rather than on the calling thread. A
 /// decoding batch or a training run is thousands of small parallel ops; called from outside the pool,
 /// each one wakes the pool's threads and puts the caller to sleep until they finish (two context

@@ -88,17 +88,14 @@ impl candle_core::CustomOp1 for CrossEntropy {
                 self.weights.len()
             );
         }
-        if let Some((i, l)) = self
-            .labels
-            .iter()
-            .zip(&self.weights)
-            .enumerate()
-            .find(|(_, (&l, &w))| w != 0.0 && l as usize >= v)
-            .map(|(i, (l, _))| (i, l))
-        {
+        // Padded positions may hold any id; only label positions must be in the vocabulary.
+        let out_of_vocab =
+            (0..rows).find(|&i| self.weights[i] != 0.0 && self.labels[i] as usize >= v);
+        if let Some(i) = out_of_vocab {
             candle_core::bail!(
-                "{}: label {l} at position {i} is outside the vocabulary of {v}",
-                self.name()
+                "{}: label {} at position {i} is outside the vocabulary of {v}",
+                self.name(),
+                self.labels[i]
             );
         }
         let e = self.smoothing;
