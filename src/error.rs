@@ -72,7 +72,7 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("{context}: {source}")]
+    #[error("{}{source}", prefix(.context))]
     DataFusion {
         context: String,
         #[source]
@@ -115,6 +115,46 @@ pub enum Error {
     #[error("{0}")]
     Tokenizer(String),
 
+    /// A tensor operation failed; candle's message names the op and the shapes.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// Tensors could not be read or written (`context` names the file).
+    #[error("{context}: {source}")]
+    Tensors {
+        context: String,
+        #[source]
+        source: candle_core::Error,
+    },
+
+    #[error("{context}: {source}")]
+    Json {
+        context: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A background task could not be joined (cancelled with its runtime).
+    #[error("{context}: {source}")]
+    Task {
+        context: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+
+    /// Background work panicked: the stage that did, and the panic's message. The run fails; what was
+    /// written before stays resumable, and nothing is marked complete.
+    #[error("{stage}: panicked: {message}")]
+    Panic { stage: String, message: String },
+
+    /// A run that failed after writing part of its output, which a rerun resumes from.
+    #[error("{source} ({rows_kept} rows already written are kept; run again to resume)")]
+    Resumable {
+        rows_kept: u64,
+        #[source]
+        source: Box<Error>,
+    },
+
     /// A run stopped on purpose (for example a NaN loss) with an explanation.
     #[error("{0}")]
     Run(String),
@@ -154,11 +194,50 @@ impl Error {
     pub fn model(message: impl fmt::Display) -> Self {
         Error::Model(message.to_string())
     }
+    pub fn tensors(context: impl fmt::Display, source: candle_core::Error) -> Self {
+        Error::Tensors {
+            context: context.to_string(),
+            source,
+        }
+    }
+    pub fn json(context: impl fmt::Display, source: serde_json::Error) -> Self {
+        Error::Json {
+            context: context.to_string(),
+            source,
+        }
+    }
+    /// A task that did not finish: a panic becomes [`Error::Panic`] naming `context`.
+    pub fn task(context: impl fmt::Display, source: tokio::task::JoinError) -> Self {
+        if source.is_panic() {
+            return Error::Panic {
+                stage: context.to_string(),
+                message: panic_message(source.into_panic().as_ref()),
+            };
+        }
+        Error::Task {
+            context: context.to_string(),
+            source,
+        }
+    }
 }
 
-impl From<candle_core::Error> for Error {
-    fn from(e: candle_core::Error) -> Self {
-        Error::Model(e.to_string())
+/// `context: ` before a cause, or nothing for no context.
+fn prefix(context: &str) -> String {
+    if context.is_empty() {
+        String::new()
+    } else {
+        format!("{context}: ")
+    }
+}
+
+/// The text of a panic payload (`panic!` carries a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
     }
 }
 
@@ -177,12 +256,14 @@ pub fn from_stream_error(e: DataFusionError) -> Error {
     match e {
         DataFusionError::External(inner) => match inner.downcast::<Error>() {
             Ok(ours) => *ours,
-            Err(other) => Error::Run(other.to_string()),
+            Err(other) => Error::datafusion("", DataFusionError::External(other)),
         },
-        DataFusionError::Context(ctx, inner) => {
-            let inner = from_stream_error(*inner);
-            Error::Run(format!("{ctx}: {inner}"))
-        }
+        DataFusionError::Context(ctx, inner) => match from_stream_error(*inner) {
+            Error::DataFusion { context, source } if context.is_empty() => {
+                Error::datafusion(ctx, *source)
+            }
+            ours => Error::datafusion(ctx, DataFusionError::External(Box::new(ours))),
+        },
         DataFusionError::ArrowError(a, _) => Error::arrow("arrow", *a),
         DataFusionError::ParquetError(p) => Error::parquet("parquet", *p),
         other => Error::datafusion("", other),

@@ -4,16 +4,18 @@
 //! (filter, format, tokenize, generate, evaluate) into a sink (write, train), as described by a YAML
 //! [`plans`] file. The model is the project's own T5 on candle ([`model`]).
 
-pub mod bench;
 pub mod context;
 pub mod error;
+pub mod faults;
 pub mod hub;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod named;
 pub mod operators;
 pub mod plans;
 pub mod progress;
+pub mod reports;
 pub mod rng;
 pub mod row_ids;
 pub mod sql;

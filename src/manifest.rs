@@ -2,50 +2,10 @@
 //! timings, the part files, and whatever the steps add (model hashes, generation settings, metrics).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-/// Counters a run updates as batches flow, and facts steps attach for the manifest.
-#[derive(Debug, Default)]
-pub struct RunStats {
-    /// Rows out of each step, by step label (`1:source`, `2:filter`, …).
-    rows: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
-    /// Facts steps add (for example `generate` puts its model hash and settings here).
-    extra: Mutex<BTreeMap<String, serde_json::Value>>,
-}
-
-impl RunStats {
-    pub fn counter(&self, label: &str) -> Arc<AtomicU64> {
-        self.rows
-            .lock()
-            .expect("stats lock")
-            .entry(label.to_string())
-            .or_default()
-            .clone()
-    }
-
-    pub fn rows(&self) -> BTreeMap<String, u64> {
-        self.rows
-            .lock()
-            .expect("stats lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
-            .collect()
-    }
-
-    pub fn set_extra(&self, key: &str, value: serde_json::Value) {
-        self.extra
-            .lock()
-            .expect("stats lock")
-            .insert(key.to_string(), value);
-    }
-
-    pub fn extra(&self) -> BTreeMap<String, serde_json::Value> {
-        self.extra.lock().expect("stats lock").clone()
-    }
-}
+use crate::reports::StepReports;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PartInfo {
@@ -71,8 +31,9 @@ pub struct Manifest {
     pub rows_resumed: u64,
     /// Every part file in the folder that belongs to this output (this run's and resumed ones).
     pub parts: Vec<PartInfo>,
+    /// What the steps reported (model hashes, generation settings, scores).
     #[serde(default)]
-    pub extra: BTreeMap<String, serde_json::Value>,
+    pub extra: StepReports,
 }
 
 pub fn versions() -> BTreeMap<String, String> {

@@ -839,24 +839,33 @@ fn deploy_examples_match_the_cli() {
         .collect();
     let sbatch = std::fs::read_to_string(root.join("deploy/slurm/conala-mined.sbatch")).unwrap();
     assert!(sbatch.contains("run pipelines/conala-mined.yaml"));
-    let mut keys: Vec<String> = args
+    // The overrides as the examples write them; a shell variable stands for any path.
+    let mut sets: Vec<String> = args
         .iter()
         .filter(|a| a.contains('='))
-        .map(|a| a.split('=').next().unwrap().to_string())
+        .map(|a| a.to_string())
         .collect();
-    keys.extend(
+    sets.extend(
         sbatch
             .lines()
-            .filter_map(|l| l.trim().strip_prefix("--set "))
-            .map(|a| a.split('=').next().unwrap().to_string()),
+            .filter_map(|l| {
+                l.trim()
+                    .trim_end_matches('\\')
+                    .trim()
+                    .strip_prefix("--set ")
+            })
+            .map(|a| {
+                let (k, v) = a.split_once('=').unwrap();
+                let v = if v.starts_with("\"$") { "x" } else { v };
+                format!("{k}={v}")
+            }),
     );
-    assert!(keys.len() >= 5, "{keys:?}");
-    // Each key is accepted by the plan loader (values are placeholders of the right type).
+    assert!(sets.len() >= 5, "{sets:?}");
+    // Each override is accepted by the plan loader.
     let yaml = std::fs::read_to_string(root.join("pipelines/conala-mined.yaml")).unwrap();
-    for k in keys {
-        let set = vec![format!("{k}=x")];
-        let r = conala::plans::load_str(&yaml, "conala-mined.yaml", &set);
-        assert!(r.is_ok(), "{k}: {:?}", r.err().map(|e| e.to_string()));
+    for set in sets {
+        let r = conala::plans::load_str(&yaml, "conala-mined.yaml", std::slice::from_ref(&set));
+        assert!(r.is_ok(), "{set}: {:?}", r.err().map(|e| e.to_string()));
     }
 }
 

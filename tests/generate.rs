@@ -110,10 +110,10 @@ async fn generates_with_provenance_and_batching_changes_nothing() {
     )
     .await;
     assert_eq!(s.write.as_ref().unwrap().rows_written, 500);
-    let g = &s.extra["generate"];
-    assert_eq!(g["rows"], 500);
-    assert!(g["model_hash"].as_str().unwrap().starts_with("sha256:"));
-    assert_eq!(g["settings"]["max_new_tokens"], 12);
+    let g = s.reports.generate.as_ref().unwrap();
+    assert_eq!(g.rows, 500);
+    assert!(g.model_hash.starts_with("sha256:"));
+    assert_eq!(g.settings.max_new_tokens, 12);
     let a_out = outputs(&ctx, "a", &a).await;
     assert_eq!(a_out.len(), 500);
     for (id, (pred, finish, n)) in &a_out {
@@ -125,7 +125,7 @@ async fn generates_with_provenance_and_batching_changes_nothing() {
     // The manifest carries the model hash and generation settings.
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.join("_manifest.json")).unwrap()).unwrap();
-    assert_eq!(m["extra"]["generate"]["model_hash"], g["model_hash"]);
+    assert_eq!(m["extra"]["generate"]["model_hash"], g.model_hash.as_str());
     // Tiny batches (a token budget of 40) give the same outputs row by row.
     let b = tmp.path().join("b");
     run(
@@ -204,13 +204,10 @@ async fn bad_rows_are_recorded_and_identical_inputs_generated_once() {
     );
     let s = run(&plan, &ctx).await;
     assert_eq!(s.write.as_ref().unwrap().rows_written, 1000);
-    let g = &s.extra["generate"];
-    let errors = g["finish_reason"]["error"].as_u64().unwrap();
+    let g = s.reports.generate.as_ref().unwrap();
+    let errors = g.finish_reason.error;
     assert!(errors > 50 && errors < 1000, "{errors} errors");
-    assert!(
-        g["generated_rows"].as_u64().unwrap() <= (1000 - errors) / 2 + 1,
-        "{g}"
-    );
+    assert!(g.generated_rows <= (1000 - errors) / 2 + 1, "{g:?}");
     conala::sql::register_table(&ctx, "o", out.to_str().unwrap())
         .await
         .unwrap();
@@ -320,4 +317,64 @@ fn killed_run_resumes_without_loss_or_duplicates() {
             .unwrap();
     assert_eq!(m["rows_written"], 20000);
     assert!(m["rows_resumed"].as_u64().unwrap() >= 512);
+}
+
+/// A panic in background work — the model worker at the input's last batch, or the source's reader
+/// after its first batch — fails the run with a message naming the step, leaves no manifest (nothing
+/// is marked complete), and a rerun resumes to exactly the output of a run that never failed.
+#[test]
+fn a_panic_in_background_work_fails_the_run_and_the_rerun_completes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), Family::FlanT5);
+    let plan_for = |out: &Path| {
+        let plan = gen_plan(
+            &model,
+            out,
+            "max_new_tokens: 8, window_rows: 100",
+            ", batch_rows: 100",
+        )
+        .replace("rows_per_file: 200", "rows_per_file: 100");
+        let path = out.with_extension("yaml");
+        std::fs::write(&path, plan).unwrap();
+        path
+    };
+    let clean = tmp.path().join("clean");
+    let (ok, _, stderr) = run_cli(
+        &["run", plan_for(&clean).to_str().unwrap()],
+        &[],
+        &repo_root(),
+    );
+    assert!(ok, "{stderr}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ctx = context(None, tmp.path(), true);
+    let want = rt.block_on(outputs(&ctx, "clean", &clean));
+    assert_eq!(want.len(), 500);
+    for (point, stage) in [
+        (
+            "generate-last-batch",
+            "step 4 (generate): model worker: panicked: injected panic",
+        ),
+        ("source", "step 1 (source): panicked: injected panic"),
+    ] {
+        let out = tmp.path().join(point);
+        let plan = plan_for(&out);
+        let (ok, _, stderr) = run_cli(
+            &["run", plan.to_str().unwrap()],
+            &[("CONALA_INJECT_PANIC", point)],
+            &repo_root(),
+        );
+        assert!(!ok, "{point}: the run must fail");
+        assert!(stderr.contains(stage), "{point}: {stderr}");
+        assert!(
+            !out.join("_manifest.json").exists(),
+            "{point}: a failed run was marked complete"
+        );
+        let (ok, _, stderr) = run_cli(&["run", plan.to_str().unwrap()], &[], &repo_root());
+        assert!(ok, "{point}: {stderr}");
+        let got = rt.block_on(outputs(&ctx, &point.replace('-', "_"), &out));
+        assert_eq!(
+            got, want,
+            "{point}: the resumed output differs from a clean run"
+        );
+    }
 }

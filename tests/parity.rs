@@ -9,9 +9,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use conala::model::attention::bucket;
 use conala::model::decoding::{generate, DecodeOptions, Generated};
-use conala::model::layers::Mode;
+use conala::model::mode::Mode;
+use conala::model::ops;
+use conala::model::position_bias::bucket;
 use conala::model::weights::Weights;
 use conala::model::{T5Config, T5};
 
@@ -239,6 +240,56 @@ fn check_family(family: &str) {
     }
 }
 
+/// The composed candle ops (what CUDA and Metal run) give what the fused CPU kernels give: the same
+/// logits within 1e-4 and HF's greedy and beam tokens, on the model as loaded and as prepared for
+/// generation (stacked projections, transposed weights, cross-attention read through an index).
+#[test]
+fn composed_ops_give_what_the_fused_kernels_give() {
+    for family in ["t5", "flan-t5", "ul2"] {
+        let (mut model, io) = load(family);
+        let ids = as_u32(&io["input_ids"]);
+        let mask = io["attention_mask"].to_dtype(DType::U8).unwrap();
+        let dec = as_u32(&io["decoder_input_ids"]);
+        let r = rows(&io);
+        let greedy = DecodeOptions {
+            max_new_tokens: 32,
+            ..Default::default()
+        };
+        let beam = DecodeOptions {
+            num_beams: 3,
+            ..greedy.clone()
+        };
+        for prepared in [false, true] {
+            if prepared {
+                model.prepare_for_inference().unwrap();
+            }
+            let what = format!(
+                "{family} ({})",
+                if prepared { "prepared" } else { "as loaded" }
+            );
+            let logits = || model.forward(&ids, &mask, &dec, &Mode::INFER).unwrap();
+            let (fused, composed) = (logits(), ops::with_composed_kernels(logits));
+            // Both within HF's bounds; between them, float rounding (logits reach ~85).
+            for (path, l) in [("fused", &fused), ("composed", &composed)] {
+                let exact = &io["logits_f64"];
+                assert_close(&format!("{what} {path}"), l, &io["logits"], exact, None);
+            }
+            let scale = max_diff(&fused, &fused.zeros_like().unwrap()).max(1.0);
+            let d = max_diff(&fused, &composed);
+            assert!(
+                d <= 1e-4 * scale,
+                "{what}: fused and composed logits differ by {d} (scale {scale})"
+            );
+            for (o, want) in [(&greedy, "greedy"), (&beam, "beam")] {
+                let hf = hf_outputs(&io[want]);
+                assert_eq!(tokens(&gen(&model, &r, o)), hf, "{what}: fused {want}");
+                let composed = ops::with_composed_kernels(|| gen(&model, &r, o));
+                assert_eq!(tokens(&composed), hf, "{what}: composed {want}");
+            }
+        }
+    }
+}
+
 #[test]
 fn t5_matches_transformers() {
     check_family("t5");
@@ -409,14 +460,11 @@ async fn sharded_checkpoints_and_missing_files() {
     .unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     let ctx = common::context(None, tmp.path(), true);
-    let spec = conala::plans::spec::ModelSpec {
-        path: dir.display().to_string(),
-        revision: None,
-        adapter: None,
-        dtype: "auto".into(),
-        device: "cpu".into(),
-        init: None,
-    };
+    let spec = conala::model::ModelSource::at(
+        &dir.display().to_string(),
+        conala::model::DeviceChoice::Cpu,
+        conala::model::DTypeChoice::Auto,
+    );
     let loaded = conala::model::load(&spec, &ctx.hub).await.unwrap();
     assert_eq!(loaded.files.weights.len(), 2);
     let (reference, io) = load("ul2");

@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use conala::context::Context;
-use conala::model::layers::{Mode, TrainState};
 use conala::model::lora::AdapterFiles;
+use conala::model::mode::{Mode, TrainState};
+use conala::model::ops;
 use conala::model::weights::Weights;
+use conala::model::{DTypeChoice, DeviceChoice, ModelSource};
 use conala::model::{T5Config, T5};
 use conala::plans;
-use conala::training::loss::token_loss_sum;
 use conala::training::optimizer::{AdamW, AdamWConfig};
 
 fn peft_dir() -> PathBuf {
@@ -94,7 +95,7 @@ fn loss(m: &T5, io: &HashMap<String, Tensor>) -> Tensor {
             },
         )
         .unwrap();
-    let (sum, n) = token_loss_sum(&logits, &lab, &lmask, 0.0).unwrap();
+    let (sum, n) = ops::cross_entropy(&logits, &lab, &lmask, 0.0).unwrap();
     (sum / n).unwrap()
 }
 
@@ -237,13 +238,13 @@ async fn adapter_for_another_base_is_refused() {
         conala::model::init::config_json(&cfg).to_string(),
     )
     .unwrap();
-    let spec = conala::plans::spec::ModelSpec {
-        path: other.display().to_string(),
-        revision: None,
+    let spec = ModelSource {
         adapter: Some(peft_dir().join("adapter_trained").display().to_string()),
-        dtype: "f32".into(),
-        device: "cpu".into(),
-        init: None,
+        ..ModelSource::at(
+            &other.display().to_string(),
+            DeviceChoice::Cpu,
+            DTypeChoice::F32,
+        )
     };
     let e = conala::model::load(&spec, &ctx.hub)
         .await
@@ -313,7 +314,7 @@ async fn train_plan_writes_peft_adapter_merged_model_metrics_and_plot() {
     let out = tmp.path().join("run");
     let yaml = train_plan(&base, &out, "lora: { r: 4, alpha: 8, targets: [q, v] }\n      max_steps: 12\n      batch_size: 8\n      learning_rate: 1.0e-2\n      warmup_steps: 2\n      log_every: 3\n      eval_every: 4\n      save_every: 4\n      save_total_limit: 1\n      baseline: intent");
     let s = run_plan(&yaml, &ctx).await.unwrap();
-    let t = s.train.unwrap();
+    let t = s.reports.train.unwrap();
     assert_eq!(t.steps, 12);
     assert!(t.final_eval_loss.unwrap().is_finite());
     let scores = t.eval_scores.unwrap();
@@ -374,26 +375,26 @@ async fn train_plan_writes_peft_adapter_merged_model_metrics_and_plot() {
     );
     // The merged checkpoint gives the same greedy outputs as base + adapter.
     let merged = conala::model::load(
-        &conala::plans::spec::ModelSpec {
-            path: out.join("model").display().to_string(),
-            revision: None,
+        &ModelSource {
             adapter: None,
-            dtype: "f32".into(),
-            device: "cpu".into(),
-            init: None,
+            ..ModelSource::at(
+                &out.join("model").display().to_string(),
+                DeviceChoice::Cpu,
+                DTypeChoice::F32,
+            )
         },
         &ctx.hub,
     )
     .await
     .unwrap();
     let with = conala::model::load(
-        &conala::plans::spec::ModelSpec {
-            path: base.display().to_string(),
-            revision: None,
+        &ModelSource {
             adapter: Some(out.join("adapter").display().to_string()),
-            dtype: "f32".into(),
-            device: "cpu".into(),
-            init: None,
+            ..ModelSource::at(
+                &base.display().to_string(),
+                DeviceChoice::Cpu,
+                DTypeChoice::F32,
+            )
         },
         &ctx.hub,
     )
@@ -497,7 +498,7 @@ async fn copy_prior_base_trains_with_lora_and_beam_evaluation() {
     let train = "lora: { r: 8, alpha: 32, dropout: 0.0, targets: [q, v] }\n      dropout: 0.0\n      max_steps: 3\n      batch_size: 8\n      learning_rate: 1.0e-4\n      eval_every: 3\n      save_every: 3\n      eval_num_beams: 2\n      eval_no_repeat_ngram_size: 3\n      baseline: intent";
     let yaml = train_plan(Path::new("X"), &out, train)
         .replace("model: { path: \"X\" }", &format!("model:\n  {init}"));
-    let t = run_plan(&yaml, &ctx).await.unwrap().train.unwrap();
+    let t = run_plan(&yaml, &ctx).await.unwrap().reports.train.unwrap();
     assert_eq!(t.steps, 3);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
@@ -521,8 +522,11 @@ async fn copy_prior_base_trains_with_lora_and_beam_evaluation() {
         .await
         .expect_err("an unknown prior fails")
         .to_string();
+    // Refused when the plan is read, naming the key and the valid names.
     assert!(
-        e.contains("copy-intent") && e.contains("random or copy"),
+        e.contains("key `model.init.prior`")
+            && e.contains("unknown value `copy-intent`")
+            && e.contains("one of: random, copy"),
         "{e}"
     );
 }

@@ -15,12 +15,51 @@ use super::t5::T5;
 use super::weights::{save_safetensors, Weights};
 use crate::error::{Error, Result};
 use crate::hub::{looks_like_repo_id, Hub, RepoId};
-use crate::plans::spec::LoraSpec;
 use crate::rng::Rng;
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 const KEY_PREFIX: &str = "base_model.model.";
+
+/// LoRA hyper-parameters for a new adapter (PEFT's names; its defaults for T5: r 8, alpha 8, q and v).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSettings {
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    /// Target module names (the last component of a Linear's path: q, k, v, o, wi, wi_0, wi_1, wo).
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+    /// rsLoRA: scale alpha / sqrt(r) instead of alpha / r.
+    #[serde(default)]
+    pub rslora: bool,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        LoraSettings {
+            r: default_r(),
+            alpha: default_alpha(),
+            dropout: 0.0,
+            targets: default_targets(),
+            rslora: false,
+        }
+    }
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+fn default_targets() -> Vec<String> {
+    vec!["q".to_string(), "v".to_string()]
+}
 
 /// The part of PEFT's `adapter_config.json` that defines a LoRA adapter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,7 +113,8 @@ impl TargetModules {
 }
 
 impl AdapterConfig {
-    pub fn from_spec(spec: &LoraSpec, base: &str) -> Self {
+    /// The config of a new adapter with `settings` for the base model `base`.
+    pub fn new(spec: &LoraSettings, base: &str) -> Self {
         AdapterConfig {
             peft_type: Some("LORA".into()),
             r: spec.r,
@@ -371,8 +411,8 @@ mod tests {
 
     #[test]
     fn scale_and_rslora() {
-        let mut c = AdapterConfig::from_spec(
-            &LoraSpec {
+        let mut c = AdapterConfig::new(
+            &LoraSettings {
                 r: 16,
                 alpha: 32.0,
                 ..Default::default()

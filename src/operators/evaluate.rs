@@ -101,7 +101,7 @@ impl Operator for Evaluate {
         // When the input ends, publish the corpus scores.
         let publish = futures::stream::once(async move {
             let scores = scorer.lock().expect("scorer lock").scores();
-            stats.set_extra("evaluate", serde_json::to_value(scores).unwrap_or_default());
+            stats.report(|r| r.evaluate = Some(scores));
         })
         .filter_map(|_| std::future::ready(None));
         Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -114,7 +114,7 @@ impl Operator for Evaluate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::RunStats;
+    use crate::reports::RunStats;
     use futures::TryStreamExt;
 
     #[tokio::test]
@@ -158,7 +158,7 @@ mod tests {
                 input,
                 &Exec {
                     stats: stats.clone(),
-                    progress_bars: false,
+                    ..Exec::detached("evaluate")
                 },
             )
             .unwrap()
@@ -180,9 +180,8 @@ mod tests {
             .downcast_ref::<BooleanArray>()
             .unwrap();
         assert!(em.value(0) && !em.value(1));
-        let extra = stats.extra();
-        let scores = &extra["evaluate"];
-        assert_eq!(scores["rows"], 2);
-        assert_eq!(scores["exact_match"], 0.5);
+        let scores = stats.reports().evaluate.expect("scores published");
+        assert_eq!(scores.rows, 2);
+        assert_eq!(scores.exact_match, 0.5);
     }
 }

@@ -1,12 +1,14 @@
 //! The operators a plan's steps name. Each is built from its settings and the schema it receives —
 //! building it is the validation: a missing column or a bad path fails here, before any work — and it
-//! declares the schema it yields. At run time a transform maps a record-batch stream to a stream; a
-//! sink (`write`, `train`) consumes one.
+//! declares the schema it yields. At run time a transform ([`Operator`]) maps a record-batch stream to
+//! a stream; a [`Sink`] (`write`, `train`) consumes one. Work in the background runs through
+//! [`runtime`], so its errors and panics reach whoever reads its stream.
 
 pub mod evaluate;
 pub mod filter;
 pub mod format;
 pub mod generate;
+pub mod runtime;
 pub mod source;
 pub mod tokenize;
 pub mod train;
@@ -16,9 +18,12 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::execution::SendableRecordBatchStream;
+use futures::future::BoxFuture;
 
 use crate::error::{closest, Result};
-use crate::manifest::RunStats;
+use crate::reports::RunStats;
+use crate::row_ids::RowIdSet;
+use crate::training::TrainSummary;
 
 /// A transform step: a schema contract and a stream transform.
 pub trait Operator: Send + Sync {
@@ -32,12 +37,63 @@ pub trait Operator: Send + Sync {
     ) -> Result<SendableRecordBatchStream>;
 }
 
-/// What a running step may use besides its input: the run's counters and facts, and how to report
-/// progress.
+/// A step that consumes the stream at the end of a chain.
+pub trait Sink: Send {
+    fn name(&self) -> &'static str;
+
+    /// The schema of what it stores, when it stores rows.
+    fn schema(&self) -> Option<SchemaRef> {
+        None
+    }
+
+    /// Check the destination before any row is read; the row ids an earlier run already finished,
+    /// which the source then skips.
+    fn prepare(&self) -> BoxFuture<'_, Result<Option<Arc<RowIdSet>>>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Consume every row; the report says what became of them.
+    fn run<'a>(
+        &'a mut self,
+        input: SendableRecordBatchStream,
+        exec: &'a Exec,
+    ) -> BoxFuture<'a, Result<SinkReport>>;
+}
+
+/// What a sink produced.
+#[derive(Debug)]
+pub enum SinkReport {
+    Write(write::WriteSummary),
+    Train(Box<TrainSummary>),
+}
+
+/// What a running step may use besides its input: the run's counters and reports, how to report
+/// progress, and the step's name for messages.
 #[derive(Clone)]
 pub struct Exec {
     pub stats: Arc<RunStats>,
     pub progress_bars: bool,
+    /// `step N (operator)`, naming the step in errors (a panic in its background work included).
+    pub step: String,
+}
+
+impl Exec {
+    /// For work outside a plan's run (tools, benchmarks): counters of its own, no progress bars.
+    pub fn detached(step: &str) -> Exec {
+        Exec {
+            stats: Arc::new(RunStats::default()),
+            progress_bars: false,
+            step: step.to_string(),
+        }
+    }
+
+    /// The same run, for step `index` (0-based) named `operator`.
+    pub fn for_step(&self, index: usize, operator: &str) -> Exec {
+        Exec {
+            step: format!("step {} ({operator})", index + 1),
+            ..self.clone()
+        }
+    }
 }
 
 /// A problem with one step's settings found while building it: which key, and what is wrong. The plan

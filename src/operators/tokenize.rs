@@ -19,7 +19,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use super::{require_new_column, require_text_column, Operator, StepError, StepResult};
+use super::{require_new_column, require_text_column, runtime, Operator, StepError, StepResult};
 use crate::error::{Error, Result};
 use crate::plans::spec::TokenizeSpec;
 
@@ -244,7 +244,7 @@ impl Operator for Tokenize {
     fn execute(
         &self,
         input: SendableRecordBatchStream,
-        _exec: &super::Exec,
+        exec: &super::Exec,
     ) -> Result<SendableRecordBatchStream> {
         let me = Arc::new(Tokenize {
             input: self.input.clone(),
@@ -253,15 +253,15 @@ impl Operator for Tokenize {
             error_col: self.error_col,
             schema: self.schema.clone(),
         });
+        let step = exec.step.clone();
+        // Two batches tokenize at once, each on a blocking thread; a panic there fails the stream.
         let stream = input
             .map(move |b| {
-                let me = me.clone();
+                let (me, step) = (me.clone(), step.clone());
                 async move {
                     let b = b?;
-                    tokio::task::spawn_blocking(move || me.apply(&b))
-                        .await
-                        .map_err(|e| Error::Run(format!("tokenize worker: {e}")))?
-                        .map_err(Into::into)
+                    let tokenized = runtime::spawn_worker(move || me.apply(&b));
+                    Ok(runtime::join(&step, tokenized).await?)
                 }
             })
             .buffered(2);

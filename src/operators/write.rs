@@ -24,25 +24,36 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use object_store::{ObjectStoreExt, PutPayload};
 use tokio::task::JoinHandle;
 
-use super::{require_column, StepError, StepResult};
+use super::{require_column, runtime, Exec, Sink, SinkReport, StepError, StepResult};
 use crate::context::Shard;
-use crate::error::{closest, from_stream_error, Error, Result};
-use crate::manifest::{now_rfc3339, versions, Manifest, PartInfo, RunStats};
-use crate::plans::spec::WriteSpec;
+use crate::error::{from_stream_error, Error, Result};
+use crate::manifest::{now_rfc3339, versions, Manifest, PartInfo};
+use crate::plans::spec::{Compression as CompressionSetting, WriteMode, WriteSpec};
+use crate::reports::RunStats;
 use crate::row_ids::RowIdSet;
 use crate::storage::{resolve, Location};
 
 pub const MANIFEST: &str = "_manifest.json";
 
+/// What `write` does with earlier output, `auto` resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Overwrite,
     Resume,
     Error,
+}
+
+/// What the manifest says produced the output.
+#[derive(Debug, Clone)]
+pub struct Provenance {
+    pub plan_name: String,
+    /// The resolved plan (after `--set` and defaults).
+    pub plan: serde_json::Value,
 }
 
 pub struct Write {
@@ -55,6 +66,7 @@ pub struct Write {
     row_id: String,
     shard: Option<Shard>,
     run_id: String,
+    provenance: Provenance,
 }
 
 /// What a finished write produced.
@@ -75,6 +87,7 @@ impl Write {
         has_generate: bool,
         row_id: &str,
         shard: Option<Shard>,
+        provenance: Provenance,
     ) -> StepResult<Write> {
         let loc = resolve(session, &spec.path).map_err(|e| StepError::at("path", e))?;
         if let Some(p) = loc.local_path() {
@@ -85,31 +98,18 @@ impl Write {
                 ));
             }
         }
-        let modes = ["auto", "overwrite", "resume", "error"];
-        let mode = match spec.mode.as_str() {
-            "auto" if has_generate => Mode::Resume,
-            "auto" | "overwrite" => Mode::Overwrite,
-            "resume" => Mode::Resume,
-            "error" => Mode::Error,
-            other => {
-                return Err(StepError {
-                    key: Some("mode".into()),
-                    message: format!("unknown mode `{other}` ({})", modes.join(", ")),
-                    suggestion: closest(other, modes),
-                })
-            }
+        let mode = match spec.mode {
+            WriteMode::Auto if has_generate => Mode::Resume,
+            WriteMode::Auto | WriteMode::Overwrite => Mode::Overwrite,
+            WriteMode::Resume => Mode::Resume,
+            WriteMode::Error => Mode::Error,
         };
-        let compression = match spec.compression.as_str() {
-            "zstd" => Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")),
-            "snappy" => Compression::SNAPPY,
-            "none" | "uncompressed" => Compression::UNCOMPRESSED,
-            other => {
-                return Err(StepError {
-                    key: Some("compression".into()),
-                    message: format!("unknown compression `{other}` (zstd, snappy, none)"),
-                    suggestion: closest(other, ["zstd", "snappy", "none"]),
-                })
+        let compression = match spec.compression {
+            CompressionSetting::Zstd => {
+                Compression::ZSTD(ZstdLevel::try_new(3).map_err(StepError::general)?)
             }
+            CompressionSetting::Snappy => Compression::SNAPPY,
+            CompressionSetting::None => Compression::UNCOMPRESSED,
         };
         if spec.rows_per_file == 0 || spec.row_group_rows == 0 {
             return Err(StepError::at(
@@ -155,6 +155,7 @@ impl Write {
             row_id: row_id.to_string(),
             shard,
             run_id,
+            provenance,
         })
     }
 
@@ -204,7 +205,7 @@ impl Write {
 
     /// Check the folder before any work: `error` mode refuses existing output; `resume` collects the row
     /// ids already written (to be skipped by the source).
-    pub async fn prepare(&self) -> Result<Option<Arc<RowIdSet>>> {
+    async fn check_folder(&self) -> Result<Option<Arc<RowIdSet>>> {
         let existing = self.existing_parts().await?;
         match self.mode {
             Mode::Error if !existing.is_empty() => Err(Error::Data(format!(
@@ -226,12 +227,10 @@ impl Write {
     }
 
     /// Consume the stream, writing parts as they fill, then the manifest.
-    pub async fn run(
+    pub async fn write(
         &self,
         mut input: SendableRecordBatchStream,
         stats: &RunStats,
-        plan: serde_json::Value,
-        plan_name: &str,
     ) -> Result<WriteSummary> {
         let started = Instant::now();
         let started_at = now_rfc3339();
@@ -246,18 +245,12 @@ impl Write {
                 }
                 written.clear();
             }
-            let kept = if written.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " ({} rows already written are kept; run again to resume)",
-                    written.iter().map(|p| p.rows).sum::<u64>()
-                )
-            };
-            return Err(match e {
-                Error::Run(m) => Error::Run(format!("{m}{kept}")),
-                other if kept.is_empty() => other,
-                other => Error::Run(format!("{other}{kept}")),
+            if written.is_empty() {
+                return Err(e);
+            }
+            return Err(Error::Resumable {
+                rows_kept: written.iter().map(|p| p.rows).sum(),
+                source: Box::new(e),
             });
         }
         let mut parts = written.clone();
@@ -293,8 +286,8 @@ impl Write {
         let rows_written: u64 = written.iter().map(|p| p.rows).sum();
         let seconds = started.elapsed().as_secs_f64();
         let manifest = Manifest {
-            plan_name: plan_name.to_string(),
-            plan,
+            plan_name: self.provenance.plan_name.clone(),
+            plan: self.provenance.plan.clone(),
             versions: versions(),
             started_at,
             finished_at: now_rfc3339(),
@@ -304,10 +297,9 @@ impl Write {
             rows_written: rows_written + rows_resumed,
             rows_resumed,
             parts: parts.clone(),
-            extra: stats.extra(),
+            extra: stats.reports(),
         };
-        let json = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| Error::Run(format!("manifest: {e}")))?;
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::json("manifest", e))?;
         let mpath = self.loc.child(&self.manifest_name());
         mpath
             .store
@@ -353,10 +345,7 @@ impl Write {
                 buffer = if buffered > 0 { vec![rest] } else { vec![] };
                 // One part encodes while the next fills.
                 if let Some(h) = in_flight.take() {
-                    written.push(
-                        h.await
-                            .map_err(|e| Error::Run(format!("writer task: {e}")))??,
-                    );
+                    written.push(runtime::join("write: part encoder", h).await?);
                 }
                 let name = format!("{}{}-{seq:05}.parquet", self.part_prefix(), self.run_id);
                 seq += 1;
@@ -372,10 +361,7 @@ impl Write {
             }
         }
         if let Some(h) = in_flight.take() {
-            written.push(
-                h.await
-                    .map_err(|e| Error::Run(format!("writer task: {e}")))??,
-            );
+            written.push(runtime::join("write: part encoder", h).await?);
         }
         Ok(())
     }
@@ -388,6 +374,34 @@ impl Write {
     }
 }
 
+impl Sink for Write {
+    fn name(&self) -> &'static str {
+        "write"
+    }
+
+    fn schema(&self) -> Option<SchemaRef> {
+        Some(self.schema.clone())
+    }
+
+    fn prepare(&self) -> BoxFuture<'_, Result<Option<Arc<RowIdSet>>>> {
+        Box::pin(async move {
+            let done = self.check_folder().await?;
+            if let Some(d) = &done {
+                log::info!("resuming: {} rows already in {}", d.len(), self.loc.display);
+            }
+            Ok(done)
+        })
+    }
+
+    fn run<'a>(
+        &'a mut self,
+        input: SendableRecordBatchStream,
+        exec: &'a Exec,
+    ) -> BoxFuture<'a, Result<SinkReport>> {
+        Box::pin(async move { Ok(SinkReport::Write(self.write(input, &exec.stats).await?)) })
+    }
+}
+
 async fn write_part(
     loc: Location,
     name: String,
@@ -396,16 +410,15 @@ async fn write_part(
 ) -> Result<PartInfo> {
     let rows = batch.num_rows() as u64;
     let display = loc.display.clone();
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+    let encoder = runtime::spawn_worker(move || -> Result<Vec<u8>> {
         let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
         let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
             .map_err(|e| Error::parquet(&display, e))?;
         w.write(&batch).map_err(|e| Error::parquet(&display, e))?;
         w.close().map_err(|e| Error::parquet(&display, e))?;
         Ok(buf)
-    })
-    .await
-    .map_err(|e| Error::Run(format!("parquet encoder: {e}")))??;
+    });
+    let bytes = runtime::join("write: parquet encoder", encoder).await?;
     loc.store
         .put(&loc.path, PutPayload::from(Bytes::from(bytes)))
         .await

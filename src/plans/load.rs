@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
 
+use super::overrides::{apply_set, key_name, names_something};
 use super::spec::{Plan, Step, OPERATORS, PLAN_KEYS};
 use crate::error::{closest, Error, PlanError, PlanLocation, Result};
 
@@ -147,16 +148,6 @@ pub fn load_str(text: &str, file: &str, sets: &[String]) -> Result<Plan> {
     })
 }
 
-fn key_name(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => serde_yaml::to_string(other)
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
-    }
-}
-
 /// A step is a one-key mapping `operator: settings`. Returns (operator, settings).
 fn step_parts(raw: &Value, i: usize, file: &str) -> Result<(String, Value)> {
     let loc = |op: Option<String>| PlanLocation {
@@ -222,141 +213,6 @@ fn normalize_steps(map: &mut Mapping, _file: &str) -> Result<()> {
     Ok(())
 }
 
-/// Apply one `KEY=VALUE` override. KEY is a dotted path: a top-level key (`name`, `model.path`), or a
-/// step addressed by its operator name (`write.path`, `train.eval.source.split`) or number
-/// (`steps.6.path`, 1-based). VALUE is read as YAML (`128` is a number, `null` is null).
-pub fn apply_set(map: &mut Mapping, set: &str, file: &str) -> Result<()> {
-    let fail = |message: String, suggestion: Option<String>| -> Error {
-        PlanError {
-            at: PlanLocation {
-                file: file.into(),
-                step: None,
-                key: None,
-            },
-            message: format!("--set {set}: {message}"),
-            suggestion,
-        }
-        .into()
-    };
-    let Some((path, raw_value)) = set.split_once('=') else {
-        return Err(fail("expected KEY=VALUE".into(), None));
-    };
-    let value: Value = if raw_value.is_empty() {
-        Value::String(String::new())
-    } else {
-        serde_yaml::from_str(raw_value).unwrap_or_else(|_| Value::String(raw_value.to_string()))
-    };
-    let parts: Vec<&str> = path.split('.').collect();
-    if parts.iter().any(|p| p.is_empty()) {
-        return Err(fail("empty key segment".into(), None));
-    }
-    let head = parts[0];
-    let steps: Vec<String> = match map.get("steps") {
-        Some(Value::Sequence(s)) => s
-            .iter()
-            .map(|st| match st {
-                Value::Mapping(m) => m.keys().next().map(key_name).unwrap_or_default(),
-                _ => String::new(),
-            })
-            .collect(),
-        _ => vec![],
-    };
-
-    // Which node the rest of the path lives in.
-    let (target, rest): (&mut Value, &[&str]) = if PLAN_KEYS.contains(&head) && head != "steps" {
-        if parts.len() == 1 {
-            map.insert(head.into(), value);
-            return Ok(());
-        }
-        let entry = map
-            .entry(head.into())
-            .or_insert_with(|| Value::Mapping(Mapping::new()));
-        (entry, &parts[1..])
-    } else {
-        let index = if head == "steps" {
-            let n: usize = parts
-                .get(1)
-                .and_then(|p| p.parse().ok())
-                .filter(|n| *n >= 1 && *n <= steps.len())
-                .ok_or_else(|| {
-                    fail(
-                        format!("`steps.N` needs a step number from 1 to {}", steps.len()),
-                        None,
-                    )
-                })?;
-            n - 1
-        } else {
-            let matches: Vec<usize> = steps
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.as_str() == head)
-                .map(|(i, _)| i)
-                .collect();
-            match matches.as_slice() {
-                [i] => *i,
-                [] => {
-                    let mut names: Vec<&str> = steps.iter().map(|s| s.as_str()).collect();
-                    names.extend(PLAN_KEYS.iter().filter(|k| **k != "steps"));
-                    let hint = closest(head, names.iter().copied());
-                    return Err(fail(
-                        format!(
-                            "names nothing: no top-level key or step `{head}` (steps: {})",
-                            steps.join(", ")
-                        ),
-                        hint,
-                    ));
-                }
-                many => {
-                    let nums: Vec<String> =
-                        many.iter().map(|i| format!("steps.{}", i + 1)).collect();
-                    return Err(fail(
-                        format!("`{head}` is ambiguous; address one of: {}", nums.join(", ")),
-                        None,
-                    ));
-                }
-            }
-        };
-        let skip = if head == "steps" { 2 } else { 1 };
-        let Some(Value::Sequence(seq)) = map.get_mut("steps") else {
-            unreachable!("steps listed above")
-        };
-        let Value::Mapping(step) = &mut seq[index] else {
-            unreachable!("named steps are mappings")
-        };
-        let body = step.values_mut().next().expect("one operator key");
-        if parts.len() == skip {
-            *body = value;
-            return Ok(());
-        }
-        (body, &parts[skip..])
-    };
-
-    let mut node = target;
-    for (i, seg) in rest.iter().enumerate() {
-        if !matches!(node, Value::Mapping(_)) {
-            if matches!(node, Value::Null) {
-                *node = Value::Mapping(Mapping::new());
-            } else {
-                return Err(fail(
-                    format!("`{}` is not a mapping", rest[..i].join(".")),
-                    None,
-                ));
-            }
-        }
-        let Value::Mapping(m) = node else {
-            unreachable!()
-        };
-        if i + 1 == rest.len() {
-            m.insert((*seg).into(), value);
-            return Ok(());
-        }
-        node = m
-            .entry((*seg).into())
-            .or_insert_with(|| Value::Mapping(Mapping::new()));
-    }
-    Ok(())
-}
-
 /// Deserialize `value` into `T`, turning serde's messages into plan errors with a key path.
 #[allow(clippy::result_large_err)] // called once per plan key at load time; the error is the product
 pub(crate) fn typed<T: DeserializeOwned>(
@@ -416,12 +272,33 @@ pub(crate) fn typed<T: DeserializeOwned>(
         }
         let key = join(prefix, &path);
         at.key = if key.is_empty() { None } else { Some(key) };
+        if let Some((value, expected)) = unknown_name(&msg) {
+            return PlanError {
+                at,
+                message: format!("unknown value `{value}` (one of: {})", expected.join(", ")),
+                suggestion: closest(&value, expected.iter().map(String::as_str)),
+            };
+        }
         PlanError {
             at,
             message: humanize(&msg),
             suggestion: None,
         }
     })
+}
+
+/// The value and the valid names in serde's "unknown variant `x`, expected one of `a`, `b`" (also
+/// "expected `a` or `b`"), which every named setting reports.
+fn unknown_name(msg: &str) -> Option<(String, Vec<String>)> {
+    let rest = msg.strip_prefix("unknown variant `")?;
+    let (value, rest) = rest.split_once('`')?;
+    let expected = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    Some((value.to_string(), expected))
 }
 
 /// serde speaks Rust types; plans speak YAML.
@@ -431,6 +308,46 @@ fn humanize(msg: &str) -> String {
         .replace("expected u64", "expected a non-negative integer")
         .replace("expected f64", "expected a number")
         .replace("invalid type: ", "wrong type: ")
+}
+
+/// Load the plans of one run: `(name for messages, YAML text)` each, with `--set` overrides. With
+/// several plans an override may start with a plan's name (`conala-offline.write.path=…`) to reach
+/// that plan only; otherwise it applies to every plan whose steps or keys it names, and must name
+/// something in at least one.
+pub fn load_plans(texts: &[(String, String)], sets: &[String]) -> Result<Vec<Plan>> {
+    if texts.len() == 1 {
+        return Ok(vec![load_str(&texts[0].1, &texts[0].0, sets)?]);
+    }
+    let bare: Vec<Plan> = texts
+        .iter()
+        .map(|(n, t)| load_str(t, n, &[]))
+        .collect::<Result<_>>()?;
+    let mut per_plan: Vec<Vec<String>> = vec![vec![]; bare.len()];
+    for set in sets {
+        if let Some(i) = bare
+            .iter()
+            .position(|p| set.starts_with(&format!("{}.", p.name)))
+        {
+            per_plan[i].push(set[bare[i].name.len() + 1..].to_string());
+            continue;
+        }
+        let mut hit = false;
+        for (i, (_, t)) in texts.iter().enumerate() {
+            if names_something(t, set) {
+                per_plan[i].push(set.clone());
+                hit = true;
+            }
+        }
+        if !hit {
+            // Report it as the first plan sees it ("names nothing", with a suggestion).
+            load_str(&texts[0].1, &texts[0].0, std::slice::from_ref(set))?;
+        }
+    }
+    texts
+        .iter()
+        .zip(per_plan)
+        .map(|((n, t), s)| load_str(t, n, &s))
+        .collect()
 }
 
 #[cfg(test)]
@@ -607,5 +524,58 @@ steps:
         assert_eq!(e.at.step, Some((0, "sorce".to_string())));
         let e = plan_err(load("name: t\nstesp: []\n", &[]));
         assert_eq!(e.suggestion.as_deref(), Some("steps"));
+    }
+
+    const PREP: &str = "name: prep\nsteps:\n  - source: { uri: a }\n  - write: { path: out/a }\n";
+    const TRAIN: &str = "name: tr\nmodel: { path: m }\nsteps:\n  - source: { uri: b }\n  - train: { output: runs/b }\n";
+
+    fn texts() -> Vec<(String, String)> {
+        vec![
+            ("prep.yaml".into(), PREP.into()),
+            ("train.yaml".into(), TRAIN.into()),
+        ]
+    }
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn overrides_reach_the_plans_they_name() {
+        let plans = load_plans(
+            &texts(),
+            &strings(&[
+                "write.path=out/x",
+                "train.max_steps=7",
+                "source.limit=5",
+                "tr.source.uri=c",
+            ]),
+        )
+        .unwrap();
+        let Step::Write(w) = &plans[0].steps[1] else {
+            panic!()
+        };
+        assert_eq!(w.path, "out/x");
+        let Step::Train(t) = &plans[1].steps[1] else {
+            panic!()
+        };
+        assert_eq!(t.max_steps, 7);
+        let (Step::Source(a), Step::Source(b)) = (&plans[0].steps[0], &plans[1].steps[0]) else {
+            panic!()
+        };
+        assert_eq!((a.limit, b.limit), (Some(5), Some(5)));
+        assert_eq!((a.uri.as_str(), b.uri.as_str()), ("a", "c"));
+    }
+
+    /// An override that names something is checked in that plan: a bad value is reported as the plan
+    /// it reaches sees it, not as "names nothing" in another.
+    #[test]
+    fn a_bad_value_is_reported_by_the_plan_it_reaches() {
+        let e = load_plans(&texts(), &strings(&["train.max_steps=lots"])).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("train.yaml") && s.contains("max_steps"), "{s}");
+        let e = load_plans(&texts(), &strings(&["trian.max_steps=3"])).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("names nothing"), "{s}");
     }
 }

@@ -13,44 +13,42 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 
-use super::spec::{ModelSpec, Plan, Step};
+use super::spec::{Plan, Step};
 use crate::context::Context;
 use crate::error::{Error, PlanError, PlanLocation, Result};
-use crate::manifest::RunStats;
 use crate::operators::evaluate::Evaluate;
 use crate::operators::filter::Filter;
 use crate::operators::format::Format;
 use crate::operators::generate::Generate;
 use crate::operators::source::Source;
 use crate::operators::tokenize::Tokenize;
-use crate::operators::train::{Train, TrainSummary};
-use crate::operators::write::{Mode, Write, WriteSummary};
-use crate::operators::{Exec, Operator, StepError};
+use crate::operators::train::{EvalRows, Train, TrainContext};
+use crate::operators::write::{Provenance, Write, WriteSummary};
+use crate::operators::{Exec, Operator, Sink, SinkReport, StepError};
 use crate::progress::Progress;
+use crate::reports::{RunStats, StepReports};
 
-/// Where a chain ends.
-pub enum Sink {
-    Write(Box<Write>),
-    Train(Box<Train>),
-}
+/// A transform and its step's index in the plan.
+type Transforms = Vec<(usize, Box<dyn Operator>)>;
 
 /// A validated plan, ready to run.
 pub struct Pipeline {
     pub plan: Plan,
     source: Source,
-    transforms: Vec<(usize, Box<dyn Operator>)>,
-    sink: Sink,
+    transforms: Transforms,
+    sink: Box<dyn Sink>,
 }
 
 /// What a run did, for the CLI's summary.
 #[derive(Debug)]
 pub struct RunSummary {
     pub plan_name: String,
+    /// Rows out of each step (`N:operator`, in step order; the eval rows' `eval N:operator` after).
     pub rows_per_step: Vec<(String, u64)>,
     pub write: Option<WriteSummary>,
-    pub train: Option<TrainSummary>,
+    /// What the steps reported (generation speed, scores, the training outcome).
+    pub reports: StepReports,
     pub seconds: f64,
-    pub extra: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 fn located(plan: &Plan, i: usize, e: StepError) -> Error {
@@ -78,8 +76,8 @@ async fn build_transforms(
     mut schema: SchemaRef,
     row_id: &str,
     ctx: &Context,
-) -> Result<(Vec<(usize, Box<dyn Operator>)>, SchemaRef)> {
-    let mut out: Vec<(usize, Box<dyn Operator>)> = vec![];
+) -> Result<(Transforms, SchemaRef)> {
+    let mut out: Transforms = vec![];
     for i in steps {
         let op: Box<dyn Operator> = match &plan.steps[i] {
             Step::Filter(s) => Box::new(
@@ -128,21 +126,20 @@ async fn load_step_tokenizer(
     explicit: Option<&str>,
     ctx: &Context,
 ) -> Result<tokenizers::Tokenizer, StepError> {
-    let (spec, revision, key) = match (explicit, &plan.model) {
-        (Some(t), _) => (t.to_string(), None, "tokenizer"),
+    let (spec, revision) = match (explicit, &plan.model) {
+        (Some(t), _) => (t.to_string(), None),
         // A model made by `model.init` (maybe not yet) carries the tokenizer it was made for.
-        (None, Some(ModelSpec { init: Some(init), path, .. }))
-            if !std::path::Path::new(path).is_dir() =>
-        {
-            (init.tokenizer.clone(), None, "tokenizer")
+        (None, Some(m)) if m.init.is_some() && !std::path::Path::new(&m.path).is_dir() => {
+            let init = m.init.as_ref().expect("checked");
+            (init.tokenizer.clone(), None)
         }
-        (None, Some(m)) => (m.path.clone(), m.revision.clone(), "tokenizer"),
+        (None, Some(m)) => (m.path.clone(), m.revision.clone()),
         (None, None) => return Err(StepError::at("tokenizer", "no tokenizer: set `tokenizer:` (a tokenizer.json, a model folder or a Hub id) or give the plan a `model`")),
     };
     let file = crate::tokenizer::resolve_tokenizer_file(&spec, revision.as_deref(), &ctx.hub)
         .await
-        .map_err(|e| StepError::at(key, e))?;
-    crate::tokenizer::load(&file).map_err(|e| StepError::at(key, e))
+        .map_err(|e| StepError::at("tokenizer", e))?;
+    crate::tokenizer::load(&file).map_err(|e| StepError::at("tokenizer", e))
 }
 
 /// Validate a plan completely and build its operators.
@@ -164,54 +161,43 @@ pub async fn build(plan: &Plan, ctx: &Context) -> Result<Pipeline> {
     let row_id = source.row_id_column().to_string();
     let (transforms, schema) =
         build_transforms(plan, 1..last, source.schema(), &row_id, ctx).await?;
-    let sink = match &plan.steps[last] {
-        Step::Write(w) => Sink::Write(Box::new(
-            Write::new(
+    let sink: Box<dyn Sink> = match &plan.steps[last] {
+        Step::Write(w) => {
+            let provenance = Provenance {
+                plan_name: plan.name.clone(),
+                plan: serde_json::to_value(plan).map_err(|e| Error::json("the plan", e))?,
+            };
+            let write = Write::new(
                 w,
                 schema,
                 &ctx.session,
                 plan.has_generate(),
                 &row_id,
                 ctx.shard,
+                provenance,
             )
-            .map_err(|e| located(plan, last, e))?,
-        )),
+            .map_err(|e| located(plan, last, e))?;
+            Box::new(write)
+        }
         Step::Train(t) => {
-            // Evaluation rows take the same path as training rows.
             let eval = match &t.eval {
                 None => None,
-                Some(e) => {
-                    let eval_source = Source::open(&e.source, ctx).await.map_err(|err| {
-                        located(
-                            plan,
-                            last,
-                            StepError {
-                                key: err.key.map(|k| format!("eval.source.{k}")),
-                                ..err
-                            },
-                        )
-                    })?;
-                    let (eval_ops, eval_schema) =
-                        build_transforms(plan, 1..last, eval_source.schema(), &row_id, ctx)
-                            .await
-                            .map_err(|err| match err {
-                                Error::Plan(mut p) => {
-                                    p.message = format!(
-                                        "{} (while checking the eval rows of `train`)",
-                                        p.message
-                                    );
-                                    Error::Plan(p)
-                                }
-                                other => other,
-                            })?;
-                    Some((eval_source, eval_ops, eval_schema))
-                }
+                Some(e) => Some(eval_rows(plan, last, &e.source, &row_id, ctx).await?),
             };
-            Sink::Train(Box::new(
-                Train::new(t, schema, eval, plan, ctx)
-                    .await
-                    .map_err(|e| located(plan, last, e))?,
-            ))
+            // The labels' text: the target of the last `tokenize` (BLEU references).
+            let target_text = plan.steps.iter().rev().find_map(|s| match s {
+                Step::Tokenize(t) => t.target.clone(),
+                _ => None,
+            });
+            let train_ctx = TrainContext {
+                model: plan.model.as_ref(),
+                target_text,
+                eval,
+            };
+            let train = Train::new(t, schema, train_ctx, ctx)
+                .await
+                .map_err(|e| located(plan, last, e))?;
+            Box::new(train)
         }
         _ => unreachable!("checked above"),
     };
@@ -223,26 +209,75 @@ pub async fn build(plan: &Plan, ctx: &Context) -> Result<Pipeline> {
     })
 }
 
-/// Chain operators onto a stream, counting rows out of each step under `prefix` + `N:operator`.
-pub fn chain(
-    mut stream: SendableRecordBatchStream,
-    ops: &[(usize, Box<dyn Operator>)],
+/// `train`'s evaluation rows: another source, through the same steps as the training rows.
+async fn eval_rows(
     plan: &Plan,
+    last: usize,
+    spec: &crate::plans::spec::SourceSpec,
+    row_id: &str,
+    ctx: &Context,
+) -> Result<EvalRows> {
+    let source = Source::open(spec, ctx).await.map_err(|err| {
+        located(
+            plan,
+            last,
+            StepError {
+                key: err.key.map(|k| format!("eval.source.{k}")),
+                ..err
+            },
+        )
+    })?;
+    let (ops, schema) = build_transforms(plan, 1..last, source.schema(), row_id, ctx)
+        .await
+        .map_err(|err| match err {
+            Error::Plan(mut p) => {
+                p.message = format!("{} (while checking the eval rows of `train`)", p.message);
+                Error::Plan(p)
+            }
+            other => other,
+        })?;
+    Ok(EvalRows {
+        schema,
+        row_id: source.row_id_column().to_string(),
+        start: Box::new(move |exec: &Exec| {
+            let step = Exec {
+                step: "eval rows: step 1 (source)".into(),
+                ..exec.clone()
+            };
+            let rows = counted(source.execute(&step), &exec.stats, "eval 1:source");
+            chain(rows, &ops, exec, "eval ")
+        }),
+    })
+}
+
+/// Chain operators onto a stream, counting rows out of each step under `prefix` + `N:operator`.
+fn chain(
+    mut stream: SendableRecordBatchStream,
+    ops: &Transforms,
     exec: &Exec,
     prefix: &str,
 ) -> Result<SendableRecordBatchStream> {
     for (i, op) in ops {
-        stream = op.execute(stream, exec)?;
+        let step = Exec {
+            step: format!(
+                "{}step {} ({})",
+                if prefix.is_empty() { "" } else { "eval rows: " },
+                i + 1,
+                op.name()
+            ),
+            ..exec.clone()
+        };
+        stream = op.execute(stream, &step)?;
         stream = counted(
             stream,
             &exec.stats,
-            &format!("{prefix}{}:{}", i + 1, plan.steps[*i].operator()),
+            &format!("{prefix}{}:{}", i + 1, op.name()),
         );
     }
     Ok(stream)
 }
 
-pub(crate) fn counted(
+fn counted(
     stream: SendableRecordBatchStream,
     stats: &RunStats,
     label: &str,
@@ -271,63 +306,54 @@ impl Pipeline {
             out.push((format!("{}:{}", i + 1, op.name()), cols(op.schema())));
         }
         let last = self.plan.steps.len();
-        match &self.sink {
-            Sink::Write(w) => out.push((format!("{last}:write"), cols(w.schema()))),
-            Sink::Train(_) => out.push((format!("{last}:train"), vec![])),
-        }
+        out.push((
+            format!("{last}:{}", self.sink.name()),
+            self.sink.schema().map(cols).unwrap_or_default(),
+        ));
         out
     }
 
     pub async fn run(mut self, ctx: &Context) -> Result<RunSummary> {
         let started = Instant::now();
-        let stats = Arc::new(RunStats::default());
-        let plan_json = serde_json::to_value(&self.plan)
-            .map_err(|e| Error::Run(format!("plan as JSON: {e}")))?;
-        if let Sink::Write(w) = &self.sink {
-            if let Some(done) = w.prepare().await? {
-                if w.mode() == Mode::Resume {
-                    log::info!("resuming: {} rows already in {}", done.len(), w.loc.display);
-                    self.source.skip_rows(done);
-                }
-            }
+        if let Some(done) = self.sink.prepare().await? {
+            self.source.skip_rows(done);
         }
-        let stream = counted(self.source.execute(), &stats, "1:source");
         let exec = Exec {
-            stats: stats.clone(),
+            stats: Arc::new(RunStats::default()),
             progress_bars: ctx.progress_bars,
+            step: String::new(),
         };
-        let stream = chain(stream, &self.transforms, &self.plan, &exec, "")?;
-        let label = self.plan.name.clone();
-        let rows = stats.counter("1:source");
-        let progress = Progress::start(&label, "rows", ctx.progress_bars, None, move || {
-            (rows.load(Ordering::Relaxed), None)
+        let stream = counted(
+            self.source.execute(&exec.for_step(0, "source")),
+            &exec.stats,
+            "1:source",
+        );
+        let stream = chain(stream, &self.transforms, &exec, "")?;
+        let rows = exec.stats.counter("1:source");
+        let progress = Progress::start(
+            &self.plan.name,
+            "rows",
+            ctx.progress_bars,
+            None,
+            move || (rows.load(Ordering::Relaxed), None),
+        );
+        // The rows line stops when the sink has read its input (`train` then reports its own steps).
+        let stopper = progress.stopper();
+        let schema = stream.schema();
+        let tail = futures::stream::poll_fn(move |_| {
+            stopper.stop();
+            std::task::Poll::Ready(None)
         });
-        // `train` reads all its rows before its first step and then reports steps itself: the rows
-        // line stops when the input is exhausted instead of ticking on through training.
-        let stream = match &self.sink {
-            Sink::Train(_) => {
-                let stopper = progress.stopper();
-                let schema = stream.schema();
-                let tail = futures::stream::poll_fn(move |_| {
-                    stopper.stop();
-                    std::task::Poll::Ready(None)
-                });
-                Box::pin(RecordBatchStreamAdapter::new(schema, stream.chain(tail)))
-                    as SendableRecordBatchStream
-            }
-            Sink::Write(_) => stream,
-        };
-        let (write, train) = match &mut self.sink {
-            Sink::Write(w) => (
-                Some(w.run(stream, &stats, plan_json, &self.plan.name).await?),
-                None,
-            ),
-            Sink::Train(t) => (None, Some(t.run(stream, &exec, ctx).await?)),
-        };
+        let stream: SendableRecordBatchStream =
+            Box::pin(RecordBatchStreamAdapter::new(schema, stream.chain(tail)));
+        let sink_exec = exec.for_step(self.plan.steps.len() - 1, self.sink.name());
+        let report = self.sink.run(stream, &sink_exec).await;
         progress.finish();
-        let rows_per_step = stats.rows().into_iter().collect::<Vec<_>>();
-        let mut rows_per_step = rows_per_step;
-        // `N:operator` in step order; the eval rows' counts (`eval N:operator`) after.
+        let write = match report? {
+            SinkReport::Write(w) => Some(w),
+            SinkReport::Train(_) => None,
+        };
+        let mut rows_per_step: Vec<(String, u64)> = exec.stats.rows().into_iter().collect();
         rows_per_step.sort_by_key(|(k, _)| {
             let n = k
                 .split(':')
@@ -341,9 +367,8 @@ impl Pipeline {
             plan_name: self.plan.name.clone(),
             rows_per_step,
             write,
-            train,
+            reports: exec.stats.reports(),
             seconds: started.elapsed().as_secs_f64(),
-            extra: stats.extra(),
         })
     }
 }

@@ -72,7 +72,7 @@ pub fn save(
     write_weights(&tmp)?;
     save_safetensors(trainable, &tmp.join(TRAINABLE))?;
     save_safetensors(optimizer, &tmp.join(OPTIMIZER))?;
-    let json = serde_json::to_string_pretty(state).map_err(|e| Error::Run(e.to_string()))?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| Error::json(STATE, e))?;
     std::fs::write(tmp.join(STATE), json).map_err(|e| Error::io(tmp.join(STATE).display(), e))?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(final_dir.display(), e))?;
@@ -111,11 +111,11 @@ pub fn load_latest(output: &Path, device: &candle_core::Device) -> Result<Option
     let dir = dir_for(output, step);
     let text = std::fs::read_to_string(dir.join(STATE))
         .map_err(|e| Error::io(dir.join(STATE).display(), e))?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .map_err(|e| Error::Run(format!("{}: {e}", dir.join(STATE).display())))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| Error::json(dir.join(STATE).display(), e))?;
     let load = |name: &str| {
         candle_core::safetensors::load(dir.join(name), device)
-            .map_err(|e| Error::Run(format!("{}: {e}", dir.join(name).display())))
+            .map_err(|e| Error::tensors(dir.join(name).display(), e))
     };
     Ok(Some(Loaded {
         trainable: load(TRAINABLE)?,

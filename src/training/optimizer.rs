@@ -61,7 +61,7 @@ impl AdamW {
     /// One update with gradients `grads` (same order as `params`) at learning rate `lr`.
     pub fn apply(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
-            return Err(Error::Run(format!(
+            return Err(Error::model(format!(
                 "optimizer: {} gradients for {} parameters",
                 grads.len(),
                 self.params.len()
@@ -107,7 +107,7 @@ impl AdamW {
                 state
                     .get(&k)
                     .cloned()
-                    .ok_or_else(|| Error::Run(format!("optimizer state: missing `{k}`")))
+                    .ok_or_else(|| Error::model(format!("optimizer state: missing `{k}`")))
             };
             let dev = p.var.device().clone();
             p.m = get(format!("{}.exp_avg", p.name))?.to_device(&dev)?;

@@ -51,8 +51,10 @@ impl Canvas {
         }
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         z.write_all(&raw)
-            .map_err(|e| Error::Run(format!("plot: {e}")))?;
-        let data = z.finish().map_err(|e| Error::Run(format!("plot: {e}")))?;
+            .map_err(|e| Error::io("loss plot: compressing", e))?;
+        let data = z
+            .finish()
+            .map_err(|e| Error::io("loss plot: compressing", e))?;
         let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
         let mut chunk = |kind: &[u8], body: &[u8]| {
             out.extend_from_slice(&(body.len() as u32).to_be_bytes());

@@ -4,25 +4,20 @@
 
 use std::f64::consts::PI;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
+    #[default]
     Linear,
     Cosine,
+    #[serde(alias = "constant_with_warmup")]
     Constant,
 }
+crate::named_setting!(Schedule);
 
 impl Schedule {
-    pub const NAMES: [&'static str; 3] = ["linear", "cosine", "constant"];
-
-    pub fn parse(s: &str) -> Option<Schedule> {
-        match s {
-            "linear" => Some(Schedule::Linear),
-            "cosine" => Some(Schedule::Cosine),
-            "constant" | "constant_with_warmup" => Some(Schedule::Constant),
-            _ => None,
-        }
-    }
-
     /// Learning rate at 0-based optimizer step `step`.
     pub fn lr(&self, base: f64, step: u64, warmup: u64, total: u64) -> f64 {
         if step < warmup {
@@ -56,7 +51,11 @@ mod tests {
         assert!(Schedule::Cosine.lr(2.0, 110, 10, 110).abs() < 1e-12);
         assert_eq!(Schedule::Constant.lr(3.0, 50, 10, 110), 3.0);
         assert_eq!(Schedule::Linear.lr(1.0, 0, 0, 10), 1.0);
-        assert_eq!(Schedule::parse("cosine"), Some(Schedule::Cosine));
-        assert_eq!(Schedule::parse("cosin"), None);
+        assert_eq!("cosine".parse::<Schedule>(), Ok(Schedule::Cosine));
+        assert_eq!(
+            "constant_with_warmup".parse::<Schedule>(),
+            Ok(Schedule::Constant)
+        );
+        assert!("cosin".parse::<Schedule>().is_err());
     }
 }

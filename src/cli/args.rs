@@ -1,0 +1,160 @@
+//! The command line's arguments (clap).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use super::bench::{GenerateArgs, PrepArgs, TrainArgs};
+use conala::model::init::{Family, Size};
+use conala::sql::OutputFormat;
+
+#[derive(Parser)]
+#[command(name = "conala", version, about = "Complete code/natural-language datasets with seq2seq models", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a plan (without PLAN: the built-in offline default).
+    Run(RunArgs),
+    /// Check a plan completely without running it.
+    Validate(PlanArgs),
+    /// Run SQL over parquet outputs.
+    Sql(SqlArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Model tools.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Fold a LoRA adapter into its base model and write a plain Hugging Face checkpoint.
+    Merge(MergeArgs),
+    /// Benchmarks against the Python stack (each prints its ratio).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// The plan file (YAML).
+    pub plan: PathBuf,
+    /// Override a plan key: `write.path=out/x`, `source.split=test`, `model.path=DIR`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Plan files (YAML), run in order; the built-in offline default when left out.
+    pub plans: Vec<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Process only the rows with row_id % N == I (also read from SLURM_ARRAY_TASK_ID/COUNT or
+    /// JOB_COMPLETION_INDEX).
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    /// Continue training from the last checkpoint in the train output folder.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Args)]
+pub struct SqlArgs {
+    /// The query, e.g. "select count(*) from conala_offline".
+    pub query: String,
+    /// Register parquet files as a table: NAME=PATH_OR_URL (repeatable).
+    #[arg(long = "table", value_name = "NAME=PATH_OR_URL")]
+    pub tables: Vec<String>,
+    /// Register this plan's output under the plan's name.
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// table, csv, json (lines) or parquet.
+    #[arg(long, default_value = "table")]
+    pub format: OutputFormat,
+    /// Write the result here instead of stdout.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a T5-style Unigram tokenizer on text columns of a source.
+    Train(TokenizerTrainArgs),
+}
+
+#[derive(Args)]
+pub struct TokenizerTrainArgs {
+    /// A source URI (local folder/file, object store URL or hf://datasets/...).
+    #[arg(long, default_value = "data/conala")]
+    pub input: String,
+    #[arg(long)]
+    pub config: Option<String>,
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Text columns to learn from.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "intent,rewritten_intent,snippet"
+    )]
+    pub columns: Vec<String>,
+    #[arg(long, default_value_t = 8000)]
+    pub vocab_size: u32,
+    /// Where to write tokenizer.json.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Write a randomly initialised T5-family model as a Hugging Face folder.
+    Init(ModelInitArgs),
+}
+
+#[derive(Args)]
+pub struct ModelInitArgs {
+    /// t5, flan-t5 or ul2.
+    #[arg(long)]
+    pub family: Family,
+    /// tiny, mini, small or base.
+    #[arg(long, default_value = "tiny")]
+    pub size: Size,
+    /// tokenizer.json to ship with the model (default: train one on the shipped CoNaLa data).
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Hand-set weights that copy the input (`model::copy_prior`; its own shape, replaces --size;
+    /// needs --family flan-t5 or ul2) instead of a random initialisation.
+    #[arg(long)]
+    pub copy_prior: bool,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Base model: a folder or a Hub model id.
+    #[arg(long)]
+    pub base: String,
+    /// PEFT-format adapter folder.
+    #[arg(long)]
+    pub adapter: String,
+    /// Output folder for the merged checkpoint.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Data preparation: load + filter + format + tokenize N rows, vs HF datasets.
+    Prep(PrepArgs),
+    /// Generation: tokens/s on the shipped test rows, vs HF transformers and CTranslate2.
+    Generate(GenerateArgs),
+    /// LoRA training: samples/s on the same batches, vs HF transformers + PEFT.
+    Train(TrainArgs),
+}

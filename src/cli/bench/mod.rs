@@ -1,0 +1,68 @@
+//! Benchmarks that compare `conala` with the Python stack on the same machine, inputs and work, in the
+//! same run, and print the ratio (`conala bench prep | generate | train`). Timings are reported, never
+//! asserted. The Python anchors are scripts in `scripts/`, skipped when their packages are missing.
+
+pub mod generate;
+pub mod prep;
+pub mod train;
+
+use std::path::{Path, PathBuf};
+
+use conala::error::{Error, Result};
+use conala::model::config::T5Config;
+use conala::model::init::{Family, Size};
+
+pub use generate::GenerateArgs;
+pub use prep::PrepArgs;
+pub use train::TrainArgs;
+
+/// A benchmark's scratch folder: `--work-dir` when given (kept), else a temporary one removed when the
+/// benchmark ends, also when it fails part-way.
+pub struct Scratch {
+    pub path: PathBuf,
+    remove: bool,
+}
+
+impl Scratch {
+    pub fn new(given: &Option<PathBuf>, name: &str) -> Result<Scratch> {
+        let (path, remove) = match given {
+            Some(d) => (d.clone(), false),
+            None => (
+                std::env::temp_dir().join(format!("conala-bench-{name}-{}", std::process::id())),
+                true,
+            ),
+        };
+        std::fs::create_dir_all(&path).map_err(|e| Error::io(path.display(), e))?;
+        Ok(Scratch { path, remove })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.remove {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// The tokenizer shipped in the repo, which benchmark models are made for.
+pub const SHIPPED_TOKENIZER: &str = "data/tokenizer/conala-unigram-8k.json";
+
+/// A random model of `family` and `size` for the shipped tokenizer, written to `dir` as an HF folder
+/// (the same weights load on both sides of a benchmark).
+pub fn random_model(family: Family, size: Size, dir: &Path) -> Result<T5Config> {
+    let tokenizer = Path::new(SHIPPED_TOKENIZER);
+    let vocab = conala::tokenizer::load(tokenizer)?.get_vocab_size(true);
+    let cfg = conala::model::init::config(family, size, vocab);
+    conala::model::init::write_random_model(&cfg, 0, tokenizer, dir)?;
+    Ok(cfg)
+}
+
+/// The last line a failed Python anchor wrote to stderr (its exception), for the "skipped" line.
+pub fn last_stderr_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .last()
+        .unwrap_or("no output")
+        .to_string()
+}

@@ -1,0 +1,240 @@
+//! Choosing each row's next token: HF's logits processors (repetition penalty, no-repeat n-grams,
+//! min new tokens) in HF's order, then argmax, or temperature / top-k / top-p and a draw from the row's
+//! own generator.
+
+use candle_core::Tensor;
+
+use super::options::DecodeOptions;
+use crate::error::{Error, Result};
+use crate::model::ops;
+use crate::rng::Rng;
+
+/// Apply HF's processors to one row's logits in place. `seq` is the decoder sequence so far (with the
+/// start token); `new` is how many tokens were generated.
+pub fn process(logits: &mut [f32], seq: &[u32], new: usize, eos: u32, o: &DecodeOptions) {
+    if o.repetition_penalty != 1.0 {
+        let p = o.repetition_penalty as f32;
+        let mut seen = std::collections::HashSet::with_capacity(seq.len());
+        for &t in seq {
+            if seen.insert(t) {
+                if let Some(x) = logits.get_mut(t as usize) {
+                    *x = if *x < 0.0 { *x * p } else { *x / p };
+                }
+            }
+        }
+    }
+    let n = o.no_repeat_ngram_size;
+    if n > 0 && seq.len() + 1 >= n {
+        let prefix = &seq[seq.len() + 1 - n..];
+        for w in seq.windows(n) {
+            if &w[..n - 1] == prefix {
+                if let Some(x) = logits.get_mut(w[n - 1] as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    if new < o.min_new_tokens {
+        if let Some(x) = logits.get_mut(eos as usize) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// HF's warpers (temperature, top-k, top-p) and a draw from the result.
+fn sample(logits: &mut [f32], o: &DecodeOptions, rng: &mut Rng) -> u32 {
+    if o.temperature > 0.0 && o.temperature != 1.0 {
+        let t = o.temperature as f32;
+        for x in logits.iter_mut() {
+            *x /= t;
+        }
+    }
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    let mut keep = order.len();
+    if o.top_k > 0 {
+        keep = keep.min(o.top_k);
+    }
+    let max = logits[order[0] as usize];
+    let probs: Vec<f64> = order[..keep]
+        .iter()
+        .map(|&i| ((logits[i as usize] - max) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    if o.top_p < 1.0 {
+        // Keep the smallest prefix whose mass reaches top_p (at least one token).
+        let mut cum = 0.0;
+        let mut k = 0;
+        while k < keep {
+            cum += probs[k] / total;
+            k += 1;
+            if cum >= o.top_p {
+                break;
+            }
+        }
+        keep = k.max(1);
+    }
+    let mass: f64 = probs[..keep].iter().sum();
+    let mut u = rng.next_f64() * mass;
+    for (i, p) in probs[..keep].iter().enumerate() {
+        if u < *p {
+            return order[i];
+        }
+        u -= p;
+    }
+    order[keep - 1]
+}
+
+/// The next token of every active row from its logits (rows in `active` order, (rows, vocab)):
+/// processors, then argmax or a draw. Rows are independent, so they run in parallel, reading the
+/// logits in place (a copy per row only when a processor edits them).
+pub(super) fn next_tokens(
+    logits: &Tensor,
+    active: &[usize],
+    seqs: &[Vec<u32>],
+    rngs: &mut [Rng],
+    step: usize,
+    eos: u32,
+    o: &DecodeOptions,
+) -> Result<Vec<u32>> {
+    let (rows, vocab) = logits.dims2()?;
+    if rows != active.len() {
+        return Err(Error::model(format!(
+            "decoder returned {rows} rows of logits for {} active rows",
+            active.len()
+        )));
+    }
+    ops::with_host_f32(logits, |flat| {
+        pick(flat, vocab, active, seqs, rngs, step, eos, o)
+    })
+}
+
+/// `next_tokens` over host logits `flat` (rows x vocab).
+#[allow(clippy::too_many_arguments)]
+fn pick(
+    flat: &[f32],
+    vocab: usize,
+    active: &[usize],
+    seqs: &[Vec<u32>],
+    rngs: &mut [Rng],
+    step: usize,
+    eos: u32,
+    o: &DecodeOptions,
+) -> Vec<u32> {
+    use rayon::prelude::*;
+    let edits =
+        o.repetition_penalty != 1.0 || o.no_repeat_ngram_size > 0 || step < o.min_new_tokens;
+    // Each active row's generator, in slot order (`active` is ascending and has no repeats).
+    let mut is_active = vec![false; rngs.len()];
+    for &r in active {
+        is_active[r] = true;
+    }
+    let row_rngs: Vec<&mut Rng> = rngs
+        .iter_mut()
+        .enumerate()
+        .filter(|(r, _)| is_active[*r])
+        .map(|(_, g)| g)
+        .collect();
+    flat.par_chunks(vocab)
+        .zip(active.par_iter())
+        .zip(row_rngs.into_par_iter())
+        .map(|((row, &r), rng)| {
+            if !edits && !o.do_sample {
+                return argmax(row);
+            }
+            let mut l = row.to_vec();
+            process(&mut l, &seqs[r], step, eos, o);
+            if o.do_sample {
+                sample(&mut l, o, rng)
+            } else {
+                argmax(&l)
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> DecodeOptions {
+        DecodeOptions::default()
+    }
+
+    #[test]
+    fn repetition_penalty_follows_hf() {
+        let mut l = vec![2.0f32, -2.0, 1.0, 4.0];
+        let o = DecodeOptions {
+            repetition_penalty: 2.0,
+            ..opts()
+        };
+        process(&mut l, &[0, 1, 1], 2, 3, &o);
+        assert_eq!(l, vec![1.0, -4.0, 1.0, 4.0]);
+    }
+
+    #[test]
+    fn no_repeat_ngram_and_min_new_tokens() {
+        let mut l = vec![0.0f32; 6];
+        let o = DecodeOptions {
+            no_repeat_ngram_size: 2,
+            min_new_tokens: 3,
+            ..opts()
+        };
+        // seq ... 4 5 ... 4 : the bigram (4, 5) was seen, so 5 is banned after 4.
+        process(&mut l, &[0, 4, 5, 2, 4], 1, 1, &o);
+        assert_eq!(l[5], f32::NEG_INFINITY);
+        assert_eq!(l[1], f32::NEG_INFINITY); // eos before min_new_tokens
+        assert_eq!(l[2], 0.0);
+    }
+
+    #[test]
+    fn sampling_respects_top_k_top_p_and_seed() {
+        let base = vec![5.0f32, 4.9, 0.0, -3.0];
+        let o = DecodeOptions {
+            do_sample: true,
+            top_k: 2,
+            ..opts()
+        };
+        let mut rng = Rng::new(1);
+        for _ in 0..200 {
+            let t = sample(&mut base.clone(), &o, &mut rng);
+            assert!(t == 0 || t == 1);
+        }
+        let o = DecodeOptions {
+            do_sample: true,
+            top_p: 0.3,
+            ..opts()
+        };
+        for _ in 0..50 {
+            assert_eq!(sample(&mut base.clone(), &o, &mut rng), 0);
+        }
+        let o = DecodeOptions {
+            do_sample: true,
+            temperature: 0.7,
+            ..opts()
+        };
+        let a: Vec<u32> = {
+            let mut r = Rng::new(9);
+            (0..20)
+                .map(|_| sample(&mut base.clone(), &o, &mut r))
+                .collect()
+        };
+        let b: Vec<u32> = {
+            let mut r = Rng::new(9);
+            (0..20)
+                .map(|_| sample(&mut base.clone(), &o, &mut r))
+                .collect()
+        };
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,159 @@
+//! Where a model runs and in what precision: the `device` and `dtype` settings, and the candle device
+//! and dtype they resolve to on this machine.
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A device setting: `auto` (the first GPU the binary was built for, else the CPU), `cpu`, `cuda`,
+/// `cuda:N` or `metal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal,
+}
+
+const DEVICE_NAMES: &str = "`auto`, `cpu`, `cuda`, `cuda:N`, `metal`";
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            "metal" => Ok(DeviceChoice::Metal),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceChoice::Cuda(n)),
+                // Worded as serde words unknown names, so plan errors suggest the closest one.
+                _ => Err(format!(
+                    "unknown variant `{s}`, expected one of {DEVICE_NAMES}"
+                )),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceChoice {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<DeviceChoice> for String {
+    fn from(d: DeviceChoice) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceChoice::Metal => f.write_str("metal"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// The device this names on this machine. A GPU the binary was not built for, or that is not
+    /// there, is an error (never a silent fall-back to the CPU).
+    pub fn resolve(self) -> Result<Device> {
+        let gpu_err = |what: &str, e: candle_core::Error| {
+            Error::model(format!("device `{self}`: {what}: {e}"))
+        };
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    Device::new_cuda(0).map_err(|e| gpu_err("CUDA", e))
+                } else if candle_core::utils::metal_is_available() {
+                    Device::new_metal(0).map_err(|e| gpu_err("Metal", e))
+                } else {
+                    Ok(Device::Cpu)
+                }
+            }
+            DeviceChoice::Metal => {
+                Device::new_metal(0).map_err(|e| gpu_err("Metal (build with --features metal)", e))
+            }
+            DeviceChoice::Cuda(n) => {
+                Device::new_cuda(n).map_err(|e| gpu_err("CUDA (build with --features cuda)", e))
+            }
+        }
+    }
+}
+
+/// A dtype setting: `auto` is bf16 on CUDA and f32 elsewhere. f16 is allowed but warned about: T5's
+/// activations overflow in f16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeChoice {
+    #[default]
+    Auto,
+    #[serde(alias = "float32")]
+    F32,
+    #[serde(alias = "bfloat16")]
+    Bf16,
+    #[serde(alias = "float16")]
+    F16,
+}
+crate::named_setting!(DTypeChoice);
+
+impl DTypeChoice {
+    /// The dtype this names on `device`.
+    pub fn resolve(self, device: &Device) -> DType {
+        match self {
+            DTypeChoice::Auto if device.is_cuda() => DType::BF16,
+            DTypeChoice::Auto | DTypeChoice::F32 => DType::F32,
+            DTypeChoice::Bf16 => DType::BF16,
+            DTypeChoice::F16 => {
+                log::warn!("dtype f16: T5 activations overflow in float16 (inf/NaN outputs are likely); prefer bf16 or f32");
+                DType::F16
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_round_trip_and_unknown_ones_list_the_valid() {
+        for (name, d) in [
+            ("auto", DeviceChoice::Auto),
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda:1", DeviceChoice::Cuda(1)),
+            ("metal", DeviceChoice::Metal),
+        ] {
+            assert_eq!(name.parse::<DeviceChoice>(), Ok(d));
+            assert_eq!(d.to_string(), name);
+        }
+        assert_eq!("cuda".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(0)));
+        let e = "gpu".parse::<DeviceChoice>().unwrap_err();
+        assert!(
+            e.contains("unknown variant `gpu`") && e.contains("`cuda:N`"),
+            "{e}"
+        );
+        assert!("cuda:x".parse::<DeviceChoice>().is_err());
+        let d: DeviceChoice = serde_json::from_str("\"cuda:2\"").unwrap();
+        assert_eq!(serde_json::to_string(&d).unwrap(), "\"cuda:2\"");
+    }
+
+    #[test]
+    fn dtypes_resolve_per_device() {
+        assert_eq!(DTypeChoice::Auto.resolve(&Device::Cpu), DType::F32);
+        assert_eq!("bfloat16".parse::<DTypeChoice>(), Ok(DTypeChoice::Bf16));
+        assert_eq!(DTypeChoice::Bf16.resolve(&Device::Cpu), DType::BF16);
+        assert_eq!(DTypeChoice::F16.to_string(), "f16");
+        assert!("f8".parse::<DTypeChoice>().is_err());
+    }
+}

@@ -1,0 +1,36 @@
+//! What a forward pass is for: inference, or training (dropout on, gradients through every op).
+
+use std::cell::RefCell;
+
+use crate::rng::Rng;
+
+/// Passed down every forward call; `train` is `None` at inference.
+pub struct Mode<'a> {
+    pub train: Option<&'a RefCell<TrainState>>,
+}
+
+impl Mode<'_> {
+    pub const INFER: Mode<'static> = Mode { train: None };
+
+    pub fn is_training(&self) -> bool {
+        self.train.is_some()
+    }
+
+    /// The model's dropout rate in this pass (0 at inference).
+    pub fn dropout_rate(&self) -> f64 {
+        self.train.map_or(0.0, |s| s.borrow().dropout)
+    }
+
+    /// A fresh seed for one dropout mask, from the training generator (None at inference).
+    pub fn next_seed(&self) -> Option<u64> {
+        self.train.map(|s| s.borrow_mut().rng.next_u64())
+    }
+}
+
+/// Training-time randomness: the model's dropout rate, and the generator its masks (and LoRA's) are
+/// drawn from. Ours, not candle's: candle's CPU generator cannot be seeded, and a resumed run must
+/// draw the same masks.
+pub struct TrainState {
+    pub dropout: f64,
+    pub rng: Rng,
+}

@@ -1,0 +1,229 @@
+//! Matrix products on the CPU in f32, straight through the gemm crate.
+//!
+//! - [`matmul`]: `a @ b` into an output the gemm fills once. candle's CPU matmul zero-fills its output
+//!   before the gemm overwrites it: a single-threaded pass over memory between parallel gemms, at
+//!   every layer of every decoding step, and hundreds of MB of fresh pages touched twice for the
+//!   cross-attention projection of a batch. No backward pass (inference, and frozen forwards).
+//! - [`frozen_linear`]: `x @ Wᵀ` for a frozen weight, whose backward computes only the input's
+//!   gradient. candle's matmul backward always computes the weight's gradient too (as costly as the
+//!   forward) and accumulates it into a fresh zero tensor; in LoRA training every base weight is
+//!   frozen, so that was a third of a step's matmul work thrown away.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+
+use crate::error::Result;
+
+/// `a (m, k) @ b (k, n)` for row-major-or-strided slices: element (i, j) of `a` is at
+/// `a[i * a_rs + j * a_cs]`, likewise for `b`. Returns the (m, n) product, row-major.
+pub fn gemm_f32(
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
+    // Bounds: the last element each operand reads must exist (the gemm works on raw pointers).
+    assert!(
+        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+        "gemm_f32: lhs too short"
+    );
+    assert!(
+        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
+        "gemm_f32: rhs too short"
+    );
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: the operands hold every element the strides reach (checked above); the output has room
+    // for m * n elements, all of which the gemm writes (read_dst = false: it never reads them) before
+    // the length is set.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.spare_capacity_mut().as_mut_ptr() as *mut f32,
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        out.set_len(m * n);
+    }
+    out
+}
+
+struct CpuMatmul;
+
+impl CustomOp2 for CpuMatmul {
+    fn name(&self) -> &'static str {
+        "cpu-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((m, k), (k2, n)) = (al.shape().dims2()?, bl.shape().dims2()?);
+        if k != k2 {
+            candle_core::bail!("cpu-matmul: ({m}, {k}) @ ({k2}, {n})");
+        }
+        let (a, b) = (
+            &a.as_slice::<f32>()?[al.start_offset()..],
+            &b.as_slice::<f32>()?[bl.start_offset()..],
+        );
+        let (sa, sb) = (al.stride(), bl.stride());
+        let out = gemm_f32((m, k, n), a, (sa[0], sa[1]), b, (sb[0], sb[1]));
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// `a (m, k) @ b (k, n)` (any strides) without gradients.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(a.apply_op2_no_bwd(b, &CpuMatmul)?)
+}
+
+struct FrozenMatmul {
+    /// The frozen weight, `[out, in]`.
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let data = storage.as_slice::<f32>()?;
+        let ((m, k), (n, k2)) = (layout.shape().dims2()?, self.weight.dims2()?);
+        if k != k2 {
+            candle_core::bail!("frozen-matmul: ({m}, {k}) @ ({n}, {k2})ᵀ");
+        }
+        let (ws, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*ws else {
+            candle_core::bail!("frozen-matmul: the weight must be on the CPU");
+        };
+        let w = &w.as_slice::<f32>()?[wl.start_offset()..];
+        // Straight into the output (candle's matmul would zero-fill it first and this op then copied
+        // it out); Wᵀ is W with its strides swapped.
+        let (sx, sw) = (layout.stride(), wl.stride());
+        let y = gemm_f32(
+            (m, k, n),
+            &data[layout.start_offset()..],
+            (sx[0], sx[1]),
+            w,
+            (sw[1], sw[0]),
+        );
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.weight)?))
+    }
+}
+
+/// `x2 @ weightᵀ` for a frozen weight, with only `x2`'s gradient in the backward pass.
+pub fn frozen_linear(x2: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    Ok(x2.apply_op1(FrozenMatmul {
+        weight: weight.clone(),
+    })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::max_abs_diff;
+    use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn matmul_matches_candle_for_plain_and_transposed_operands() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (7, 5), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
+        for b in [w.t().unwrap(), w.t().unwrap().contiguous().unwrap()] {
+            let ours = matmul(&a, &b).unwrap();
+            let theirs = a.matmul(&b).unwrap();
+            assert_eq!(ours.dims(), &[7, 3]);
+            let d = max_abs_diff(&ours, &theirs);
+            assert!(d < 1e-5, "{d}");
+        }
+        // A narrowed (offset) left operand and an empty inner dimension.
+        let a2 = Tensor::randn(0f32, 1.0, (9, 5), &dev)
+            .unwrap()
+            .narrow(0, 2, 7)
+            .unwrap();
+        let d = max_abs_diff(
+            &matmul(&a2, &w.t().unwrap()).unwrap(),
+            &a2.matmul(&w.t().unwrap()).unwrap(),
+        );
+        assert!(d < 1e-5, "{d}");
+        let e = matmul(
+            &Tensor::zeros((2, 0), DType::F32, &dev).unwrap(),
+            &Tensor::zeros((0, 3), DType::F32, &dev).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(e.to_vec2::<f32>().unwrap(), vec![vec![0f32; 3]; 2]);
+    }
+
+    #[test]
+    fn frozen_linear_gives_the_values_and_input_gradient_of_matmul() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        let x = Var::randn(0f32, 1.0, (4, 3), &dev).unwrap();
+        let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let frozen = frozen_linear(x.as_tensor(), &w).unwrap();
+        let diff = max_abs_diff(&plain, &frozen);
+        assert!(diff < 1e-6, "{diff}");
+        let target = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
+        let g_plain = (plain * &target)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_frozen = (frozen * &target)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (
+            g_plain.get(x.as_tensor()).unwrap(),
+            g_frozen.get(x.as_tensor()).unwrap(),
+        );
+        let diff = max_abs_diff(a, b);
+        assert!(diff < 1e-5, "{diff}");
+        // The weight gets no gradient at all.
+        assert!(g_frozen.get(&w).is_none());
+    }
+}

@@ -1,0 +1,161 @@
+//! `generate`: decode a text column from token ids with the plan's model, fast.
+//!
+//! Rows are read in windows of `window_rows` and cut into jobs ([`batcher`]): identical inputs once,
+//! sorted by length, batched by a token budget. A model worker runs the jobs while the next window is
+//! read and earlier results are assembled into output batches ([`assemble`]). Each output row keeps its
+//! input columns (and row id) and gains the text, its token ids, `n_input_tokens`, `n_output_tokens`,
+//! `finish_reason` (eos | length | error) and `error`. Rows come out as their batch finishes, or in
+//! input order with `keep_order: true`.
+//!
+//! A row that cannot be generated (null ids, an upstream error, a failure inside the model) is passed
+//! through with `finish_reason = error` and a message; the run goes on. A panic in the worker fails the
+//! run (see [`super::runtime`]).
+
+mod assemble;
+mod batcher;
+mod options;
+mod run;
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::execution::SendableRecordBatchStream;
+
+use self::run::Run;
+use super::tokenize::{ids_field, ERROR, N_INPUT_TOKENS};
+use super::{require_column, require_new_column, runtime, Exec, Operator, StepError, StepResult};
+use crate::context::Context;
+use crate::error::Result;
+use crate::hub::Hub;
+use crate::model::decoding::DecodeOptions;
+use crate::model::ModelSource;
+use crate::plans::spec::{GenerateSpec, ModelSpec};
+
+pub use options::decode_options;
+
+pub const N_OUTPUT_TOKENS: &str = "n_output_tokens";
+pub const FINISH_REASON: &str = "finish_reason";
+
+pub struct Generate {
+    spec: GenerateSpec,
+    model: ModelSource,
+    options: DecodeOptions,
+    hub: Arc<Hub>,
+    input_schema: SchemaRef,
+    schema: SchemaRef,
+    row_id: String,
+}
+
+impl Generate {
+    pub async fn new(
+        spec: &GenerateSpec,
+        input: SchemaRef,
+        model: Option<&ModelSpec>,
+        row_id: &str,
+        ctx: &Context,
+    ) -> StepResult<Generate> {
+        let Some(model) = model else {
+            return Err(StepError::general(
+                "`generate` needs the plan's `model: { path: ... }`",
+            ));
+        };
+        let options = decode_options(spec)?;
+        if spec.do_sample.is_none() && options.do_sample {
+            log::info!(
+                "generate: temperature/top_p/top_k given without do_sample, so conala samples \
+                 (HF transformers would ignore them and decode greedily; set do_sample: false for that)"
+            );
+        }
+        let f = require_column(&input, "input", &spec.input)?;
+        if !matches!(f.data_type(), DataType::List(inner) if inner.data_type() == &DataType::Int32)
+        {
+            return Err(StepError::at(
+                "input",
+                format!(
+                    "column `{}` holds {}, expected token ids (list<int32>) from `tokenize`",
+                    spec.input,
+                    f.data_type()
+                ),
+            ));
+        }
+        require_new_column(&input, "output", &spec.output)?;
+        let ids_col = format!("{}_ids", spec.output);
+        for c in [ids_col.as_str(), N_OUTPUT_TOKENS, FINISH_REASON] {
+            require_new_column(&input, "output", c)?;
+        }
+        // The model must exist and be a T5 now, not after the first window was read.
+        let model = model.source();
+        let (files, cfg) = crate::model::load_config(&model, &ctx.hub)
+            .await
+            .map_err(|e| StepError {
+                key: None,
+                message: format!("model: {e}"),
+                suggestion: None,
+            })?;
+        if files.tokenizer.is_none() {
+            return Err(StepError::general(format!(
+                "model {}: no tokenizer.json to decode the output with",
+                files.origin
+            )));
+        }
+        model.device.resolve().map_err(|e| StepError {
+            key: None,
+            message: format!("model.device: {e}"),
+            suggestion: None,
+        })?;
+        log::debug!("generate: {} ({} layers)", files.origin, cfg.num_layers);
+        let mut fields: Vec<Arc<Field>> = input.fields().iter().cloned().collect();
+        fields.push(Arc::new(Field::new(&spec.output, DataType::Utf8, true)));
+        fields.push(Arc::new(ids_field(&ids_col)));
+        if input.field_with_name(N_INPUT_TOKENS).is_err() {
+            fields.push(Arc::new(Field::new(N_INPUT_TOKENS, DataType::Int32, true)));
+        }
+        fields.push(Arc::new(Field::new(N_OUTPUT_TOKENS, DataType::Int32, true)));
+        fields.push(Arc::new(Field::new(FINISH_REASON, DataType::Utf8, false)));
+        if input.field_with_name(ERROR).is_err() {
+            fields.push(Arc::new(Field::new(ERROR, DataType::Utf8, true)));
+        }
+        Ok(Generate {
+            spec: spec.clone(),
+            model,
+            options,
+            hub: ctx.hub.clone(),
+            input_schema: input,
+            schema: Arc::new(Schema::new(fields)),
+            row_id: row_id.to_string(),
+        })
+    }
+}
+
+impl Operator for Generate {
+    fn name(&self) -> &'static str {
+        "generate"
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn execute(
+        &self,
+        input: SendableRecordBatchStream,
+        exec: &Exec,
+    ) -> Result<SendableRecordBatchStream> {
+        let run = Run {
+            spec: self.spec.clone(),
+            model: self.model.clone(),
+            options: self.options.clone(),
+            hub: self.hub.clone(),
+            input_schema: self.input_schema.clone(),
+            schema: self.schema.clone(),
+            row_id: self.row_id.clone(),
+            exec: exec.clone(),
+        };
+        Ok(runtime::spawn_stage(
+            &exec.step,
+            self.schema.clone(),
+            4,
+            |out| run.run(input, out),
+        ))
+    }
+}

@@ -1,0 +1,567 @@
+//! The training loop: LoRA (PEFT format) or full fine-tuning, AdamW with warm-up schedules, gradient
+//! accumulation and clipping, evaluation loss every `eval_every` steps (and BLEU every
+//! `generate_every_evals` evaluations), checkpoints every `save_every` steps that a killed run resumes
+//! from, `metrics.jsonl` and `loss.png`, then the final artefacts.
+//!
+//! Output folder: `checkpoint-STEP/` (kept: the newest `save_total_limit` and the best by eval loss),
+//! `adapter/` (LoRA, PEFT format), `model/` (a plain HF checkpoint: the adapter merged in, or the fully
+//! trained weights), `metrics.jsonl`, `loss.png`, `eval_predictions.parquet`, `summary.json`.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::batching::{epoch_batches, Example};
+use super::checkpoint::{self, TrainerState};
+use super::evaluation::{baseline_scores, eval_loss, score_generations, write_predictions};
+use super::examples::{BatchTensors, LabelledRows};
+use super::metrics_log::MetricsLog;
+use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use super::plot::loss_plot;
+use crate::error::{Error, Result};
+use crate::metrics::Scores;
+use crate::model::decoding::DecodeOptions;
+use crate::model::lora::{attach_new, save_adapter, save_merged, AdapterConfig};
+use crate::model::mode::{Mode, TrainState};
+use crate::model::{ops, T5};
+use crate::plans::spec::TrainSpec;
+use crate::progress::Progress;
+use crate::rng::Rng;
+
+/// What a training run did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub output: String,
+    pub steps: u64,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+    pub train_seconds: f64,
+    pub samples_per_second: f64,
+    pub final_train_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    pub best_step: Option<u64>,
+    pub eval_scores: Option<Scores>,
+    pub baseline_scores: Option<Scores>,
+    pub model_dir: String,
+}
+
+/// The files a training run reads besides its rows, and where it writes.
+#[derive(Debug, Clone)]
+pub struct TrainFiles {
+    /// The output folder.
+    pub output: PathBuf,
+    /// The base model's config.json (copied into `model/` and checkpoints of full fine-tuning).
+    pub config: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+    /// The base model's name, recorded in the adapter config.
+    pub base_name: String,
+}
+
+/// The rows a run trains and evaluates on, and the tokenizer its BLEU evaluation decodes with.
+pub struct TrainData<'a> {
+    pub train: &'a LabelledRows,
+    pub eval: &'a LabelledRows,
+    pub tokenizer: Option<&'a tokenizers::Tokenizer>,
+}
+
+/// A training run in progress over one model.
+pub struct Trainer<'a> {
+    spec: &'a TrainSpec,
+    files: TrainFiles,
+    model: &'a mut T5,
+    adapter: Option<AdapterConfig>,
+    /// The trainable variables by name (LoRA's A and B, or every weight).
+    vars: Vec<(String, Var)>,
+    opt: AdamW,
+    state: TrainerState,
+    /// Dropout rate and generator of the forward passes.
+    dropout: RefCell<TrainState>,
+    /// This epoch's batches (indices into the training examples).
+    batches: Vec<Vec<usize>>,
+    metrics: MetricsLog,
+    window: LogWindow,
+    last_train_loss: Option<f64>,
+    last_eval_loss: Option<f64>,
+    evals_done: u64,
+    samples_total: usize,
+    /// Whether this run logged anything (the loss plot is drawn then).
+    logged: bool,
+    started: Instant,
+    seconds_before: f64,
+}
+
+/// Losses and samples since the last log line.
+struct LogWindow {
+    loss: f64,
+    steps: usize,
+    samples: usize,
+    /// The last step's gradient norm (before clipping).
+    grad_norm: f64,
+    clock: Instant,
+}
+
+impl LogWindow {
+    fn new() -> LogWindow {
+        LogWindow {
+            loss: 0.0,
+            steps: 0,
+            samples: 0,
+            grad_norm: 0.0,
+            clock: Instant::now(),
+        }
+    }
+}
+
+/// Weight decay applies to all but layer norms and biases (as HF's Trainer).
+fn decays(name: &str) -> bool {
+    !(name.contains("layer_norm") || name.ends_with(".bias"))
+}
+
+/// The model's LoRA variables by PEFT key (an adapter loaded with the model keeps training).
+fn lora_vars(model: &mut T5) -> Vec<(String, Var)> {
+    let mut out = vec![];
+    for (name, lin) in model.linears_mut() {
+        if let Some(l) = &lin.lora {
+            out.push((
+                format!("base_model.model.{name}.lora_A.weight"),
+                l.a.clone(),
+            ));
+            out.push((
+                format!("base_model.model.{name}.lora_B.weight"),
+                l.b.clone(),
+            ));
+        }
+    }
+    out
+}
+
+fn read_json(p: &Path) -> Result<serde_json::Value> {
+    let t = std::fs::read_to_string(p).map_err(|e| Error::io(p.display(), e))?;
+    serde_json::from_str(&t).map_err(|e| Error::json(p.display(), e))
+}
+
+impl<'a> Trainer<'a> {
+    /// Set up the trainable variables and the optimizer, and resume from the output's last
+    /// checkpoint when `resume`.
+    pub fn start(
+        spec: &'a TrainSpec,
+        files: TrainFiles,
+        model: &'a mut T5,
+        resume: bool,
+    ) -> Result<Trainer<'a>> {
+        let adapter = spec
+            .lora
+            .as_ref()
+            .map(|l| AdapterConfig::new(l, &files.base_name));
+        let vars: Vec<(String, Var)> = match &adapter {
+            Some(cfg) => {
+                let existing = lora_vars(model);
+                if existing.is_empty() {
+                    attach_new(model, cfg, spec.seed)?
+                } else {
+                    existing
+                }
+            }
+            None => model.make_all_trainable()?,
+        };
+        let mut opt = AdamW::new(
+            vars.clone(),
+            AdamWConfig {
+                beta1: spec.adam_beta1,
+                beta2: spec.adam_beta2,
+                eps: spec.adam_epsilon,
+                weight_decay: spec.weight_decay,
+            },
+            decays,
+        )?;
+        let metrics = MetricsLog::new(&files.output);
+        let mut state = TrainerState {
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            rng: Rng::derive(spec.seed, 0xD0),
+            best_eval_loss: None,
+            best_step: None,
+            train_seconds: 0.0,
+        };
+        let latest = if resume {
+            checkpoint::load_latest(&files.output, &model.device)?
+        } else {
+            None
+        };
+        match latest {
+            Some(ck) => {
+                for (name, var) in &vars {
+                    let t = ck.trainable.get(name).ok_or_else(|| {
+                        Error::Run(format!(
+                            "{}: no `{name}`; the checkpoint is from a different setup (another model or lora), remove {} to start over",
+                            ck.dir.display(),
+                            files.output.display()
+                        ))
+                    })?;
+                    var.set(&t.to_dtype(var.dtype())?)?;
+                }
+                opt.load_state(&ck.optimizer, ck.state.step)?;
+                log::info!(
+                    "resuming from {} (step {})",
+                    ck.dir.display(),
+                    ck.state.step
+                );
+                state = ck.state;
+                metrics.truncate_after(state.step)?;
+            }
+            None if !resume => metrics.clear()?,
+            None => {}
+        }
+        let dropout = RefCell::new(TrainState {
+            dropout: spec.dropout.unwrap_or(model.cfg.dropout_rate),
+            rng: state.rng.clone(),
+        });
+        Ok(Trainer {
+            spec,
+            files,
+            model,
+            adapter,
+            vars,
+            opt,
+            last_eval_loss: state.best_eval_loss,
+            seconds_before: state.train_seconds,
+            state,
+            dropout,
+            batches: vec![],
+            metrics,
+            window: LogWindow::new(),
+            last_train_loss: None,
+            evals_done: 0,
+            samples_total: 0,
+            logged: false,
+            started: Instant::now(),
+        })
+    }
+
+    /// Train to `max_steps`, then save the adapter and the merged model, score generations on the
+    /// eval rows and write the summary.
+    pub fn run(mut self, data: &TrainData, progress_bars: bool) -> Result<TrainSummary> {
+        let spec = self.spec;
+        self.batches = epoch_batches(
+            &data.train.examples,
+            spec.batch_size,
+            spec.seed,
+            self.state.epoch,
+        );
+        let steps = Arc::new(AtomicU64::new(self.state.step));
+        let sc = steps.clone();
+        let progress = Progress::start(
+            "train",
+            "steps",
+            progress_bars,
+            Some(spec.max_steps),
+            move || (sc.load(Ordering::Relaxed), None),
+        );
+        let result = (|| -> Result<()> {
+            while self.state.step < spec.max_steps {
+                let lr = self.step(&data.train.examples)?;
+                steps.store(self.state.step, Ordering::Relaxed);
+                let last = self.state.step == spec.max_steps;
+                if self.state.step % spec.log_every.max(1) == 0 || last {
+                    self.log(lr, progress_bars)?;
+                }
+                if !data.eval.examples.is_empty()
+                    && (self.state.step % spec.eval_every.max(1) == 0 || last)
+                {
+                    self.evaluate(data, progress_bars)?;
+                }
+                if self.state.step % spec.save_every.max(1) == 0 || last {
+                    self.checkpoint()?;
+                }
+            }
+            Ok(())
+        })();
+        let loop_seconds = self.started.elapsed().as_secs_f64();
+        progress.finish();
+        if self.logged {
+            // The plot is a picture of metrics.jsonl; failing to draw it loses nothing.
+            if let Err(e) = loss_plot(
+                &self.metrics.curve("loss"),
+                &self.metrics.curve("eval_loss"),
+                &self.files.output.join("loss.png"),
+            ) {
+                log::warn!("train: loss plot: {e}");
+            }
+        }
+        result?;
+        self.finish(data, loop_seconds)
+    }
+
+    /// The next `gradient_accumulation_steps` batches of the epoch (starting the next epoch when
+    /// this one is used up).
+    fn next_micro_batches(&mut self, examples: &[Example]) -> Vec<Vec<usize>> {
+        let spec = self.spec;
+        let mut micro = vec![];
+        for _ in 0..spec.gradient_accumulation_steps {
+            if self.state.batch_in_epoch >= self.batches.len() {
+                self.state.epoch += 1;
+                self.state.batch_in_epoch = 0;
+                self.batches =
+                    epoch_batches(examples, spec.batch_size, spec.seed, self.state.epoch);
+            }
+            micro.push(self.batches[self.state.batch_in_epoch].clone());
+            self.state.batch_in_epoch += 1;
+        }
+        micro
+    }
+
+    /// One optimizer step over `gradient_accumulation_steps` batches; returns its learning rate.
+    fn step(&mut self, examples: &[Example]) -> Result<f64> {
+        let spec = self.spec;
+        let micro = self.next_micro_batches(examples);
+        let total_tokens: usize = micro
+            .iter()
+            .flatten()
+            .map(|&i| examples[i].labels.len())
+            .sum();
+        let mut grads: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0f64;
+        // Where a step's time goes (CONALA_LOG=debug).
+        let (mut forward_time, mut backward_time) = (Duration::ZERO, Duration::ZERO);
+        for idx in &micro {
+            let clock = Instant::now();
+            let batch: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
+            let t = BatchTensors::new(self.model, &batch)?;
+            let mode = Mode {
+                train: Some(&self.dropout),
+            };
+            let logits = self.model.forward(&t.ids, &t.mask, &t.decoder_ids, &mode)?;
+            let (sum, _) =
+                ops::cross_entropy(&logits, &t.labels, &t.label_mask, spec.label_smoothing)?;
+            let loss = (sum / total_tokens as f64)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            forward_time += clock.elapsed();
+            let clock = Instant::now();
+            let g = loss.backward()?;
+            let gs: Vec<Tensor> = self
+                .vars
+                .iter()
+                .map(|(_, v)| {
+                    g.get(v.as_tensor())
+                        .cloned()
+                        .map_or_else(|| v.as_tensor().zeros_like(), Ok)
+                })
+                .collect::<candle_core::Result<_>>()?;
+            grads = Some(match grads {
+                None => gs,
+                Some(acc) => acc
+                    .iter()
+                    .zip(gs)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+            self.samples_total += batch.len();
+            self.window.samples += batch.len();
+            backward_time += clock.elapsed();
+        }
+        if !loss_sum.is_finite() {
+            let last = checkpoint::list(&self.files.output).last().map(|s| {
+                checkpoint::dir_for(&self.files.output, *s)
+                    .display()
+                    .to_string()
+            });
+            return Err(Error::Run(format!(
+                "train: the loss became {loss_sum} at step {}; stopping. {} (try a lower learning_rate)",
+                self.state.step + 1,
+                match last {
+                    Some(d) => format!("The last good checkpoint is {d}."),
+                    None => "No checkpoint was saved before it.".to_string(),
+                }
+            )));
+        }
+        let clock = Instant::now();
+        let mut grads = grads.expect("at least one micro-batch");
+        let grad_norm = clip_grad_norm(&mut grads, spec.max_grad_norm)?;
+        let lr = spec.lr_scheduler.lr(
+            spec.learning_rate,
+            self.state.step,
+            spec.warmup_steps,
+            spec.max_steps,
+        );
+        self.opt.apply(&grads, lr)?;
+        log::debug!(
+            "train: step {}: forward {} ms, backward {} ms, clip + optimizer {} ms",
+            self.state.step + 1,
+            forward_time.as_millis(),
+            backward_time.as_millis(),
+            clock.elapsed().as_millis()
+        );
+        self.state.step += 1;
+        self.window.loss += loss_sum;
+        self.window.steps += 1;
+        self.window.grad_norm = grad_norm;
+        self.last_train_loss = Some(loss_sum);
+        Ok(lr)
+    }
+
+    /// A metrics line for the steps since the last one.
+    fn log(&mut self, lr: f64, progress_bars: bool) -> Result<()> {
+        let w = &self.window;
+        let avg = w.loss / w.steps.max(1) as f64;
+        let sps = w.samples as f64 / w.clock.elapsed().as_secs_f64().max(1e-9);
+        let (step, grad_norm) = (self.state.step, w.grad_norm);
+        self.metrics.append(serde_json::json!({
+            "step": step, "epoch": self.state.epoch, "loss": avg, "lr": lr, "grad_norm": grad_norm, "samples_per_second": sps
+        }))?;
+        self.logged = true;
+        if !progress_bars {
+            log::info!("train: step {step} loss {avg:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {sps:.1} samples/s");
+        }
+        self.window = LogWindow::new();
+        Ok(())
+    }
+
+    /// The eval loss, and BLEU every `generate_every_evals` evaluations (but the last, which
+    /// `finish` scores).
+    fn evaluate(&mut self, data: &TrainData, progress_bars: bool) -> Result<()> {
+        let spec = self.spec;
+        let el = eval_loss(self.model, &data.eval.examples)?;
+        self.evals_done += 1;
+        self.last_eval_loss = Some(el);
+        let mut line = serde_json::json!({ "step": self.state.step, "eval_loss": el });
+        if spec.generate_every_evals > 0
+            && self.evals_done % spec.generate_every_evals == 0
+            && self.state.step != spec.max_steps
+        {
+            if let Some(tok) = data.tokenizer {
+                let (s, _) = score_generations(
+                    self.model,
+                    tok,
+                    data.eval,
+                    spec.eval_generate_rows,
+                    &self.eval_decoding(),
+                )?;
+                line["eval_bleu"] = s.bleu.into();
+                line["eval_conala_bleu"] = s.conala_bleu.into();
+                line["eval_exact_match"] = s.exact_match.into();
+            }
+        }
+        self.metrics.append(line)?;
+        self.logged = true;
+        if !progress_bars {
+            log::info!("train: step {} eval_loss {el:.4}", self.state.step);
+        }
+        Ok(())
+    }
+
+    /// How the BLEU evaluation decodes (greedy unless `eval_num_beams` > 1).
+    fn eval_decoding(&self) -> DecodeOptions {
+        DecodeOptions {
+            max_new_tokens: self.spec.eval_max_new_tokens,
+            num_beams: self.spec.eval_num_beams,
+            no_repeat_ngram_size: self.spec.eval_no_repeat_ngram_size,
+            ..Default::default()
+        }
+    }
+
+    /// Save a checkpoint (tracking the best by eval loss) and prune old ones.
+    fn checkpoint(&mut self) -> Result<()> {
+        if let Some(el) = self.last_eval_loss {
+            if self.state.best_eval_loss.is_none_or(|b| el < b) {
+                self.state.best_eval_loss = Some(el);
+                self.state.best_step = Some(self.state.step);
+            }
+        }
+        self.state.rng = self.dropout.borrow().rng.clone();
+        self.state.train_seconds = self.seconds_before + self.started.elapsed().as_secs_f64();
+        let trainable: BTreeMap<String, Tensor> = self
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let cfg_json = read_json(&self.files.config)?;
+        let (model, adapter, tokenizer) = (
+            &mut *self.model,
+            &self.adapter,
+            self.files.tokenizer.as_deref(),
+        );
+        checkpoint::save(
+            &self.files.output,
+            &self.state,
+            &trainable,
+            &self.opt.state(),
+            |dir| match adapter {
+                Some(cfg) => save_adapter(model, cfg, dir),
+                None => save_merged(model, &cfg_json, tokenizer, dir),
+            },
+        )?;
+        checkpoint::prune(
+            &self.files.output,
+            self.spec.save_total_limit,
+            self.state.best_step,
+        )
+    }
+
+    /// The adapter (LoRA) and a plain HF checkpoint, the BLEU evaluation, `summary.json`.
+    fn finish(self, data: &TrainData, loop_seconds: f64) -> Result<TrainSummary> {
+        let out = &self.files.output;
+        let train_seconds = self.seconds_before + self.started.elapsed().as_secs_f64();
+        let cfg_json = read_json(&self.files.config)?;
+        if let Some(cfg) = &self.adapter {
+            save_adapter(self.model, cfg, &out.join("adapter"))?;
+        }
+        let model_dir = out.join("model");
+        save_merged(
+            self.model,
+            &cfg_json,
+            self.files.tokenizer.as_deref(),
+            &model_dir,
+        )?;
+        let (mut eval_scores, mut baseline) = (None, None);
+        if !data.eval.examples.is_empty() {
+            if let Some(tok) = data.tokenizer {
+                let (scores, predictions) = score_generations(
+                    self.model,
+                    tok,
+                    data.eval,
+                    self.spec.eval_generate_rows,
+                    &self.eval_decoding(),
+                )?;
+                write_predictions(
+                    &out.join("eval_predictions.parquet"),
+                    data.eval,
+                    &predictions,
+                )?;
+                self.metrics.append(serde_json::json!({
+                    "step": self.state.step, "eval_bleu": scores.bleu, "eval_conala_bleu": scores.conala_bleu,
+                    "eval_sentence_bleu": scores.sentence_bleu, "eval_exact_match": scores.exact_match
+                }))?;
+                eval_scores = Some(scores);
+            }
+            if self.spec.baseline.is_some() {
+                baseline = Some(baseline_scores(data.eval));
+            }
+        }
+        let summary = TrainSummary {
+            output: out.display().to_string(),
+            steps: self.state.step,
+            train_examples: data.train.examples.len(),
+            eval_examples: data.eval.examples.len(),
+            train_seconds,
+            samples_per_second: self.samples_total as f64 / loop_seconds.max(1e-9),
+            final_train_loss: self.last_train_loss,
+            final_eval_loss: self.last_eval_loss,
+            best_step: self.state.best_step,
+            eval_scores,
+            baseline_scores: baseline,
+            model_dir: model_dir.display().to_string(),
+        };
+        let p = out.join("summary.json");
+        let json =
+            serde_json::to_string_pretty(&summary).map_err(|e| Error::json(p.display(), e))?;
+        std::fs::write(&p, json).map_err(|e| Error::io(p.display(), e))?;
+        Ok(summary)
+    }
+}
