@@ -102,7 +102,10 @@ impl Progress {
     pub fn finish(mut self) {
         self.stopper().stop();
         if let Some(h) = self.handle.take() {
-            let _ = h.join();
+            // The display is not the work: a failure of its own is reported, not raised.
+            if h.join().is_err() {
+                log::warn!("the progress display stopped with a panic");
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
 /// Keep freed memory instead of returning it to the OS: tensors of the same sizes are allocated every
 /// decoding and training step, and memory handed back is zeroed again by the kernel on its next use
-/// (a third of training time before this). Peak memory is unchanged; `MIMALLOC_PURGE_DELAY` overrides.
+/// (a large share of training time). Peak memory is unchanged; `MIMALLOC_PURGE_DELAY` overrides.
 pub fn keep_freed_memory() {
     // SAFETY: plain getters/setters of mimalloc's global state, valid at any time.
     let v3 = (30000..40000).contains(&unsafe { mi_version() });

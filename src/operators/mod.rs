@@ -20,7 +20,10 @@ use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::execution::SendableRecordBatchStream;
 use futures::future::BoxFuture;
 
+use crate::context::Context;
 use crate::error::{closest, Result};
+use crate::model::weights::ModelFiles;
+use crate::model::{ModelSource, T5Config};
 use crate::reports::RunStats;
 use crate::row_ids::RowIdSet;
 use crate::training::TrainSummary;
@@ -123,6 +126,14 @@ impl StepError {
 }
 
 pub type StepResult<T> = std::result::Result<T, StepError>;
+
+/// The model a step uses must exist and be a T5 when the plan is built, not after rows were read: its
+/// files and config.
+pub async fn check_model(model: &ModelSource, ctx: &Context) -> StepResult<(ModelFiles, T5Config)> {
+    crate::model::load_config(model, &ctx.hub)
+        .await
+        .map_err(|e| StepError::general(format!("model: {e}")))
+}
 
 /// Look up a column the step needs; the error lists what the input has and suggests the closest name.
 pub fn require_column<'a>(

@@ -11,7 +11,8 @@ use futures::future::BoxFuture;
 
 use super::tokenize::{INPUT_IDS, LABELS};
 use super::{
-    require_column, require_text_column, runtime, Exec, Sink, SinkReport, StepError, StepResult,
+    check_model, require_column, require_text_column, runtime, Exec, Sink, SinkReport, StepError,
+    StepResult,
 };
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -106,13 +107,7 @@ impl Train {
         if spec.lora.is_none() {
             model.dtype = DTypeChoice::F32; // full fine-tuning keeps f32 master weights
         }
-        crate::model::load_config(&model, &ctx.hub)
-            .await
-            .map_err(|e| StepError {
-                key: None,
-                message: format!("model: {e}"),
-                suggestion: None,
-            })?;
+        check_model(&model, ctx).await?;
         Ok(Train {
             spec: spec.clone(),
             model,

@@ -159,14 +159,6 @@ impl Write {
         })
     }
 
-    pub fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
-
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
     fn manifest_name(&self) -> String {
         match self.shard {
             Some(s) => format!("_manifest-{}.json", s.label()),
@@ -241,7 +233,13 @@ impl Write {
             if self.mode != Mode::Resume {
                 // Leave no partial output: remove what this run wrote.
                 for p in &written {
-                    let _ = self.loc.store.delete(&self.loc.child(&p.file).path).await;
+                    let part = self.loc.child(&p.file);
+                    if let Err(e) = part.store.delete(&part.path).await {
+                        log::warn!(
+                            "write: could not remove the partial part {}: {e}",
+                            part.display
+                        );
+                    }
                 }
                 written.clear();
             }

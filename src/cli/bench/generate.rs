@@ -9,7 +9,7 @@ use datafusion::arrow::array::{Array, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
 
-use super::{last_stderr_line, random_model, Scratch, SHIPPED_TOKENIZER};
+use super::{last_stderr_line, random_model, Common, Scratch, SHIPPED_TOKENIZER};
 use conala::context::Context;
 use conala::error::{Error, Result};
 use conala::model::init::{Family, Size};
@@ -36,12 +36,8 @@ pub struct GenerateArgs {
     pub batch_tokens: usize,
     #[arg(long, default_value_t = 512)]
     pub max_batch_rows: usize,
-    #[arg(long, default_value = "python3")]
-    pub python: String,
-    #[arg(long)]
-    pub no_python: bool,
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 /// The shipped test rows as the benchmark's inputs: `intent\nsnippet`, at most 128 tokens.
@@ -95,7 +91,7 @@ pub async fn run(args: &GenerateArgs, ctx: &Context) -> Result<()> {
                 .into(),
         ));
     }
-    let scratch = Scratch::new(&args.work_dir, "gen")?;
+    let scratch = Scratch::new(&args.common.work_dir, "gen")?;
     let work = &scratch.path;
     let tokenizer_path = Path::new(SHIPPED_TOKENIZER);
     let models: Vec<(String, PathBuf)> = match &args.model {
@@ -174,10 +170,10 @@ steps:
         let (tokens, rows) = (g.generated_tokens as f64, g.rows as f64);
         println!("\n{label}");
         println!("  conala:          {rows:.0} rows, {tokens:.0} tokens in {secs:.2}s = {:.1} tokens/s, {:.1} rows/s (whole plan: read, tokenize, generate, write)", tokens / secs, rows / secs);
-        if args.no_python {
+        if args.common.no_python {
             continue;
         }
-        let mut cmd = Command::new(&args.python);
+        let mut cmd = Command::new(&args.common.python);
         cmd.arg("scripts/bench_generate_hf.py")
             .arg(&dir)
             .arg(&inputs_path)
@@ -207,7 +203,7 @@ steps:
                     println!("  python anchors failed: {}", last_stderr_line(&o.stderr));
                 }
             }
-            Err(e) => println!("  python anchors skipped ({}: {e})", args.python),
+            Err(e) => println!("  python anchors skipped ({}: {e})", args.common.python),
         }
     }
     Ok(())

@@ -16,6 +16,20 @@ pub use generate::GenerateArgs;
 pub use prep::PrepArgs;
 pub use train::TrainArgs;
 
+/// Options every benchmark takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// Python interpreter for the anchor (with the packages its script imports).
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Skip the Python anchor.
+    #[arg(long)]
+    pub no_python: bool,
+    /// Scratch folder (default: a temporary one, removed at the end).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
 /// A benchmark's scratch folder: `--work-dir` when given (kept), else a temporary one removed when the
 /// benchmark ends, also when it fails part-way.
 pub struct Scratch {

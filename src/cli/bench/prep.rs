@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use super::{last_stderr_line, Scratch, SHIPPED_TOKENIZER};
+use super::{last_stderr_line, Common, Scratch, SHIPPED_TOKENIZER};
 use conala::context::Context;
 use conala::error::Result;
 use conala::plans;
@@ -17,15 +17,8 @@ pub struct PrepArgs {
     /// tokenizer.json used by both sides.
     #[arg(long, default_value = SHIPPED_TOKENIZER)]
     pub tokenizer: PathBuf,
-    /// Python interpreter with `datasets` and `transformers` for the anchor.
-    #[arg(long, default_value = "python3")]
-    pub python: String,
-    /// Skip the Python anchor.
-    #[arg(long)]
-    pub no_python: bool,
-    /// Scratch folder (default: a temporary one).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 /// The prep plan both sides run: filter, format, tokenize input and target, write.
@@ -46,7 +39,7 @@ steps:
 }
 
 pub async fn run(args: &PrepArgs, ctx: &Context) -> Result<()> {
-    let scratch = Scratch::new(&args.work_dir, "prep")?;
+    let scratch = Scratch::new(&args.common.work_dir, "prep")?;
     let work = &scratch.path;
     let input = work.join("input");
     let output = work.join("ours");
@@ -77,11 +70,11 @@ pub async fn run(args: &PrepArgs, ctx: &Context) -> Result<()> {
     println!("conala:      {read} rows in {ours:.2}s = {our_rate:.0} rows/s ({written} rows out)");
 
     // 3. HF datasets, same input and work.
-    if args.no_python {
+    if args.common.no_python {
         return Ok(());
     }
     let script = Path::new("scripts/bench_prep_hf.py");
-    let out = Command::new(&args.python)
+    let out = Command::new(&args.common.python)
         .arg(script)
         .arg(&input)
         .arg(&args.tokenizer)
@@ -116,7 +109,7 @@ pub async fn run(args: &PrepArgs, ctx: &Context) -> Result<()> {
             script.display(),
             last_stderr_line(&o.stderr)
         ),
-        Err(e) => println!("HF datasets anchor skipped ({}: {e})", args.python),
+        Err(e) => println!("HF datasets anchor skipped ({}: {e})", args.common.python),
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{last_stderr_line, random_model, Scratch, SHIPPED_TOKENIZER};
+use super::{last_stderr_line, random_model, Common, Scratch, SHIPPED_TOKENIZER};
 use conala::context::Context;
 use conala::error::{Error, Result};
 use conala::model::init::{Family, Size};
@@ -24,22 +24,15 @@ pub struct TrainArgs {
     pub family: Family,
     #[arg(long, default_value = "small")]
     pub size: Size,
-    /// Python interpreter with `torch`, `transformers` and `peft` for the anchor.
-    #[arg(long, default_value = "python3")]
-    pub python: String,
-    /// Skip the Python anchor.
-    #[arg(long)]
-    pub no_python: bool,
-    /// Scratch folder (default: a temporary one, removed at the end).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 /// LoRA training (r=8, alpha 32, dropout 0.05 on q and v; AdamW lr 5e-5; clip 1.0) on the shipped curated
 /// train rows, inputs cut to 128 tokens and labels to 64. Both sides train the same random model on the
 /// same batches in the same order: the batches our `train` operator draws are exported for the Python side.
 pub async fn run(args: &TrainArgs, ctx: &Context) -> Result<()> {
-    let scratch = Scratch::new(&args.work_dir, "train")?;
+    let scratch = Scratch::new(&args.common.work_dir, "train")?;
     let work = &scratch.path;
     let tokenizer_path = Path::new(SHIPPED_TOKENIZER);
     let model = work.join("model");
@@ -154,8 +147,8 @@ steps:
         "  conala:          {samples} samples in {ours_secs:.2}s = {ours:.1} samples/s ({} steps after {} warm-up steps)",
         args.steps, args.warmup_steps
     );
-    if !args.no_python {
-        let mut cmd = Command::new(&args.python);
+    if !args.common.no_python {
+        let mut cmd = Command::new(&args.common.python);
         cmd.arg("scripts/bench_train_hf.py")
             .arg(&model)
             .arg(&batches_path)
@@ -177,7 +170,7 @@ steps:
                     _ => println!("  hf+peft skipped: {}", last_stderr_line(&o.stderr)),
                 }
             }
-            Err(e) => println!("  hf+peft skipped ({}: {e})", args.python),
+            Err(e) => println!("  hf+peft skipped ({}: {e})", args.common.python),
         }
     }
     Ok(())

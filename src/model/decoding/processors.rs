@@ -107,6 +107,7 @@ pub(super) fn next_tokens(
     eos: u32,
     o: &DecodeOptions,
 ) -> Result<Vec<u32>> {
+    use rayon::prelude::*;
     let (rows, vocab) = logits.dims2()?;
     if rows != active.len() {
         return Err(Error::model(format!(
@@ -114,24 +115,6 @@ pub(super) fn next_tokens(
             active.len()
         )));
     }
-    ops::with_host_f32(logits, |flat| {
-        pick(flat, vocab, active, seqs, rngs, step, eos, o)
-    })
-}
-
-/// `next_tokens` over host logits `flat` (rows x vocab).
-#[allow(clippy::too_many_arguments)]
-fn pick(
-    flat: &[f32],
-    vocab: usize,
-    active: &[usize],
-    seqs: &[Vec<u32>],
-    rngs: &mut [Rng],
-    step: usize,
-    eos: u32,
-    o: &DecodeOptions,
-) -> Vec<u32> {
-    use rayon::prelude::*;
     let edits =
         o.repetition_penalty != 1.0 || o.no_repeat_ngram_size > 0 || step < o.min_new_tokens;
     // Each active row's generator, in slot order (`active` is ascending and has no repeats).
@@ -145,22 +128,24 @@ fn pick(
         .filter(|(r, _)| is_active[*r])
         .map(|(_, g)| g)
         .collect();
-    flat.par_chunks(vocab)
-        .zip(active.par_iter())
-        .zip(row_rngs.into_par_iter())
-        .map(|((row, &r), rng)| {
-            if !edits && !o.do_sample {
-                return argmax(row);
-            }
-            let mut l = row.to_vec();
-            process(&mut l, &seqs[r], step, eos, o);
-            if o.do_sample {
-                sample(&mut l, o, rng)
-            } else {
-                argmax(&l)
-            }
-        })
-        .collect()
+    ops::with_host_f32(logits, |flat| {
+        flat.par_chunks(vocab)
+            .zip(active.par_iter())
+            .zip(row_rngs.into_par_iter())
+            .map(|((row, &r), rng)| {
+                if !edits && !o.do_sample {
+                    return argmax(row);
+                }
+                let mut l = row.to_vec();
+                process(&mut l, &seqs[r], step, eos, o);
+                if o.do_sample {
+                    sample(&mut l, o, rng)
+                } else {
+                    argmax(&l)
+                }
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ const START_SCORE: f64 = 10.0;
 const MATCH_SCORE: f64 = 40.0;
 /// Logit of the copied token (others: at most about half of it). Enough for greedy decoding to copy,
 /// low enough that training can move probability elsewhere: at 20 the loss on the first batches is
-/// so large that their gradients wreck the circuit (the same LoRA run: BLEU 8.9 instead of 10.5).
+/// so large that their gradients wreck the circuit (the README has the measurements).
 const COPY_LOGIT: f64 = 8.0;
 
 /// The copy prior's shape: `family`'s feed-forward, 256 wide, 2 layers per stack, 4 heads of 128.

@@ -32,8 +32,8 @@ pub fn model_dropout(x: &Tensor, mode: &Mode) -> Result<Tensor> {
 
 /// An inverted-dropout mask of `n` elements: 0 where dropped (with probability `p`), 1 / (1 - p)
 /// elsewhere. Drawn in parallel, chunk by chunk, each chunk from its own stream of `seed`: the same
-/// mask whatever the thread count (drawn serially, it was a few percent of a training step with every
-/// core but one waiting).
+/// mask whatever the thread count (drawn serially, every core but one would wait on it at every
+/// sublayer).
 pub fn dropout_mask(n: usize, p: f64, seed: u64) -> Vec<f32> {
     let scale = (1.0 / (1.0 - p)) as f32;
     let drop_below = (p * 4_294_967_296.0) as u64; // a 32-bit draw below this drops the element

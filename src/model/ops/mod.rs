@@ -47,7 +47,7 @@ fn fused_cpu(x: &Tensor) -> bool {
 }
 
 /// Whether decoding on `x`'s device and dtype should keep weights transposed (in, out): the fused
-/// CPU matmul runs decoding's few-row products up to 1.5x faster with a row-major right-hand side.
+/// CPU gemm runs decoding's few-row products faster with a row-major right-hand side.
 pub fn prefers_transposed_weights(x: &Tensor) -> bool {
     fused_cpu(x)
 }

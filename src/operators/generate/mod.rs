@@ -23,7 +23,9 @@ use datafusion::execution::SendableRecordBatchStream;
 
 use self::run::Run;
 use super::tokenize::{ids_field, ERROR, N_INPUT_TOKENS};
-use super::{require_column, require_new_column, runtime, Exec, Operator, StepError, StepResult};
+use super::{
+    check_model, require_column, require_new_column, runtime, Exec, Operator, StepError, StepResult,
+};
 use crate::context::Context;
 use crate::error::Result;
 use crate::hub::Hub;
@@ -83,15 +85,8 @@ impl Generate {
         for c in [ids_col.as_str(), N_OUTPUT_TOKENS, FINISH_REASON] {
             require_new_column(&input, "output", c)?;
         }
-        // The model must exist and be a T5 now, not after the first window was read.
         let model = model.source();
-        let (files, cfg) = crate::model::load_config(&model, &ctx.hub)
-            .await
-            .map_err(|e| StepError {
-                key: None,
-                message: format!("model: {e}"),
-                suggestion: None,
-            })?;
+        let (files, cfg) = check_model(&model, ctx).await?;
         if files.tokenizer.is_none() {
             return Err(StepError::general(format!(
                 "model {}: no tokenizer.json to decode the output with",

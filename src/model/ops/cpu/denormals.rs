@@ -3,8 +3,8 @@
 //! Arithmetic on denormals (magnitudes below 1.2e-38 in f32) takes a slow microcode path on x86, tens
 //! of times slower than on normal numbers. Training produces them in bulk: the gradient of the
 //! cross-entropy is the softmax over the vocabulary, and most of its entries are far below that, so
-//! the output layer's backward gemm ran ten times slower than the same gemm on ordinary numbers (390
-//! against 40 ms a step at flan-t5-small shapes). Flushing them changes nothing a model can see.
+//! the output layer's backward gemm runs many times slower than the same gemm on ordinary numbers (the
+//! README has the measurement). Flushing them changes nothing a model can see.
 //! The floating-point control register is per thread, so every thread that computes is set: rayon's
 //! pool (our kernels and the gemm crate's) and candle's own pool (its elementwise ops).
 

@@ -7,7 +7,7 @@
 //! - [`frozen_linear`]: `x @ Wᵀ` for a frozen weight, whose backward computes only the input's
 //!   gradient. candle's matmul backward always computes the weight's gradient too (as costly as the
 //!   forward) and accumulates it into a fresh zero tensor; in LoRA training every base weight is
-//!   frozen, so that was a third of a step's matmul work thrown away.
+//!   frozen, so that is a large share of a step's matmul work thrown away.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
