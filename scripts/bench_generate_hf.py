@@ -1,36 +1,44 @@
 """Python anchors for `conala bench generate`: HF transformers `generate` and CTranslate2 on the same model
-folder, inputs and work (greedy, exactly N new tokens per row), f32, 2 threads.
+folder, inputs and work (greedy, exactly N new tokens per row unless --natural); on the CPU with 2 threads
+by default.
 
 Usage: python3 scripts/bench_generate_hf.py MODEL_DIR INPUTS_JSON NEW_TOKENS [--natural]
+           [--device cpu|cuda|cuda:N] [--dtype f32|bf16] [--batch-size 32]
 INPUTS_JSON holds a list of token-id lists (already tokenized and truncated by conala, so both sides see
 the same ids). Prints one JSON line per engine: {"engine", "rows", "tokens", "seconds"}.
 """
+import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
 
 
-def hf(model_dir, inputs, new_tokens, natural):
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def hf(model_dir, inputs, new_tokens, natural, device, dtype, batch_size):
     from transformers import AutoModelForSeq2SeqLM
 
-    torch.set_num_threads(2)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if device == "cpu":
+        torch.set_num_threads(2)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     kw = dict(max_new_tokens=new_tokens, do_sample=False, num_beams=1)
     if not natural:
         kw["min_new_tokens"] = new_tokens
     tokens = 0
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     start = time.perf_counter()
     with torch.inference_mode():
-        for b in range(0, len(order), 32):
-            rows = [inputs[i] for i in order[b : b + 32]]
+        for b in range(0, len(order), batch_size):
+            rows = [inputs[i] for i in order[b : b + batch_size]]
             width = max(len(r) for r in rows)
-            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
             out = model.generate(input_ids=ids, attention_mask=mask, **kw)
             for seq in out[:, 1:].tolist():
                 n = 0
@@ -39,20 +47,25 @@ def hf(model_dir, inputs, new_tokens, natural):
                     if t == 1:
                         break
                 tokens += n if natural else len(seq)
+    sync()
     return {"engine": "hf-transformers", "rows": len(inputs), "tokens": tokens, "seconds": time.perf_counter() - start}
 
 
-def ct2(model_dir, inputs, new_tokens, natural):
+def ct2(model_dir, inputs, new_tokens, natural, device, dtype, batch_size):
     import ctranslate2
     from tokenizers import Tokenizer
 
     out_dir = tempfile.mkdtemp(prefix="ct2-")
     conv = ctranslate2.converters.TransformersConverter(model_dir)
-    conv.convert(out_dir, quantization="float32", force=True)
+    compute = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[dtype]
+    conv.convert(out_dir, quantization=compute, force=True)
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-    translator = ctranslate2.Translator(out_dir, device="cpu", compute_type="float32", inter_threads=1, intra_threads=2)
+    kind, _, index = device.partition(":")
+    translator = ctranslate2.Translator(
+        out_dir, device=kind, device_index=int(index or 0), compute_type=compute, inter_threads=1, intra_threads=2
+    )
     batch = [[tok.id_to_token(i) for i in r] for r in inputs]
-    kw = dict(max_batch_size=32, beam_size=1, max_decoding_length=new_tokens)
+    kw = dict(max_batch_size=batch_size, beam_size=1, max_decoding_length=new_tokens)
     if not natural:
         kw["min_decoding_length"] = new_tokens
     start = time.perf_counter()
@@ -63,12 +76,20 @@ def ct2(model_dir, inputs, new_tokens, natural):
 
 
 if __name__ == "__main__":
-    model_dir, inputs_path, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    natural = "--natural" in sys.argv
-    with open(inputs_path) as f:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("inputs")
+    ap.add_argument("new_tokens", type=int)
+    ap.add_argument("--natural", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
+    ap.add_argument("--batch-size", type=int, default=32)
+    a = ap.parse_args()
+    with open(a.inputs) as f:
         inputs = json.load(f)
     for engine in (hf, ct2):
         try:
-            print(json.dumps(engine(model_dir, inputs, new_tokens, natural)), flush=True)
+            run = engine(a.model_dir, inputs, a.new_tokens, a.natural, a.device, a.dtype, a.batch_size)
+            print(json.dumps(run), flush=True)
         except Exception as e:  # an engine that is not installed is skipped, not fatal
             print(json.dumps({"engine": engine.__name__, "error": str(e)}), flush=True)

@@ -23,6 +23,10 @@ fn fixture(family: &str) -> PathBuf {
 }
 
 fn load(family: &str) -> (T5, HashMap<String, Tensor>) {
+    load_as(family, DType::F32)
+}
+
+fn load_as(family: &str, dtype: DType) -> (T5, HashMap<String, Tensor>) {
     let dir = fixture(family);
     let cfg = T5Config::from_json(
         &std::fs::read_to_string(dir.join("config.json")).unwrap(),
@@ -33,7 +37,7 @@ fn load(family: &str) -> (T5, HashMap<String, Tensor>) {
         &[dir.join("model.safetensors")],
         family,
         &Device::Cpu,
-        DType::F32,
+        dtype,
     )
     .unwrap();
     let model = T5::load(&cfg, &w).unwrap();
@@ -47,8 +51,13 @@ fn as_u32(t: &Tensor) -> Tensor {
 
 /// Unpadded rows of the fixture batch.
 fn rows(io: &HashMap<String, Tensor>) -> Vec<Vec<u32>> {
-    let ids: Vec<Vec<i64>> = io["input_ids"].to_vec2().unwrap();
-    let mask: Vec<Vec<i64>> = io["attention_mask"].to_vec2().unwrap();
+    unpadded(&io["input_ids"], &io["attention_mask"])
+}
+
+/// The kept tokens of each row of right-padded ids.
+fn unpadded(ids: &Tensor, mask: &Tensor) -> Vec<Vec<u32>> {
+    let ids: Vec<Vec<i64>> = ids.to_vec2().unwrap();
+    let mask: Vec<Vec<i64>> = mask.to_vec2().unwrap();
     ids.iter()
         .zip(&mask)
         .map(|(r, m)| {
@@ -287,6 +296,55 @@ fn composed_ops_give_what_the_fused_kernels_give() {
                 assert_eq!(tokens(&composed), hf, "{what}: composed {want}");
             }
         }
+    }
+}
+
+/// bf16 on the CPU, against HF transformers in bf16 (fixtures by scripts/make_bf16_fixtures.py): our
+/// logits are about as close to the exact (float64) answer as HF's bf16 logits are, and our bf16 greedy
+/// tokens agree with HF's float32 ones about as often as HF's own bf16 tokens do (rounding flips
+/// near-ties, in both). The rates are printed.
+#[test]
+fn bf16_agrees_with_transformers_bf16() {
+    for family in ["t5", "flan-t5", "ul2"] {
+        let (model, io) = load_as(family, DType::BF16);
+        assert_eq!(model.dtype, DType::BF16);
+        let bf =
+            candle_core::safetensors::load(fixture(family).join("bf16.safetensors"), &Device::Cpu)
+                .unwrap();
+        let ids = as_u32(&io["input_ids"]);
+        let mask = io["attention_mask"].to_dtype(DType::U8).unwrap();
+        let dec = as_u32(&io["decoder_input_ids"]);
+        let logits = model.forward(&ids, &mask, &dec, &Mode::INFER).unwrap();
+        let exact = io["logits_f64"].to_dtype(DType::F32).unwrap();
+        let (ours, hf) = (
+            max_diff(&logits, &exact),
+            max_diff(&bf["logits_bf16"], &exact),
+        );
+        println!("{family}: bf16 logits from the exact answer: ours {ours:.3}, HF's {hf:.3}");
+        assert!(
+            ours <= 2.0 * hf,
+            "{family}: bf16 logits {ours} from the exact answer, HF's {hf}"
+        );
+        let r = unpadded(&bf["rows_input_ids"], &bf["rows_mask"]);
+        let o = DecodeOptions {
+            max_new_tokens: 16,
+            ..Default::default()
+        };
+        let ours = tokens(&gen(&model, &r, &o));
+        let (hf_f32, hf_bf16) = (
+            hf_outputs(&bf["greedy_f32"]),
+            hf_outputs(&bf["greedy_bf16"]),
+        );
+        let agree = |x: &[Vec<u32>]| x.iter().zip(&hf_f32).filter(|(a, b)| a == b).count();
+        let (ours_rate, hf_rate) = (agree(&ours), agree(&hf_bf16));
+        println!(
+            "{family}: greedy rows equal to HF f32's: ours (bf16) {ours_rate}/{n}, HF bf16 {hf_rate}/{n}",
+            n = r.len()
+        );
+        assert!(
+            ours_rate + r.len() / 5 >= hf_rate,
+            "{family}: bf16 greedy agrees with HF f32 on {ours_rate} rows, HF's bf16 on {hf_rate}"
+        );
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use super::bench::{GenerateArgs, PrepArgs, TrainArgs};
+use super::bench::{GenerateArgs, GpuArgs, LoadArgs, PrepArgs, TrainArgs};
 use conala::model::init::{Family, Size};
 use conala::sql::OutputFormat;
 
@@ -157,4 +157,8 @@ pub enum BenchCommand {
     Generate(GenerateArgs),
     /// LoRA training: samples/s on the same batches, vs HF transformers + PEFT.
     Train(TrainArgs),
+    /// Peak host memory while a checkpoint loads in a dtype, against the size of its weights.
+    Load(LoadArgs),
+    /// The device run: parity on the GPU, generation and LoRA training against HF, one JSON.
+    Gpu(GpuArgs),
 }

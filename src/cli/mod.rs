@@ -32,5 +32,11 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Train(a)) => {
             Ok(bench::train::run(&a, &Context::from_env()?).await?)
         }
+        Command::Bench(BenchCommand::Load(a)) => {
+            Ok(bench::load::run(&a, &Context::from_env()?).await?)
+        }
+        Command::Bench(BenchCommand::Gpu(a)) => {
+            Ok(bench::gpu::run(&a, &Context::from_env()?).await?)
+        }
     }
 }

@@ -91,6 +91,21 @@ impl DeviceChoice {
     }
 }
 
+/// Free memory on `device`, in bytes, where it can be read (CUDA); `None` on the CPU.
+pub fn free_memory(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => match d.cuda_stream().context().mem_get_info() {
+            Ok((free, _total)) => Some(free as u64),
+            Err(e) => {
+                log::warn!("reading the GPU's free memory: {e}");
+                None
+            }
+        },
+        _ => None,
+    }
+}
+
 /// A dtype setting: `auto` is bf16 on CUDA and f32 elsewhere. f16 is allowed but warned about: T5's
 /// activations overflow in f16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -49,11 +49,15 @@ impl Linear {
         let x2 = x.reshape((rows, k[0]))?;
         let mut y = ops::linear(&x2, &self.weight, self.weight_t.as_ref())?;
         if let Some(l) = &self.lora {
-            let xd = ops::dropout(&x2, l.dropout, mode)?;
-            let a = l.a.as_tensor().to_dtype(x.dtype())?;
-            let b = l.b.as_tensor().to_dtype(x.dtype())?;
-            let delta = xd.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            y = (y + (delta * l.scale)?)?;
+            // As PEFT does (its `autocast_adapter_dtype`): the adapter keeps its own dtype (f32 for
+            // a bf16 base) and its path runs in it; the base output is cast up for the sum, and the
+            // sum back to the model's dtype.
+            let ad = l.a.dtype();
+            let xd = ops::dropout(&x2.to_dtype(ad)?, l.dropout, mode)?;
+            let delta = xd
+                .matmul(&l.a.as_tensor().t()?)?
+                .matmul(&l.b.as_tensor().t()?)?;
+            y = (y.to_dtype(ad)? + (delta * l.scale)?)?.to_dtype(x.dtype())?;
         }
         let mut out_shape = lead.to_vec();
         out_shape.push(self.out_dim());

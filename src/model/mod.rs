@@ -19,6 +19,7 @@ pub mod init;
 pub mod kv_cache;
 pub mod layers;
 pub mod lora;
+pub mod memory;
 pub mod mode;
 pub mod ops;
 pub mod position_bias;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::TensorView;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -172,12 +173,54 @@ impl Weights {
                 self.origin
             )));
         }
-        let t = self
+        let view = self
             .st
-            .load(name, &Device::Cpu)
-            .map_err(|e| Error::model(format!("{}: reading `{name}`: {e}", self.origin)))?;
-        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+            .get(name)
+            .map_err(|e| Error::tensors(format!("{}: reading `{name}`", self.origin), e))?;
+        let host = host_tensor(&view, self.dtype)
+            .map_err(|e| Error::tensors(format!("{}: reading `{name}`", self.origin), e))?;
+        Ok(host.to_device(&self.device)?)
     }
+}
+
+/// The tensor `view` holds, in `dtype`, on the host: converted element by element straight from the
+/// file's bytes (which are mapped, not read into memory), so the result is the only allocation. A
+/// checkpoint is read tensor by tensor this way: loading an f32 checkpoint as bf16 never holds an f32
+/// copy of a tensor, let alone of the model. Conversions round as candle's `to_dtype` does.
+fn host_tensor(view: &TensorView<'_>, dtype: DType) -> candle_core::Result<Tensor> {
+    use half::{bf16, f16};
+    use safetensors::Dtype as D;
+    let (shape, data) = (view.shape(), view.data());
+    let cpu = &Device::Cpu;
+    let f32_of = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let bf16_of = |b: &[u8]| bf16::from_le_bytes([b[0], b[1]]);
+    let f16_of = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
+    match (view.dtype(), dtype) {
+        (src, dst) if DType::try_from(src).ok() == Some(dst) => {
+            Tensor::from_raw_buffer(data, dst, shape, cpu)
+        }
+        (D::F32, DType::BF16) => convert(data, 4, shape, |b| bf16::from_f32(f32_of(b))),
+        (D::F32, DType::F16) => convert(data, 4, shape, |b| f16::from_f32(f32_of(b))),
+        (D::BF16, DType::F32) => convert(data, 2, shape, |b| bf16_of(b).to_f32()),
+        (D::F16, DType::F32) => convert(data, 2, shape, |b| f16_of(b).to_f32()),
+        (D::BF16, DType::F16) => convert(data, 2, shape, |b| f16::from_f32(bf16_of(b).to_f32())),
+        (D::F16, DType::BF16) => convert(data, 2, shape, |b| bf16::from_f32(f16_of(b).to_f32())),
+        (src, dst) => {
+            Tensor::from_raw_buffer(data, DType::try_from(src)?, shape, cpu)?.to_dtype(dst)
+        }
+    }
+}
+
+/// Elements of `width` bytes each, converted in parallel into a new host tensor.
+fn convert<T: candle_core::WithDType>(
+    data: &[u8],
+    width: usize,
+    shape: &[usize],
+    f: impl Fn(&[u8]) -> T + Sync + Send,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let out: Vec<T> = data.par_chunks_exact(width).map(f).collect();
+    Tensor::from_vec(out, shape, &Device::Cpu)
 }
 
 /// A safetensors file starts with an 8-byte little-endian header length and a JSON header; check both
@@ -294,4 +337,48 @@ pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Resu
         .map_err(|e| Error::model(format!("{}: {e}", path.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path.display(), e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every conversion a checkpoint is read with gives candle's `to_dtype` of the stored tensor, bit
+    /// for bit, and keeps the shape.
+    #[test]
+    fn tensors_convert_as_candle_converts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = Tensor::randn(0f32, 3.0, (3, 5, 7), &Device::Cpu).unwrap();
+        let mut stored = BTreeMap::new();
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            stored.insert(format!("{dt:?}"), x.to_dtype(dt).unwrap());
+        }
+        let path = dir.path().join("m.safetensors");
+        save_safetensors(&stored, &path).unwrap();
+        for want in [DType::F32, DType::BF16, DType::F16] {
+            let w = Weights::open(std::slice::from_ref(&path), "test", &Device::Cpu, want).unwrap();
+            for (name, t) in &stored {
+                let got = w.get(name, &[3, 5, 7]).unwrap();
+                assert_eq!(got.dtype(), want);
+                let expect = t.to_dtype(want).unwrap();
+                let (a, b): (Vec<f32>, Vec<f32>) = (
+                    got.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                    expect
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                );
+                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{name} read as {want:?}");
+            }
+        }
+    }
 }

@@ -353,6 +353,7 @@ pub fn load_plans(texts: &[(String, String)], sets: &[String]) -> Result<Vec<Pla
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plans::spec::BatchTokens;
 
     const PLAN: &str = r#"
 name: conala-mined
@@ -499,6 +500,23 @@ steps:
         let e = plan_err(load(text, &[]));
         assert_eq!(e.at.key.as_deref(), Some("lora.alpah"));
         assert_eq!(e.suggestion.as_deref(), Some("alpha"));
+    }
+
+    #[test]
+    fn batch_tokens_is_a_number_or_auto() {
+        let tokens = |sets: &[&str]| match &load(PLAN, sets).unwrap().steps[4] {
+            Step::Generate(g) => g.batch_tokens,
+            _ => panic!(),
+        };
+        assert_eq!(tokens(&[]), BatchTokens::Auto);
+        assert_eq!(
+            tokens(&["generate.batch_tokens=2048"]),
+            BatchTokens::Fixed(2048)
+        );
+        assert_eq!(tokens(&["generate.batch_tokens=auto"]), BatchTokens::Auto);
+        let e = plan_err(load(PLAN, &["generate.batch_tokens=lots"]));
+        assert_eq!(e.at.key.as_deref(), Some("batch_tokens"));
+        assert!(e.message.contains("a number of tokens or `auto`"), "{e}");
     }
 
     #[test]

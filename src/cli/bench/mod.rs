@@ -1,9 +1,13 @@
 //! Benchmarks that compare `conala` with the Python stack on the same machine, inputs and work, in the
-//! same run, and print the ratio (`conala bench prep | generate | train`). Timings are reported, never
+//! same run, and print the ratio (`conala bench prep | generate | train`), and what loading a
+//! checkpoint costs in memory (`conala bench load`); `conala bench gpu` is the device run. Timings are reported, never
 //! asserted. The Python anchors are scripts in `scripts/`, skipped when their packages are missing.
 
 pub mod generate;
+pub mod gpu;
+pub mod load;
 pub mod prep;
+pub mod rss;
 pub mod train;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +17,8 @@ use conala::model::config::T5Config;
 use conala::model::init::{Family, Size};
 
 pub use generate::GenerateArgs;
+pub use gpu::GpuArgs;
+pub use load::LoadArgs;
 pub use prep::PrepArgs;
 pub use train::TrainArgs;
 

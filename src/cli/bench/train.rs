@@ -4,10 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{last_stderr_line, random_model, Common, Scratch, SHIPPED_TOKENIZER};
+use serde::Serialize;
+
+use super::generate::{anchor_runs, EngineRun};
+use super::{random_model, Common, Scratch, SHIPPED_TOKENIZER};
 use conala::context::Context;
 use conala::error::{Error, Result};
 use conala::model::init::{Family, Size};
+use conala::model::{DTypeChoice, DeviceChoice};
 use conala::plans;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -24,14 +28,59 @@ pub struct TrainArgs {
     pub family: Family,
     #[arg(long, default_value = "small")]
     pub size: Size,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// The base model's dtype (the LoRA weights and optimizer state stay f32 on both sides).
+    #[arg(long, default_value = "f32")]
+    pub dtype: DTypeChoice,
     #[command(flatten)]
     pub common: Common,
+}
+
+/// Both sides' runs (samples in `tokens`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainMeasurement {
+    pub model: String,
+    pub ours: EngineRun,
+    pub anchor: Option<EngineRun>,
+}
+
+impl TrainMeasurement {
+    pub fn print(&self) {
+        println!("{}", self.model);
+        let o = &self.ours;
+        println!(
+            "  conala:          {:.0} samples in {:.2}s = {:.1} samples/s",
+            o.tokens,
+            o.seconds,
+            o.tokens_per_second()
+        );
+        match &self.anchor {
+            Some(a) if a.skipped.is_none() => println!(
+                "  hf+peft:         {:.0} samples in {:.2}s = {:.1} samples/s; conala / hf+peft = {:.2}x",
+                a.tokens,
+                a.seconds,
+                a.tokens_per_second(),
+                o.tokens_per_second() / a.tokens_per_second()
+            ),
+            Some(a) => println!(
+                "  hf+peft skipped: {}",
+                a.skipped.as_deref().unwrap_or("")
+            ),
+            None => {}
+        }
+    }
+}
+
+pub async fn run(args: &TrainArgs, ctx: &Context) -> Result<()> {
+    measure(args, ctx).await?.print();
+    Ok(())
 }
 
 /// LoRA training (r=8, alpha 32, dropout 0.05 on q and v; AdamW lr 5e-5; clip 1.0) on the shipped curated
 /// train rows, inputs cut to 128 tokens and labels to 64. Both sides train the same random model on the
 /// same batches in the same order: the batches our `train` operator draws are exported for the Python side.
-pub async fn run(args: &TrainArgs, ctx: &Context) -> Result<()> {
+pub async fn measure(args: &TrainArgs, ctx: &Context) -> Result<TrainMeasurement> {
     let scratch = Scratch::new(&args.common.work_dir, "train")?;
     let work = &scratch.path;
     let tokenizer_path = Path::new(SHIPPED_TOKENIZER);
@@ -94,7 +143,7 @@ steps:
     let _ = std::fs::remove_dir_all(&out);
     let yaml = format!(
         r#"name: bench-train
-model: {{ path: "{model}", dtype: f32, device: cpu }}
+model: {{ path: "{model}", dtype: {dtype}, device: "{device}" }}
 steps:
   - source: {{ uri: "{data}", row_id: rid }}
   - train:
@@ -111,6 +160,8 @@ steps:
       output: "{out}"
 "#,
         model = model.display(),
+        dtype = args.dtype,
+        device = args.device,
         data = data.display(),
         bs = args.batch_size,
         warm = args.warmup_steps.max(1),
@@ -138,42 +189,45 @@ steps:
         }
         step_before = step;
     }
-    let ours = samples as f64 / ours_secs.max(1e-9);
-    println!(
-        "LoRA r=8 (q, v) training, {:?} {:?} shape (d_model {}, {} layers, vocab {vocab}), batch {}, inputs <= 128, labels <= 64, f32 on CPU",
-        args.family, args.size, cfg.d_model, cfg.num_layers, args.batch_size
+    let label = format!(
+        "LoRA r=8 (q, v) training, {} {} shape (d_model {}, {} layers, vocab {vocab}), batch {}, inputs <= 128, labels <= 64, {} on {}; {} steps after {} warm-up steps",
+        args.family, args.size, cfg.d_model, cfg.num_layers, args.batch_size, args.dtype, args.device, args.steps, args.warmup_steps
     );
-    println!(
-        "  conala:          {samples} samples in {ours_secs:.2}s = {ours:.1} samples/s ({} steps after {} warm-up steps)",
-        args.steps, args.warmup_steps
-    );
-    if !args.common.no_python {
+    let ours = EngineRun {
+        engine: "conala".into(),
+        rows: samples as f64,
+        tokens: samples as f64,
+        seconds: ours_secs.max(1e-9),
+        skipped: None,
+    };
+    let anchor = (!args.common.no_python).then(|| {
         let mut cmd = Command::new(&args.common.python);
         cmd.arg("scripts/bench_train_hf.py")
             .arg(&model)
             .arg(&batches_path)
-            .arg(args.warmup_steps.to_string());
-        match cmd.output() {
-            Ok(o) => {
-                let line = String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .rfind(|l| l.starts_with('{'))
-                    .map(str::to_string);
-                match line.and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok()) {
-                    Some(v) if v["seconds"].is_number() => {
-                        let (n, s) = (
-                            v["samples"].as_f64().unwrap_or(0.0),
-                            v["seconds"].as_f64().unwrap_or(f64::INFINITY),
-                        );
-                        println!("  hf+peft:         {n:.0} samples in {s:.2}s = {:.1} samples/s; conala / hf+peft = {:.2}x", n / s, ours / (n / s));
-                    }
-                    _ => println!("  hf+peft skipped: {}", last_stderr_line(&o.stderr)),
-                }
-            }
-            Err(e) => println!("  hf+peft skipped ({}: {e})", args.common.python),
-        }
-    }
-    Ok(())
+            .arg(args.warmup_steps.to_string())
+            .args([
+                "--device",
+                &args.device.to_string(),
+                "--dtype",
+                &args.dtype.to_string(),
+            ]);
+        anchor_runs(cmd, &args.common.python)
+            .into_iter()
+            .next()
+            .unwrap_or(EngineRun {
+                engine: "hf+peft".into(),
+                rows: 0.0,
+                tokens: 0.0,
+                seconds: 0.0,
+                skipped: Some("no output".into()),
+            })
+    });
+    Ok(TrainMeasurement {
+        model: label,
+        ours,
+        anchor,
+    })
 }
 
 /// `input_ids` / `labels` rows of a prepared parquet folder, in file order (the order `train` reads).

@@ -3,7 +3,7 @@
 
 use crate::model::decoding::DecodeOptions;
 use crate::operators::{StepError, StepResult};
-use crate::plans::spec::GenerateSpec;
+use crate::plans::spec::{BatchTokens, GenerateSpec};
 
 /// Decoding settings from a plan step (sampling is on when asked for, or when a sampling parameter is
 /// given without `do_sample`).
@@ -51,7 +51,10 @@ pub fn decode_options(spec: &GenerateSpec) -> StepResult<DecodeOptions> {
             "beam search samples nothing: set do_sample: false (or num_beams: 1)",
         ));
     }
-    if spec.batch_tokens == 0 || spec.max_batch_rows == 0 || spec.window_rows == 0 {
+    if spec.batch_tokens == BatchTokens::Fixed(0)
+        || spec.max_batch_rows == 0
+        || spec.window_rows == 0
+    {
         return Err(StepError::at(
             "batch_tokens",
             "batch_tokens, max_batch_rows and window_rows must be positive",

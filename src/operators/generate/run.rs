@@ -18,10 +18,12 @@ use super::batcher::{Batcher, Job};
 use crate::error::{from_stream_error, Error, Result};
 use crate::hub::Hub;
 use crate::model::decoding::{generate, DecodeOptions};
+use crate::model::device::free_memory;
+use crate::model::memory::{DecodeFootprint, CPU_BATCH_TOKENS};
 use crate::model::{ops, LoadedModel, ModelSource, T5};
 use crate::operators::runtime::{self, Emitter};
 use crate::operators::Exec;
-use crate::plans::spec::GenerateSpec;
+use crate::plans::spec::{BatchTokens, GenerateSpec};
 use crate::progress::Progress;
 use crate::reports::GenerateReport;
 
@@ -48,6 +50,7 @@ impl Run {
             adapter_hash,
         } = crate::model::load(&self.model, &self.hub).await?;
         model.prepare_for_inference()?;
+        let batch_tokens = self.batch_tokens(&model);
         let tokenizer = tokenizer
             .ok_or_else(|| Error::model(format!("{}: no tokenizer.json", files.origin)))?;
         let (dtype, device) = (format!("{:?}", model.dtype), format!("{:?}", model.device));
@@ -85,7 +88,7 @@ impl Run {
             }
             .run(done_rx),
         );
-        let fed = self.feed(&mut input, &job_tx).await;
+        let fed = self.feed(&mut input, &job_tx, batch_tokens).await;
         drop(job_tx);
         // The worker's and the assembler's own failures explain a feed that stopped early.
         let worker = runtime::join(&format!("{}: model worker", self.exec.step), worker).await;
@@ -120,18 +123,43 @@ impl Run {
         Ok(())
     }
 
+    /// The batches' token budget: as set, or from the device's free memory and the model's shape.
+    fn batch_tokens(&self, model: &T5) -> usize {
+        let BatchTokens::Fixed(n) = self.spec.batch_tokens else {
+            let Some(free) = free_memory(&model.device) else {
+                return CPU_BATCH_TOKENS;
+            };
+            let o = &self.options;
+            let footprint = DecodeFootprint::new(
+                &model.cfg,
+                model.dtype,
+                o.max_new_tokens,
+                o.num_beams,
+                o.encoder_batch_tokens,
+            );
+            let tokens = footprint.batch_tokens(free, self.spec.max_batch_rows);
+            log::info!(
+                "generate: batch_tokens auto: {tokens} ({} MB free on the device)",
+                free >> 20
+            );
+            return tokens;
+        };
+        n
+    }
+
     /// Read windows of rows and hand their jobs to the worker.
     async fn feed(
         &self,
         input: &mut SendableRecordBatchStream,
         jobs: &mpsc::Sender<Job>,
+        batch_tokens: usize,
     ) -> Result<()> {
         let batcher = Batcher {
             input: self.spec.input.clone(),
             row_id: self.row_id.clone(),
             dedup: self.spec.dedup && !self.options.do_sample,
             seed: self.spec.seed,
-            batch_tokens: self.spec.batch_tokens,
+            batch_tokens,
             max_batch_rows: self.spec.max_batch_rows,
         };
         let mut window: Vec<RecordBatch> = vec![];

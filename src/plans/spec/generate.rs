@@ -1,6 +1,6 @@
 //! `generate:` — decoding settings and the batching that makes them fast.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// `generate:` — decode a text column from `input_ids` with the plan's model.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -42,9 +42,10 @@ pub struct GenerateSpec {
     #[serde(default)]
     pub early_stopping: bool,
     /// Token budget of a batch (rows x padded input length): bounds the memory of the encoder output
-    /// and its cross-attention keys/values while the batch decodes.
-    #[serde(default = "default_batch_tokens")]
-    pub batch_tokens: usize,
+    /// and its cross-attention keys/values while the batch decodes. `auto` (the default): from the
+    /// device's free memory and the model's shape on a GPU, 16384 on the CPU.
+    #[serde(default)]
+    pub batch_tokens: BatchTokens,
     /// Upper bound on rows decoded together (more rows per step use the hardware better).
     #[serde(default = "default_max_batch_rows")]
     pub max_batch_rows: usize,
@@ -68,9 +69,6 @@ fn default_input_ids() -> String {
 fn default_max_new() -> usize {
     64
 }
-fn default_batch_tokens() -> usize {
-    16384
-}
 fn default_max_batch_rows() -> usize {
     512
 }
@@ -79,4 +77,39 @@ fn default_encoder_batch_tokens() -> usize {
 }
 fn default_window_rows() -> usize {
     4096
+}
+
+/// `batch_tokens`: a number of tokens, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BatchTokens {
+    #[default]
+    Auto,
+    Fixed(usize),
+}
+
+impl Serialize for BatchTokens {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BatchTokens::Auto => s.serialize_str("auto"),
+            BatchTokens::Fixed(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchTokens {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Tokens(usize),
+            Name(String),
+        }
+        match Either::deserialize(d) {
+            Ok(Either::Tokens(n)) => Ok(BatchTokens::Fixed(n)),
+            Ok(Either::Name(s)) if s == "auto" => Ok(BatchTokens::Auto),
+            _ => Err(serde::de::Error::custom(
+                "expected a number of tokens or `auto`",
+            )),
+        }
+    }
 }

@@ -12,7 +12,7 @@ mod write;
 
 use serde::Serialize;
 
-pub use generate::GenerateSpec;
+pub use generate::{BatchTokens, GenerateSpec};
 pub use model::{InitSpec, ModelSpec};
 pub use source::{default_row_id, FileFormat, SourceSpec};
 pub use train::{EvalSpec, TrainSpec};
