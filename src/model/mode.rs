@@ -25,6 +25,18 @@ impl Mode<'_> {
     pub fn next_seed(&self) -> Option<u64> {
         self.train.map(|s| s.borrow_mut().rng.next_u64())
     }
+
+    /// The generator's state, to replay the same masks later (None at inference).
+    pub fn rng_state(&self) -> Option<Rng> {
+        self.train.map(|s| s.borrow().rng.clone())
+    }
+
+    /// Put the generator back to a state [`Mode::rng_state`] returned.
+    pub fn set_rng_state(&self, state: &Option<Rng>) {
+        if let (Some(s), Some(rng)) = (self.train, state) {
+            s.borrow_mut().rng = rng.clone();
+        }
+    }
 }
 
 /// Training-time randomness: the model's dropout rate, and the generator its masks (and LoRA's) are

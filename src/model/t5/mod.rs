@@ -13,6 +13,7 @@ use super::position_bias::PositionBias;
 use crate::error::Result;
 
 mod decode;
+mod gradients;
 mod load;
 mod params;
 
@@ -26,6 +27,42 @@ pub struct Block {
     pub cross: Option<(Attention, RmsNorm)>,
     pub ffn: Ffn,
     pub ffn_norm: RmsNorm,
+}
+
+impl Block {
+    /// An encoder block: self-attention, then the feed-forward, each pre-normed with a residual.
+    pub fn encode(&self, x: &Tensor, bias: &Tensor, mode: &Mode) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.self_norm.forward(x)?, None, bias, mode)?;
+        let x = residual_dropout(x, &h, mode)?;
+        let h = self.ffn.forward(&self.ffn_norm.forward(&x)?, mode)?;
+        residual_dropout(&x, &h, mode)
+    }
+
+    /// A decoder block over a whole target sequence: causal self-attention, cross-attention over the
+    /// encoder output `enc`, then the feed-forward.
+    pub fn decode(
+        &self,
+        x: &Tensor,
+        enc: &Tensor,
+        self_bias: &Tensor,
+        cross_bias: &Tensor,
+        mode: &Mode,
+    ) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.self_norm.forward(x)?, None, self_bias, mode)?;
+        let x = residual_dropout(x, &h, mode)?;
+        let (ca, cn) = self
+            .cross
+            .as_ref()
+            .expect("decoder blocks have cross-attention");
+        let h = ca.forward(&cn.forward(&x)?, Some(enc), cross_bias, mode)?;
+        let x = residual_dropout(&x, &h, mode)?;
+        let h = self.ffn.forward(&self.ffn_norm.forward(&x)?, mode)?;
+        residual_dropout(&x, &h, mode)
+    }
 }
 
 #[derive(Clone)]
@@ -63,25 +100,46 @@ impl T5 {
         Ok(e.reshape(shape)?)
     }
 
-    /// Encoder hidden states (b, s, d) for ids (b, s) with a 0/1 mask (b, s).
-    pub fn encode(&self, ids: &Tensor, mask: &Tensor, mode: &Mode) -> Result<Tensor> {
-        let (_, s) = ids.dims2()?;
-        let mut x = model_dropout(&self.embed(ids)?, mode)?;
-        let bias = self
+    /// The encoder's attention bias: relative positions plus the rows' padding, (b, heads, s, s).
+    fn encoder_bias(&self, s: usize, mask: &Tensor) -> Result<Tensor> {
+        Ok(self
             .encoder
             .bias
             .forward(s, s, 0)?
             .to_dtype(self.dtype)?
-            .broadcast_add(&padding_bias(mask, self.dtype)?)?;
+            .broadcast_add(&padding_bias(mask, self.dtype)?)?)
+    }
+
+    /// The decoder's biases: self-attention (relative positions, causal) and cross-attention (the
+    /// encoder rows' padding).
+    fn decoder_biases(&self, t: usize, enc_mask: &Tensor) -> Result<(Tensor, Tensor)> {
+        let self_bias = self
+            .decoder
+            .bias
+            .forward(t, t, 0)?
+            .to_dtype(self.dtype)?
+            .broadcast_add(&causal_bias(t, self.dtype, &self.device)?)?;
+        Ok((self_bias, padding_bias(enc_mask, self.dtype)?))
+    }
+
+    /// Token embeddings, with dropout in training.
+    fn embed_dropout(&self, ids: &Tensor, mode: &Mode) -> Result<Tensor> {
+        model_dropout(&self.embed(ids)?, mode)
+    }
+
+    /// A stack's final norm, with dropout in training.
+    fn final_dropout(stack: &Stack, x: &Tensor, mode: &Mode) -> Result<Tensor> {
+        model_dropout(&stack.final_norm.forward(x)?, mode)
+    }
+
+    /// Encoder hidden states (b, s, d) for ids (b, s) with a 0/1 mask (b, s).
+    pub fn encode(&self, ids: &Tensor, mask: &Tensor, mode: &Mode) -> Result<Tensor> {
+        let mut x = self.embed_dropout(ids, mode)?;
+        let bias = self.encoder_bias(ids.dims2()?.1, mask)?;
         for b in &self.encoder.blocks {
-            let h = b
-                .self_attn
-                .forward(&b.self_norm.forward(&x)?, None, &bias, mode)?;
-            x = residual_dropout(&x, &h, mode)?;
-            let h = b.ffn.forward(&b.ffn_norm.forward(&x)?, mode)?;
-            x = residual_dropout(&x, &h, mode)?;
+            x = b.encode(&x, &bias, mode)?;
         }
-        model_dropout(&self.encoder.final_norm.forward(&x)?, mode)
+        Self::final_dropout(&self.encoder, &x, mode)
     }
 
     /// Decoder hidden states for a whole target sequence (teacher forcing), causal.
@@ -92,30 +150,12 @@ impl T5 {
         enc_mask: &Tensor,
         mode: &Mode,
     ) -> Result<Tensor> {
-        let (_, t) = dec_ids.dims2()?;
-        let mut x = model_dropout(&self.embed(dec_ids)?, mode)?;
-        let self_bias = self
-            .decoder
-            .bias
-            .forward(t, t, 0)?
-            .to_dtype(self.dtype)?
-            .broadcast_add(&causal_bias(t, self.dtype, &self.device)?)?;
-        let cross_bias = padding_bias(enc_mask, self.dtype)?;
+        let mut x = self.embed_dropout(dec_ids, mode)?;
+        let (self_bias, cross_bias) = self.decoder_biases(dec_ids.dims2()?.1, enc_mask)?;
         for b in &self.decoder.blocks {
-            let h = b
-                .self_attn
-                .forward(&b.self_norm.forward(&x)?, None, &self_bias, mode)?;
-            x = residual_dropout(&x, &h, mode)?;
-            let (ca, cn) = b
-                .cross
-                .as_ref()
-                .expect("decoder blocks have cross-attention");
-            let h = ca.forward(&cn.forward(&x)?, Some(enc), &cross_bias, mode)?;
-            x = residual_dropout(&x, &h, mode)?;
-            let h = b.ffn.forward(&b.ffn_norm.forward(&x)?, mode)?;
-            x = residual_dropout(&x, &h, mode)?;
+            x = b.decode(&x, enc, &self_bias, &cross_bias, mode)?;
         }
-        model_dropout(&self.decoder.final_norm.forward(&x)?, mode)
+        Self::final_dropout(&self.decoder, &x, mode)
     }
 
     /// Logits (…, vocab) in f32 from decoder hidden states (…, d).
