@@ -711,3 +711,164 @@ async fn bf16_lora_training_tracks_f32() {
     assert!(bf16_run[7] < bf16_run[0], "{bf16_run:?}");
     println!("losses f32 {f32_run:?}\n       bf16 {bf16_run:?}");
 }
+
+/// Gradient checkpointing gives the plain backward pass's loss and gradients, with dropout on (the
+/// recomputed blocks replay the same masks) and the generator left where the plain pass leaves it: for
+/// LoRA's variables, and for every weight in full fine-tuning.
+#[test]
+fn checkpointed_gradients_equal_plain_ones() {
+    use conala::model::lora::{attach_new, AdapterConfig, LoraSettings};
+    let io = io();
+    let (ids, mask, dec, lab, lmask) = batch(&io);
+    let loss = |logits: &Tensor| -> conala::Result<Tensor> {
+        let (sum, n) = ops::cross_entropy(logits, &lab, &lmask, 0.1)?;
+        Ok((sum / n)?)
+    };
+    let lora = AdapterConfig::new(
+        &LoraSettings {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            targets: vec!["q".into(), "v".into(), "wo".into()],
+            rslora: false,
+        },
+        "base",
+    );
+    for full in [false, true] {
+        let mut m = base_model();
+        let vars: Vec<candle_core::Var> = if full {
+            m.make_all_trainable().unwrap()
+        } else {
+            attach_new(&mut m, &lora, 3).unwrap()
+        }
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+        // LoRA's B starts at zero: give it values (seeded) so every path carries gradient.
+        let mut rng = conala::rng::Rng::new(5);
+        for v in &vars {
+            if v.as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap() == 0.0 {
+                let n = v.as_tensor().elem_count();
+                let values: Vec<f32> = (0..n)
+                    .map(|_| (rng.next_f64() as f32 - 0.5) * 0.2)
+                    .collect();
+                v.set(&Tensor::from_vec(values, v.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let run = |checkpointed: bool| {
+            let state = std::cell::RefCell::new(TrainState {
+                dropout: 0.1,
+                rng: conala::rng::Rng::new(11),
+            });
+            let mode = Mode {
+                train: Some(&state),
+            };
+            let (l, g) = m
+                .gradients((&ids, &mask, &dec), &mode, &vars, checkpointed, loss)
+                .unwrap();
+            let next = state.borrow_mut().rng.next_u64();
+            (l.to_scalar::<f32>().unwrap(), g, next)
+        };
+        let (plain_loss, plain, plain_next) = run(false);
+        let (ck_loss, ck, ck_next) = run(true);
+        let what = if full { "full fine-tuning" } else { "LoRA" };
+        assert!(
+            (plain_loss - ck_loss).abs() <= 1e-6 * plain_loss.abs(),
+            "{what}: loss {plain_loss} vs {ck_loss}"
+        );
+        assert_eq!(
+            plain_next, ck_next,
+            "{what}: the generator moved differently"
+        );
+        let mut compared = 0;
+        for (i, (a, b)) in plain.iter().zip(&ck).enumerate() {
+            match (a, b) {
+                (Some(a), Some(b)) => {
+                    let scale = a
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    let d = (a - b)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    // Equal up to float rounding: the backward passes sum the same terms in
+                    // another order.
+                    assert!(
+                        d <= 1e-4 * scale.max(1e-6),
+                        "{what}: variable {i} differs by {d} (scale {scale})"
+                    );
+                    compared += 1;
+                }
+                (None, None) => {}
+                _ => panic!("{what}: variable {i} has a gradient on one path only"),
+            }
+        }
+        assert_eq!(
+            compared,
+            vars.len(),
+            "{what}: every variable has a gradient"
+        );
+    }
+}
+
+/// Data parallelism: the batch split over replicas (two listed devices; three by count, so the shards
+/// are uneven) trains like one device on the whole batch: the same loss curve and the same adapter up
+/// to float rounding (dropout off, since each replica draws its own masks).
+#[tokio::test]
+async fn replicas_train_like_one_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = context(None, tmp.path(), true);
+    let base = tiny(
+        tmp.path(),
+        conala::model::init::Family::FlanT5,
+        conala::model::init::Size::Tiny,
+    );
+    let train = "lora: { r: 4, alpha: 8, dropout: 0.0, targets: [q, v] }\n      dropout: 0.0\n      max_steps: 6\n      batch_size: 8\n      gradient_accumulation_steps: 2\n      learning_rate: 1.0e-2\n      log_every: 1\n      eval_every: 6\n      save_every: 6";
+    let mut runs = vec![];
+    for devices in ["", "devices: [cpu, cpu]", "devices: 3"] {
+        let out = tmp.path().join(format!("run{}", runs.len()));
+        let yaml = train_plan(&base, &out, &format!("{train}\n      {devices}"));
+        let t = run_plan(&yaml, &ctx).await.unwrap().reports.train.unwrap();
+        assert_eq!(t.steps, 6, "{devices}");
+        let curve: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["loss"].as_f64())
+            .collect();
+        assert_eq!(curve.len(), 6, "{devices}: {curve:?}");
+        runs.push((devices, curve, adapter_tensors(&out)));
+    }
+    let (_, one_curve, one_adapter) = &runs[0];
+    for (devices, curve, adapter) in &runs[1..] {
+        for (step, (a, b)) in one_curve.iter().zip(curve).enumerate() {
+            let rel = (a - b).abs() / a.abs();
+            assert!(rel < 1e-5, "{devices}: step {} loss {a} vs {b}", step + 1);
+        }
+        assert_eq!(adapter.len(), one_adapter.len(), "{devices}");
+        for (name, want) in one_adapter {
+            let got = &adapter[name];
+            // Relative in norm: ||got - want|| / ||want||.
+            let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let diff = want
+                .iter()
+                .zip(got)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>()
+                .sqrt();
+            assert!(
+                diff <= 1e-5 * norm,
+                "{devices}: {name} differs by {diff} (norm {norm})"
+            );
+        }
+    }
+}

@@ -11,13 +11,14 @@ use futures::future::BoxFuture;
 
 use super::tokenize::{INPUT_IDS, LABELS};
 use super::{
-    check_model, require_column, require_text_column, runtime, Exec, Sink, SinkReport, StepError,
-    StepResult,
+    check_model, require_column, require_text_column, runtime, Exec, MemoryEstimate, Sink,
+    SinkReport, StepError, StepResult,
 };
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
-use crate::model::{ops, DTypeChoice, ModelSource};
+use crate::model::memory::{parameters_text, TrainFootprint, TrainShape};
+use crate::model::{ops, DTypeChoice, ModelSource, T5Config};
 use crate::plans::spec::{ModelSpec, TrainSpec};
 use crate::training::checkpoint;
 use crate::training::examples::{collect_rows, LabelledRows, TextColumns};
@@ -39,12 +40,18 @@ pub struct TrainContext<'a> {
     pub model: Option<&'a ModelSpec>,
     /// The text column the rows' labels were tokenized from (BLEU references).
     pub target_text: Option<String>,
+    /// The longest inputs and targets `tokenize` lets through (for memory estimates).
+    pub lengths: Option<(usize, usize)>,
     pub eval: Option<EvalRows>,
 }
 
 pub struct Train {
     spec: TrainSpec,
     model: ModelSource,
+    /// The model on each training device (one replica each; the first is the primary).
+    sources: Vec<ModelSource>,
+    cfg: T5Config,
+    lengths: Option<(usize, usize)>,
     hub: Arc<Hub>,
     eval: Option<EvalRows>,
     target_text: Option<String>,
@@ -107,9 +114,43 @@ impl Train {
         if spec.lora.is_none() {
             model.dtype = DTypeChoice::F32; // full fine-tuning keeps f32 master weights
         }
-        check_model(&model, ctx).await?;
+        let (_, cfg) = check_model(&model, ctx).await?;
+        let sources = match &spec.devices {
+            None => vec![model.clone()],
+            Some(d) => d
+                .resolve(model.device)
+                .into_iter()
+                .map(|device| ModelSource {
+                    device,
+                    ..model.clone()
+                })
+                .collect(),
+        };
+        if sources.is_empty() {
+            return Err(StepError::at("devices", "at least one device"));
+        }
+        if spec.batch_size < sources.len() {
+            return Err(StepError::at(
+                "devices",
+                format!(
+                    "{} devices share batches of {} rows: give each device at least one row",
+                    sources.len(),
+                    spec.batch_size
+                ),
+            ));
+        }
+        if !ctx.plan_only {
+            for s in &sources {
+                s.device
+                    .resolve()
+                    .map_err(|e| StepError::at("devices", e))?;
+            }
+        }
         Ok(Train {
             spec: spec.clone(),
+            sources,
+            cfg,
+            lengths: plan.lengths,
             model,
             hub: ctx.hub.clone(),
             eval: plan.eval,
@@ -157,7 +198,11 @@ impl Train {
                 rows
             }
         };
-        let loaded = crate::model::load(&self.model, &self.hub).await?;
+        let loaded = crate::model::load(&self.sources[0], &self.hub).await?;
+        let mut models = vec![loaded.model];
+        for source in &self.sources[1..] {
+            models.push(crate::model::load_replica(source, &self.hub).await?);
+        }
         let files = TrainFiles {
             output: out,
             config: loaded.files.config.clone(),
@@ -165,7 +210,7 @@ impl Train {
             base_name: self.model.path.clone(),
         };
         let (spec, resume, bars) = (self.spec.clone(), self.resume, exec.progress_bars);
-        let (tokenizer, mut model) = (loaded.tokenizer, loaded.model);
+        let tokenizer = loaded.tokenizer;
         let worker = runtime::spawn_worker(move || {
             ops::on_compute_pool(|| {
                 let data = TrainData {
@@ -173,7 +218,7 @@ impl Train {
                     eval: &eval,
                     tokenizer: tokenizer.as_ref(),
                 };
-                Trainer::start(&spec, files, &mut model, resume)?.run(&data, bars)
+                Trainer::start(&spec, files, models, resume)?.run(&data, bars)
             })
         });
         let summary = runtime::join(&format!("{}: trainer", exec.step), worker).await?;
@@ -185,6 +230,48 @@ impl Train {
 impl Sink for Train {
     fn name(&self) -> &'static str {
         "train"
+    }
+
+    fn memory(&self) -> Option<MemoryEstimate> {
+        let (input_len, target_len) = self.lengths?;
+        let dtype = self.sources[0].dtype.planned(self.sources[0].device);
+        let n = self.sources.len();
+        let shape = TrainShape {
+            batch: self.spec.batch_size.div_ceil(n),
+            input_len,
+            target_len,
+        };
+        let lora = self.spec.lora.as_ref();
+        let at = |ck: bool| TrainFootprint::new(&self.cfg, dtype, lora, shape, ck);
+        let ck = self.spec.gradient_checkpointing;
+        let f = at(ck);
+        let training = match lora {
+            Some(l) => format!("LoRA r {} on {}", l.r, l.targets.join(", ")),
+            None => "full fine-tuning".into(),
+        };
+        Some(MemoryEstimate {
+            what: format!(
+                "{} ({}) in {dtype:?}, {training}; {} rows x {input_len} in / {target_len} out per device{}",
+                self.model.path,
+                parameters_text(&self.cfg),
+                shape.batch,
+                if ck { ", gradient checkpointing" } else { "" }
+            ),
+            parts: vec![
+                ("weights", f.weights),
+                ("LoRA", f.lora),
+                ("AdamW", f.optimizer),
+                ("gradients", f.gradients),
+                ("activations", f.activations),
+                ("backward", f.backward),
+            ],
+            peak: f.total(),
+            devices: self.sources.iter().map(|s| s.device).collect(),
+            alternatives: vec![(
+                format!("gradient_checkpointing: {}", !ck),
+                at(!ck).total(),
+            )],
+        })
     }
 
     fn run<'a>(

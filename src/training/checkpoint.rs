@@ -30,6 +30,9 @@ pub struct TrainerState {
     pub best_step: Option<u64>,
     /// Seconds of training before this checkpoint (for throughput across resumes).
     pub train_seconds: f64,
+    /// The dropout generators of the replicas after the first (several devices).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replica_rngs: Vec<Rng>,
 }
 
 pub fn dir_for(output: &Path, step: u64) -> PathBuf {
@@ -147,6 +150,7 @@ mod tests {
                 best_eval_loss: None,
                 best_step: Some(2),
                 train_seconds: 0.0,
+                replica_rngs: vec![],
             };
             save(dir.path(), &st, &t, &t, |_| Ok(())).unwrap();
         }

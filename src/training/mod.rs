@@ -1,6 +1,6 @@
 //! Fine-tuning: the [`trainer`] loop and its parts — labelled rows and batch tensors ([`examples`]),
-//! length buckets ([`batching`]), AdamW ([`optimizer`]), schedules, checkpoints, evaluation, the
-//! metrics log and the loss plot. The `train` operator feeds it rows; the loss itself is
+//! length buckets ([`batching`]), AdamW ([`optimizer`]), several devices ([`replicas`]), schedules,
+//! checkpoints, evaluation, the metrics log and the loss plot. The `train` operator feeds it rows; the loss itself is
 //! [`crate::model::ops::cross_entropy`].
 
 pub mod batching;
@@ -10,6 +10,7 @@ pub mod examples;
 pub mod metrics_log;
 pub mod optimizer;
 pub mod plot;
+pub mod replicas;
 pub mod schedule;
 pub mod trainer;
 

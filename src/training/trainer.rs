@@ -20,16 +20,17 @@ use serde::{Deserialize, Serialize};
 use super::batching::{epoch_batches, Example};
 use super::checkpoint::{self, TrainerState};
 use super::evaluation::{baseline_scores, eval_loss, score_generations, write_predictions};
-use super::examples::{BatchTensors, LabelledRows};
+use super::examples::LabelledRows;
 use super::metrics_log::MetricsLog;
 use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 use super::plot::loss_plot;
+use super::replicas::{Replica, Replicas, StepLoss};
 use crate::error::{Error, Result};
 use crate::metrics::Scores;
 use crate::model::decoding::DecodeOptions;
 use crate::model::lora::{attach_new, save_adapter, save_merged, AdapterConfig};
-use crate::model::mode::{Mode, TrainState};
-use crate::model::{ops, T5};
+use crate::model::mode::TrainState;
+use crate::model::T5;
 use crate::plans::spec::TrainSpec;
 use crate::progress::Progress;
 use crate::rng::Rng;
@@ -70,18 +71,17 @@ pub struct TrainData<'a> {
     pub tokenizer: Option<&'a tokenizers::Tokenizer>,
 }
 
-/// A training run in progress over one model.
+/// A training run in progress over one model (one replica per device).
 pub struct Trainer<'a> {
     spec: &'a TrainSpec,
     files: TrainFiles,
-    model: &'a mut T5,
+    /// The model on each device; the first (the primary) is saved and evaluated.
+    replicas: Replicas,
     adapter: Option<AdapterConfig>,
-    /// The trainable variables by name (LoRA's A and B, or every weight).
+    /// The primary's trainable variables by name (LoRA's A and B, or every weight).
     vars: Vec<(String, Var)>,
     opt: AdamW,
     state: TrainerState,
-    /// Dropout rate and generator of the forward passes.
-    dropout: RefCell<TrainState>,
     /// This epoch's batches (indices into the training examples).
     batches: Vec<Vec<usize>>,
     metrics: MetricsLog,
@@ -152,24 +152,33 @@ impl<'a> Trainer<'a> {
     pub fn start(
         spec: &'a TrainSpec,
         files: TrainFiles,
-        model: &'a mut T5,
+        models: Vec<T5>,
         resume: bool,
     ) -> Result<Trainer<'a>> {
         let adapter = spec
             .lora
             .as_ref()
             .map(|l| AdapterConfig::new(l, &files.base_name));
-        let vars: Vec<(String, Var)> = match &adapter {
-            Some(cfg) => {
-                let existing = lora_vars(model);
-                if existing.is_empty() {
-                    attach_new(model, cfg, spec.seed)?
-                } else {
-                    existing
+        // Trainable variables on every replica: new (or loaded) LoRA adapters, or every weight.
+        let mut per_model: Vec<(T5, Vec<(String, Var)>)> = vec![];
+        for mut model in models {
+            let vars = match &adapter {
+                Some(cfg) => {
+                    let existing = lora_vars(&mut model);
+                    if existing.is_empty() {
+                        attach_new(&mut model, cfg, spec.seed)?
+                    } else {
+                        existing
+                    }
                 }
-            }
-            None => model.make_all_trainable()?,
-        };
+                None => model.make_all_trainable()?,
+            };
+            per_model.push((model, vars));
+        }
+        let vars = per_model
+            .first()
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| Error::model("train: no model"))?;
         let mut opt = AdamW::new(
             vars.clone(),
             AdamWConfig {
@@ -189,9 +198,11 @@ impl<'a> Trainer<'a> {
             best_eval_loss: None,
             best_step: None,
             train_seconds: 0.0,
+            replica_rngs: vec![],
         };
+        let device = per_model[0].0.device.clone();
         let latest = if resume {
-            checkpoint::load_latest(&files.output, &model.device)?
+            checkpoint::load_latest(&files.output, &device)?
         } else {
             None
         };
@@ -219,21 +230,39 @@ impl<'a> Trainer<'a> {
             None if !resume => metrics.clear()?,
             None => {}
         }
-        let dropout = RefCell::new(TrainState {
-            dropout: spec.dropout.unwrap_or(model.cfg.dropout_rate),
-            rng: state.rng.clone(),
-        });
+        let rate = spec.dropout.unwrap_or(per_model[0].0.cfg.dropout_rate);
+        let list = per_model
+            .into_iter()
+            .enumerate()
+            .map(|(i, (model, vars))| {
+                let rng = match i {
+                    0 => state.rng.clone(),
+                    _ => state
+                        .replica_rngs
+                        .get(i - 1)
+                        .cloned()
+                        .unwrap_or_else(|| Rng::derive(spec.seed, 0xD0 + i as u64)),
+                };
+                Replica {
+                    model,
+                    vars: vars.into_iter().map(|(_, v)| v).collect(),
+                    dropout: RefCell::new(TrainState { dropout: rate, rng }),
+                }
+            })
+            .collect();
+        let replicas = Replicas { list };
+        // Every replica starts from the primary's values (new adapters, or the checkpoint's).
+        replicas.broadcast()?;
         Ok(Trainer {
             spec,
             files,
-            model,
+            replicas,
             adapter,
             vars,
             opt,
             last_eval_loss: state.best_eval_loss,
             seconds_before: state.train_seconds,
             state,
-            dropout,
             batches: vec![],
             metrics,
             window: LogWindow::new(),
@@ -329,31 +358,19 @@ impl<'a> Trainer<'a> {
         let mut grads: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
         // Where a step's time goes (CONALA_LOG=debug).
-        let (mut forward_time, mut backward_time) = (Duration::ZERO, Duration::ZERO);
+        let (mut passes_time, mut sums_time) = (Duration::ZERO, Duration::ZERO);
+        let loss = StepLoss {
+            labels_smoothing: spec.label_smoothing,
+            total_tokens,
+            checkpointing: spec.gradient_checkpointing,
+            examples,
+        };
         for idx in &micro {
             let clock = Instant::now();
-            let batch: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
-            let t = BatchTensors::new(self.model, &batch)?;
-            let mode = Mode {
-                train: Some(&self.dropout),
-            };
-            let logits = self.model.forward(&t.ids, &t.mask, &t.decoder_ids, &mode)?;
-            let (sum, _) =
-                ops::cross_entropy(&logits, &t.labels, &t.label_mask, spec.label_smoothing)?;
-            let loss = (sum / total_tokens as f64)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            forward_time += clock.elapsed();
+            let (l, gs) = self.replicas.gradients(idx, &loss)?;
+            loss_sum += l;
+            passes_time += clock.elapsed();
             let clock = Instant::now();
-            let g = loss.backward()?;
-            let gs: Vec<Tensor> = self
-                .vars
-                .iter()
-                .map(|(_, v)| {
-                    g.get(v.as_tensor())
-                        .cloned()
-                        .map_or_else(|| v.as_tensor().zeros_like(), Ok)
-                })
-                .collect::<candle_core::Result<_>>()?;
             grads = Some(match grads {
                 None => gs,
                 Some(acc) => acc
@@ -362,9 +379,9 @@ impl<'a> Trainer<'a> {
                     .map(|(a, b)| a + b)
                     .collect::<candle_core::Result<_>>()?,
             });
-            self.samples_total += batch.len();
-            self.window.samples += batch.len();
-            backward_time += clock.elapsed();
+            self.samples_total += idx.len();
+            self.window.samples += idx.len();
+            sums_time += clock.elapsed();
         }
         if !loss_sum.is_finite() {
             let last = checkpoint::list(&self.files.output).last().map(|s| {
@@ -391,11 +408,12 @@ impl<'a> Trainer<'a> {
             spec.max_steps,
         );
         self.opt.apply(&grads, lr)?;
+        self.replicas.broadcast()?;
         log::debug!(
-            "train: step {}: forward {} ms, backward {} ms, clip + optimizer {} ms",
+            "train: step {}: forward + backward {} ms, gradient sums {} ms, clip + optimizer {} ms",
             self.state.step + 1,
-            forward_time.as_millis(),
-            backward_time.as_millis(),
+            passes_time.as_millis(),
+            sums_time.as_millis(),
             clock.elapsed().as_millis()
         );
         self.state.step += 1;
@@ -427,7 +445,7 @@ impl<'a> Trainer<'a> {
     /// `finish` scores).
     fn evaluate(&mut self, data: &TrainData, progress_bars: bool) -> Result<()> {
         let spec = self.spec;
-        let el = eval_loss(self.model, &data.eval.examples)?;
+        let el = eval_loss(&self.replicas.primary().model, &data.eval.examples)?;
         self.evals_done += 1;
         self.last_eval_loss = Some(el);
         let mut line = serde_json::json!({ "step": self.state.step, "eval_loss": el });
@@ -437,7 +455,7 @@ impl<'a> Trainer<'a> {
         {
             if let Some(tok) = data.tokenizer {
                 let (s, _) = score_generations(
-                    self.model,
+                    &self.replicas.primary().model,
                     tok,
                     data.eval,
                     spec.eval_generate_rows,
@@ -474,7 +492,9 @@ impl<'a> Trainer<'a> {
                 self.state.best_step = Some(self.state.step);
             }
         }
-        self.state.rng = self.dropout.borrow().rng.clone();
+        let mut rngs = self.replicas.rngs();
+        self.state.rng = rngs.remove(0);
+        self.state.replica_rngs = rngs;
         self.state.train_seconds = self.seconds_before + self.started.elapsed().as_secs_f64();
         let trainable: BTreeMap<String, Tensor> = self
             .vars
@@ -483,7 +503,7 @@ impl<'a> Trainer<'a> {
             .collect();
         let cfg_json = read_json(&self.files.config)?;
         let (model, adapter, tokenizer) = (
-            &mut *self.model,
+            &mut self.replicas.primary_mut().model,
             &self.adapter,
             self.files.tokenizer.as_deref(),
         );
@@ -505,16 +525,17 @@ impl<'a> Trainer<'a> {
     }
 
     /// The adapter (LoRA) and a plain HF checkpoint, the BLEU evaluation, `summary.json`.
-    fn finish(self, data: &TrainData, loop_seconds: f64) -> Result<TrainSummary> {
+    fn finish(mut self, data: &TrainData, loop_seconds: f64) -> Result<TrainSummary> {
         let out = &self.files.output;
         let train_seconds = self.seconds_before + self.started.elapsed().as_secs_f64();
         let cfg_json = read_json(&self.files.config)?;
+        let model = &mut self.replicas.primary_mut().model;
         if let Some(cfg) = &self.adapter {
-            save_adapter(self.model, cfg, &out.join("adapter"))?;
+            save_adapter(model, cfg, &out.join("adapter"))?;
         }
         let model_dir = out.join("model");
         save_merged(
-            self.model,
+            model,
             &cfg_json,
             self.files.tokenizer.as_deref(),
             &model_dir,
@@ -523,7 +544,7 @@ impl<'a> Trainer<'a> {
         if !data.eval.examples.is_empty() {
             if let Some(tok) = data.tokenizer {
                 let (scores, predictions) = score_generations(
-                    self.model,
+                    &self.replicas.primary().model,
                     tok,
                     data.eval,
                     self.spec.eval_generate_rows,

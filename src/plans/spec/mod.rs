@@ -15,7 +15,7 @@ use serde::Serialize;
 pub use generate::{BatchTokens, GenerateSpec};
 pub use model::{InitSpec, ModelSpec};
 pub use source::{default_row_id, FileFormat, SourceSpec};
-pub use train::{EvalSpec, TrainSpec};
+pub use train::{Devices, EvalSpec, TrainSpec};
 pub use transforms::{EvaluateSpec, FilterSpec, FormatSpec, OnNull, TokenizeSpec};
 pub use write::{Compression, WriteMode, WriteSpec};
 

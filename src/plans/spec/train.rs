@@ -4,6 +4,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::source::SourceSpec;
 use crate::model::lora::LoraSettings;
+use crate::model::DeviceChoice;
 use crate::training::schedule::Schedule;
 
 /// `train:` — fine-tune the plan's model on the rows it receives (a sink).
@@ -44,6 +45,16 @@ pub struct TrainSpec {
     pub max_grad_norm: f64,
     #[serde(default)]
     pub label_smoothing: f64,
+    /// Keep only each block's input in the forward pass and recompute its activations in the
+    /// backward pass: the same gradients for much less memory, for about one more forward pass.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    /// Data parallelism in one process: a list of devices (`[cuda:0, cuda:1]`) or a count (that many
+    /// of the model's kind of device), one model replica each. Every batch of `batch_size` rows is
+    /// split across them and their LoRA gradients summed before the optimizer step. Default: the
+    /// model's device alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Devices>,
     /// Dropout inside the model while training (None: the model config's `dropout_rate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropout: Option<f64>,
@@ -125,4 +136,36 @@ fn default_seed() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct EvalSpec {
     pub source: SourceSpec,
+}
+
+/// `train.devices`: the devices, or how many.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Devices {
+    Count(usize),
+    List(Vec<DeviceChoice>),
+}
+
+impl Devices {
+    /// The replicas' devices, the model's being `model`: a count means GPUs 0..n when the model runs
+    /// on a GPU (`auto` with CUDA present included), else n replicas on the CPU.
+    pub fn resolve(&self, model: DeviceChoice) -> Vec<DeviceChoice> {
+        match self {
+            Devices::List(l) => l.clone(),
+            Devices::Count(n) => {
+                let gpus = match model {
+                    DeviceChoice::Cuda(_) => true,
+                    DeviceChoice::Auto => candle_core::utils::cuda_is_available(),
+                    _ => false,
+                };
+                (0..*n)
+                    .map(|i| match (gpus, model) {
+                        (true, _) => DeviceChoice::Cuda(i),
+                        (false, DeviceChoice::Auto) => DeviceChoice::Cpu,
+                        (false, other) => other,
+                    })
+                    .collect()
+            }
+        }
+    }
 }

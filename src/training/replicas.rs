@@ -1,0 +1,165 @@
+//! Data parallelism in one process: one model replica per device, each with its own copy of the
+//! trainable variables and its own dropout generator. A batch is split into contiguous shards, one
+//! per replica; each replica computes its shard's share of the loss (normalized by the whole batch's
+//! token count) and its gradients in parallel; the gradients are summed on the host in replica order
+//! (LoRA's are a few MB, so the copies cost little and the sum is deterministic) and applied by the
+//! primary replica's optimizer, whose new values are then copied to the others. Every replica
+//! therefore holds the same weights after every step, and the result equals one device training on
+//! the whole batch (up to float rounding; with dropout on, each replica draws its own masks).
+
+use std::cell::RefCell;
+
+use candle_core::{Device, Tensor, Var};
+
+use super::batching::Example;
+use super::examples::BatchTensors;
+use crate::error::{Error, Result};
+use crate::model::mode::{Mode, TrainState};
+use crate::model::{ops, T5};
+use crate::rng::Rng;
+
+/// A replica's share of a batch's loss and its gradients, in the variables' order.
+type Share = (f64, Vec<Tensor>);
+
+/// One model on one device.
+pub struct Replica {
+    pub model: T5,
+    /// Its trainable variables, in the primary's order.
+    pub vars: Vec<Var>,
+    /// Its dropout rate and generator.
+    pub dropout: RefCell<TrainState>,
+}
+
+/// What a training step computes of a batch besides the model: the loss of logits.
+pub struct StepLoss<'a> {
+    pub labels_smoothing: f64,
+    /// Label tokens of the whole batch (every replica divides by it).
+    pub total_tokens: usize,
+    pub checkpointing: bool,
+    pub examples: &'a [Example],
+}
+
+impl Replica {
+    /// This replica's share of the loss and its gradients for the rows `idx` (none when empty).
+    fn gradients(&self, idx: &[usize], step: &StepLoss) -> Result<Option<Share>> {
+        if idx.is_empty() {
+            return Ok(None);
+        }
+        let batch: Vec<&Example> = idx.iter().map(|&i| &step.examples[i]).collect();
+        let t = BatchTensors::new(&self.model, &batch)?;
+        let mode = Mode {
+            train: Some(&self.dropout),
+        };
+        let (loss, grads) = self.model.gradients(
+            (&t.ids, &t.mask, &t.decoder_ids),
+            &mode,
+            &self.vars,
+            step.checkpointing,
+            |logits| {
+                let (sum, _) =
+                    ops::cross_entropy(logits, &t.labels, &t.label_mask, step.labels_smoothing)?;
+                Ok((sum / step.total_tokens as f64)?)
+            },
+        )?;
+        let grads = grads
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some((loss.to_scalar::<f32>()? as f64, grads)))
+    }
+}
+
+/// The replicas of a run; the first is the primary (its variables are saved and optimized).
+pub struct Replicas {
+    pub list: Vec<Replica>,
+}
+
+impl Replicas {
+    pub fn primary(&self) -> &Replica {
+        &self.list[0]
+    }
+
+    pub fn primary_mut(&mut self) -> &mut Replica {
+        &mut self.list[0]
+    }
+
+    /// The loss and the summed gradients (on the primary's device) of the rows `idx`, split across
+    /// the replicas.
+    pub fn gradients(&mut self, idx: &[usize], step: &StepLoss) -> Result<Share> {
+        if self.list.len() == 1 {
+            return self.list[0]
+                .gradients(idx, step)?
+                .ok_or_else(|| Error::model("train: an empty batch"));
+        }
+        let n = self.list.len();
+        let per = idx.len().div_ceil(n);
+        let mut results: Vec<Result<Option<Share>>> = (0..n).map(|_| Ok(None)).collect();
+        let all_cpu = self.list.iter().all(|r| r.model.device.is_cpu());
+        let shards = idx
+            .chunks(per.max(1))
+            .map(Some)
+            .chain(std::iter::repeat(None));
+        let jobs = self.list.iter_mut().zip(results.iter_mut()).zip(shards);
+        if all_cpu {
+            // CPU replicas share the same cores, which each one's kernels already use: running them
+            // at once only makes them contend.
+            for ((replica, slot), shard) in jobs {
+                *slot = replica.gradients(shard.unwrap_or(&[]), step);
+            }
+        } else {
+            // One thread per device, so every device's kernels are queued at once.
+            rayon::scope(|s| {
+                for ((replica, slot), shard) in jobs {
+                    let shard = shard.unwrap_or(&[]);
+                    s.spawn(move |_| *slot = replica.gradients(shard, step));
+                }
+            });
+        }
+        // Summed on the host, in replica order.
+        let mut loss = 0f64;
+        let mut sum: Option<Vec<Tensor>> = None;
+        for r in results {
+            let Some((l, grads)) = r? else { continue };
+            loss += l;
+            let grads = grads
+                .iter()
+                .map(|g| g.to_device(&Device::Cpu))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            sum = Some(match sum {
+                None => grads,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&grads)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let device = self.list[0].model.device.clone();
+        let grads = sum
+            .ok_or_else(|| Error::model("train: an empty batch"))?
+            .iter()
+            .map(|g| g.to_device(&device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((loss, grads))
+    }
+
+    /// Give every other replica the primary's variables (after the optimizer updated them).
+    pub fn broadcast(&self) -> Result<()> {
+        let (primary, others) = self.list.split_first().expect("at least one replica");
+        for r in others {
+            for (v, p) in r.vars.iter().zip(&primary.vars) {
+                v.set(&p.as_tensor().to_device(&r.model.device)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Each replica's dropout generator, for checkpoints.
+    pub fn rngs(&self) -> Vec<Rng> {
+        self.list
+            .iter()
+            .map(|r| r.dropout.borrow().rng.clone())
+            .collect()
+    }
+}
