@@ -76,6 +76,9 @@ pub struct Context {
     pub shard: Option<Shard>,
     /// `conala run --resume`: continue training from the last checkpoint.
     pub resume: bool,
+    /// Only build the plan to check it (`conala validate`): devices this machine lacks are allowed
+    /// (a plan for eight GPUs can be checked on a laptop); running it is not.
+    pub plan_only: bool,
 }
 
 impl Context {
@@ -88,6 +91,7 @@ impl Context {
             progress_bars: std::io::stderr().is_terminal(),
             shard: None,
             resume: false,
+            plan_only: false,
         })
     }
 

@@ -5,9 +5,10 @@ mod cli;
 use clap::Parser;
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: cli::memory::Counting = cli::memory::Counting(mimalloc::MiMalloc);
 
 fn main() {
+    cli::memory::count_if_asked();
     cli::memory::keep_freed_memory();
     cli::logging::init_logging();
     let args = cli::args::Cli::parse();

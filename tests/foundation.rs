@@ -473,12 +473,29 @@ fn mined_plan_validates_as_written_with_hf_env() {
     assert!(out.contains("wrote 2299 rows"), "{out}");
     // The seed's training plan validates as written (LoRA on the model, eval split through the same steps).
     let (ok, out, err) = run_cli(
-        &["validate", "pipelines/conala-train.yaml"],
+        &[
+            "validate",
+            "pipelines/conala-train.yaml",
+            "--device-memory",
+            "80GiB",
+        ],
         &env,
         &repo_root(),
     );
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("valid plan `conala-train`"), "{out}");
+    // ... and says what its training step needs per device, with and without checkpointing.
+    assert!(out.contains("estimated peak memory per device"), "{out}");
+    assert!(
+        out.contains("16 rows x 2048 in / 2048 out per device"),
+        "{out}"
+    );
+    assert!(
+        out.contains("5:train") && out.contains("LoRA r 8 on q, v"),
+        "{out}"
+    );
+    assert!(out.contains("(with gradient_checkpointing: true)"), "{out}");
+    assert!(out.contains("fits:"), "{out}");
     assert!(
         !repo_root().join("runs/flan-t5-base-conala").exists(),
         "validate must not create outputs"
@@ -495,6 +512,102 @@ fn mined_plan_validates_as_written_with_hf_env() {
         &repo_root(),
     );
     assert!(ok, "{out}\n{err}");
+}
+
+/// The UL2 plan validates as written against the stand-in, which holds UL2's real config and a tokenizer
+/// but no weights (validation fetches metadata only): with checkpointing a device needs about 55 GiB,
+/// which fits 80 GiB; without, about 480 GiB, and the error names the step and the fix.
+#[test]
+fn ul2_plan_fits_80gb_devices_only_with_checkpointing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("hub");
+    hub_root(&root);
+    let config = repo_root().join("tests/fixtures/hub/google-ul2/config.json");
+    put_repo_file(
+        &root,
+        "models",
+        "google/ul2",
+        "main",
+        "config.json",
+        &config,
+    );
+    let tok = tokenizer_path();
+    put_repo_file(
+        &root,
+        "models",
+        "google/ul2",
+        "main",
+        "tokenizer.json",
+        &tok,
+    );
+    let server = HubServer::start(root);
+    let home = tmp.path().join("hf-home");
+    let env = [
+        ("HF_ENDPOINT", server.endpoint.as_str()),
+        ("HF_HOME", home.to_str().unwrap()),
+    ];
+    let plan = "pipelines/conala-train-ul2.yaml";
+    let gib = |out: &str, label: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no `{label}` line in\n{out}"));
+        let number = line
+            .split_whitespace()
+            .rev()
+            .find_map(|w| w.parse::<f64>().ok());
+        number.unwrap_or_else(|| panic!("no number in `{line}`"))
+    };
+    let (ok, out, err) = run_cli(
+        &["validate", plan, "--device-memory", "80GiB"],
+        &env,
+        &repo_root(),
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("valid plan `conala-train-ul2`"), "{out}");
+    assert!(out.contains("19.59 B parameters) in BF16"), "{out}");
+    assert!(
+        out.contains("2 rows x 2048 in / 2048 out per device"),
+        "{out}"
+    );
+    assert!(
+        out.contains("on each of cuda:0,") && out.contains("cuda:7"),
+        "{out}"
+    );
+    // bf16 weights: 19.59 B x 2 bytes.
+    let weights = gib(&out, "weights");
+    assert!((weights - 36.49).abs() < 0.01, "{out}");
+    let peak = gib(&out, "peak");
+    assert!(peak > weights + 5.0 && peak < 80.0, "{out}");
+    assert!(out.contains("fits:"), "{out}");
+    assert!(
+        !home
+            .join("hub/models--google--ul2/blobs")
+            .read_dir()
+            .unwrap()
+            .any(|e| { e.unwrap().metadata().unwrap().len() > 10_000_000 }),
+        "validation must not download weights"
+    );
+    let (ok, out, err) = run_cli(
+        &[
+            "validate",
+            plan,
+            "--device-memory",
+            "80GiB",
+            "--set",
+            "train.gradient_checkpointing=false",
+        ],
+        &env,
+        &repo_root(),
+    );
+    assert!(!ok, "{out}");
+    assert!(gib(&out, "peak") > 400.0, "{out}");
+    assert!(out.contains("does NOT fit"), "{out}");
+    assert!(
+        err.contains("step 5:train needs about")
+            && err.contains("with gradient_checkpointing: true it needs"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

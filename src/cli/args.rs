@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use super::bench::{GenerateArgs, GpuArgs, LoadArgs, PrepArgs, TrainArgs};
+use super::bench::{GenerateArgs, GpuArgs, LoadArgs, MemoryArgs, PrepArgs, TrainArgs};
 use conala::model::init::{Family, Size};
 use conala::sql::OutputFormat;
 
@@ -20,7 +20,7 @@ pub enum Command {
     /// Run a plan (without PLAN: the built-in offline default).
     Run(RunArgs),
     /// Check a plan completely without running it.
-    Validate(PlanArgs),
+    Validate(ValidateArgs),
     /// Run SQL over parquet outputs.
     Sql(SqlArgs),
     /// Tokenizer tools.
@@ -37,12 +37,45 @@ pub enum Command {
 }
 
 #[derive(Args)]
-pub struct PlanArgs {
+pub struct ValidateArgs {
     /// The plan file (YAML).
     pub plan: PathBuf,
     /// Override a plan key: `write.path=out/x`, `source.split=test`, `model.path=DIR`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Memory of each device the plan's models run on (`80GiB`, `141GB`, `512MiB`); default: read
+    /// from the device (a GPU's total, the machine's RAM for the CPU).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub device_memory: Option<u64>,
+}
+
+/// Bytes from `80GiB`, `80GB`, `80G` (binary: GiB), `512MiB`, `2TiB` or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a size such as 80GiB or 512MiB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use B, KiB, MiB, GiB, TiB, or KB, MB, GB, TB)"
+            ))
+        }
+    };
+    Ok((n * scale as f64) as u64)
 }
 
 #[derive(Args)]
@@ -161,4 +194,25 @@ pub enum BenchCommand {
     Load(LoadArgs),
     /// The device run: parity on the GPU, generation and LoRA training against HF, one JSON.
     Gpu(GpuArgs),
+    /// A LoRA training step's peak memory and time, with and without checkpointing, against the
+    /// estimate.
+    Memory(MemoryArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_in_binary_and_decimal_units() {
+        assert_eq!(parse_size("80GiB"), Ok(80 << 30));
+        assert_eq!(parse_size("80G"), Ok(80 << 30));
+        assert_eq!(parse_size("141GB"), Ok(141_000_000_000));
+        assert_eq!(parse_size("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("80 gallons")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_size("GiB").is_err());
+    }
 }

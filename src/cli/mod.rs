@@ -38,5 +38,6 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Gpu(a)) => {
             Ok(bench::gpu::run(&a, &Context::from_env()?).await?)
         }
+        Command::Bench(BenchCommand::Memory(a)) => Ok(bench::memory::run(&a)?),
     }
 }

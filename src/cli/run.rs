@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 
-use super::args::{PlanArgs, RunArgs};
+use super::args::{RunArgs, ValidateArgs};
 use super::report::print_summary;
 use conala::context::{Context, Shard};
+use conala::model::DeviceChoice;
 use conala::plans::{self, Plan};
 
 /// The offline default, run by `conala run` without plan files: prepare the shipped curated split,
@@ -64,9 +65,10 @@ pub async fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-pub async fn validate(a: PlanArgs) -> Result<()> {
+pub async fn validate(a: ValidateArgs) -> Result<()> {
     let plan = plans::load_file(&a.plan, &a.sets)?;
-    let ctx = Context::from_env()?;
+    let mut ctx = Context::from_env()?;
+    ctx.plan_only = true;
     let pipeline = plans::build(&plan, &ctx).await?;
     println!("{}: valid plan `{}`", a.plan.display(), plan.name);
     for (step, cols) in pipeline.describe() {
@@ -79,5 +81,83 @@ pub async fn validate(a: PlanArgs) -> Result<()> {
             }
         );
     }
+    let estimates = pipeline.memory_estimates();
+    if !estimates.is_empty() {
+        // The lengths are the plan's maximums (tokenize's max_input_tokens / max_target_tokens), so a
+        // plan that fits here fits every batch the data can make.
+        println!("estimated peak memory per device, every row at the plan's maximum lengths:");
+    }
+    let mut too_big = vec![];
+    for (step, m) in &estimates {
+        // `auto` as it resolves here.
+        let devices: Vec<String> = m
+            .devices
+            .iter()
+            .map(|d| match d {
+                DeviceChoice::Auto if d.is_cuda() => "cuda:0 (auto)".to_string(),
+                DeviceChoice::Auto => "cpu (auto)".to_string(),
+                d => d.to_string(),
+            })
+            .collect();
+        println!("  {step}: {}", m.what);
+        for (part, bytes) in &m.parts {
+            println!("    {part:<40} {:>10}", gib(*bytes));
+        }
+        println!(
+            "    {:<40} {:>10}  on {}{}",
+            "peak",
+            gib(m.peak),
+            if devices.len() > 1 { "each of " } else { "" },
+            devices.join(", ")
+        );
+        for (other, bytes) in &m.alternatives {
+            println!("    {:<40} {:>10}", format!("(with {other})"), gib(*bytes));
+        }
+        let device = m.devices.first().copied().unwrap_or_default();
+        let (capacity, whose) = match a.device_memory {
+            Some(c) => (Some(c), "--device-memory".to_string()),
+            None if device.is_cuda() => (device.total_memory(), format!("{}'s memory", devices[0])),
+            None => (device.total_memory(), "this machine's RAM".to_string()),
+        };
+        match capacity {
+            Some(c) if m.peak > c => {
+                println!("    does NOT fit: {} > {} ({whose})", gib(m.peak), gib(c));
+                too_big.push(format!(
+                    "step {step} needs about {} per device, more than the {} of {whose}{}",
+                    gib(m.peak),
+                    gib(c),
+                    fit_hint(m, c)
+                ));
+            }
+            Some(c) => println!("    fits: {} of {} ({whose})", gib(m.peak), gib(c)),
+            None => println!(
+                "    {device} is not on this machine: give --device-memory to check the fit"
+            ),
+        }
+    }
+    if !too_big.is_empty() {
+        anyhow::bail!("{}", too_big.join("; "));
+    }
     Ok(())
+}
+
+/// What would make a step fit `capacity`: a cheaper alternative that does, else the usual levers.
+fn fit_hint(m: &conala::operators::MemoryEstimate, capacity: u64) -> String {
+    match m.alternatives.iter().find(|(_, b)| *b <= capacity) {
+        Some((other, b)) => format!(": with {other} it needs {}", gib(*b)),
+        None => {
+            ": use more devices (train.devices), a smaller batch, lower max_input_tokens / max_target_tokens, or bf16".into()
+        }
+    }
+}
+
+/// `1.82 GiB`, `312 MiB`, `96 KiB`.
+fn gib(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else if bytes < 1 << 20 {
+        format!("{:.0} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
 }

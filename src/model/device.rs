@@ -91,6 +91,44 @@ impl DeviceChoice {
     }
 }
 
+impl DeviceChoice {
+    /// Whether this names a CUDA GPU (`auto`: when this machine has one), without opening it.
+    pub fn is_cuda(self) -> bool {
+        match self {
+            DeviceChoice::Cuda(_) => true,
+            DeviceChoice::Auto => candle_core::utils::cuda_is_available(),
+            DeviceChoice::Cpu | DeviceChoice::Metal => false,
+        }
+    }
+
+    /// The device's memory in bytes, where it can be read: a CUDA GPU's total, the machine's RAM for
+    /// the CPU (Linux). `None` for a device this machine lacks.
+    pub fn total_memory(self) -> Option<u64> {
+        if self == DeviceChoice::Cpu || (self == DeviceChoice::Auto && !self.is_cuda()) {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let kb: u64 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            return Some(kb * 1024);
+        }
+        #[cfg(feature = "cuda")]
+        if let Ok(Device::Cuda(d)) = self.resolve() {
+            return d
+                .cuda_stream()
+                .context()
+                .mem_get_info()
+                .ok()
+                .map(|(_, t)| t as u64);
+        }
+        None
+    }
+}
+
 /// Free memory on `device`, in bytes, where it can be read (CUDA); `None` on the CPU.
 pub fn free_memory(device: &Device) -> Option<u64> {
     match device {
@@ -123,6 +161,16 @@ pub enum DTypeChoice {
 crate::named_setting!(DTypeChoice);
 
 impl DTypeChoice {
+    /// The dtype this will name on `device`, without opening it (for estimates).
+    pub fn planned(self, device: DeviceChoice) -> DType {
+        match self {
+            DTypeChoice::Auto if device.is_cuda() => DType::BF16,
+            DTypeChoice::Auto | DTypeChoice::F32 => DType::F32,
+            DTypeChoice::Bf16 => DType::BF16,
+            DTypeChoice::F16 => DType::F16,
+        }
+    }
+
     /// The dtype this names on `device`.
     pub fn resolve(self, device: &Device) -> DType {
         match self {
@@ -166,6 +214,15 @@ mod tests {
     #[test]
     fn dtypes_resolve_per_device() {
         assert_eq!(DTypeChoice::Auto.resolve(&Device::Cpu), DType::F32);
+        // Planned without opening the device: auto is bf16 on a named GPU.
+        assert_eq!(
+            DTypeChoice::Auto.planned(DeviceChoice::Cuda(3)),
+            DType::BF16
+        );
+        assert_eq!(DTypeChoice::Auto.planned(DeviceChoice::Cpu), DType::F32);
+        assert!(
+            DeviceChoice::Cpu.total_memory().is_some_and(|m| m > 0) || !cfg!(target_os = "linux")
+        );
         assert_eq!("bfloat16".parse::<DTypeChoice>(), Ok(DTypeChoice::Bf16));
         assert_eq!(DTypeChoice::Bf16.resolve(&Device::Cpu), DType::BF16);
         assert_eq!(DTypeChoice::F16.to_string(), "f16");

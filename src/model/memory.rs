@@ -79,6 +79,201 @@ impl DecodeFootprint {
     }
 }
 
+/// The shape of a training step: rows, and the padded lengths of inputs and targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainShape {
+    pub batch: usize,
+    pub input_len: usize,
+    pub target_len: usize,
+}
+
+/// What a training step holds on its device, by part (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrainFootprint {
+    /// The model's weights in its dtype (frozen under LoRA; f32 master weights in full fine-tuning).
+    pub weights: u64,
+    /// The adapter's weights (f32).
+    pub lora: u64,
+    /// AdamW's two moments for every trained weight (f32).
+    pub optimizer: u64,
+    /// The trained weights' gradients (f32).
+    pub gradients: u64,
+    /// What the forward pass keeps for the backward pass: every op's output, or with checkpointing
+    /// each block's input plus one block's activations and the output layer's.
+    pub activations: u64,
+    /// The backward pass's working set on top of the activations: the gradients of the tensors
+    /// being differentiated, and their sums.
+    pub backward: u64,
+}
+
+/// The backward pass's working set as a share of the activations it differentiates, measured: a
+/// step's peak of live memory was 1.55-1.68 times the activations counted below, over ten shapes of
+/// three families with and without checkpointing (`conala bench memory`; README).
+const BACKWARD_SHARE: f64 = 0.6;
+
+impl TrainFootprint {
+    pub fn total(&self) -> u64 {
+        self.weights + self.lora + self.optimizer + self.step()
+    }
+
+    /// What a step adds to the weights, adapter and optimizer state at its peak.
+    pub fn step(&self) -> u64 {
+        self.gradients + self.activations + self.backward
+    }
+
+    /// The footprint of a step of `shape` for `cfg` in `dtype`, with LoRA `lora` (`None`: full
+    /// fine-tuning) and with or without gradient checkpointing.
+    ///
+    /// Activations are counted tensor by tensor as candle's autograd keeps them: each op's output
+    /// lives until the backward pass is done (see the counts below; checked against measured peaks by
+    /// `conala bench memory`).
+    pub fn new(
+        cfg: &T5Config,
+        dtype: DType,
+        lora: Option<&crate::model::lora::LoraSettings>,
+        shape: TrainShape,
+        checkpointing: bool,
+    ) -> TrainFootprint {
+        let e = dtype.size_in_bytes() as u64;
+        let (b, s, t) = (
+            shape.batch as u64,
+            shape.input_len as u64,
+            shape.target_len as u64,
+        );
+        let (d, inner, f, h) = (
+            cfg.d_model as u64,
+            cfg.inner_dim() as u64,
+            cfg.d_ff as u64,
+            cfg.num_heads as u64,
+        );
+        let gated = cfg.feed_forward().map(|ff| ff.gated).unwrap_or(false);
+        let (enc_layers, dec_layers) = (cfg.num_layers as u64, cfg.decoder_layers() as u64);
+        let params = parameter_count(cfg);
+        // Which projections carry an adapter, and its rank.
+        let targets = |name: &str| lora.is_some_and(|l| l.targets.iter().any(|x| x == name));
+        let r = lora.map_or(0, |l| l.r as u64);
+        let adapter_params = lora.map_or(0, |_| adapter_parameter_count(cfg, &targets, r));
+
+        // One attention sublayer: `q` query tokens over `kv` key tokens in `b` rows of `ql` x `kl`.
+        let attention = |q: u64, kv: u64, ql: u64, kl: u64| -> u64 {
+            let norm = 3 * q * d * 4;
+            let proj = |name: &str, tokens: u64| {
+                tokens * inner * e
+                    + if targets(name) {
+                        3 * tokens * inner * 4 + tokens * r * 4
+                    } else {
+                        0
+                    }
+            };
+            let projections = proj("q", q) + proj("k", kv) + proj("v", kv);
+            let heads = (q + 2 * kv) * inner * e; // split into heads: contiguous copies
+                                                  // q k^T, + bias, softmax, dropout (its mask and the product), in the model's dtype.
+            let scores = 5 * b * h * ql * kl * e;
+            // The weighted values, copied back out of heads; the output projection.
+            let lora_o = if targets("o") {
+                3 * q * d * 4 + q * r * 4
+            } else {
+                0
+            };
+            let context = 2 * q * inner * e + q * d * e + lora_o;
+            let residual = 2 * q * d * 4; // the sum and its dropout mask
+            norm + projections + heads + scores + context + residual
+        };
+        let feed_forward = |tokens: u64| -> u64 {
+            let norm = 3 * tokens * d * 4;
+            let inputs = if gated { 2 } else { 1 };
+            let hidden = tokens * f * e * (inputs + 1 + 2); // wi(s), the activation, dropout
+            norm + hidden + tokens * d * e + 2 * tokens * d * 4
+        };
+        let enc_block = attention(b * s, b * s, s, s) + feed_forward(b * s);
+        let dec_block =
+            attention(b * t, b * t, t, t) + attention(b * t, b * s, t, s) + feed_forward(b * t);
+        // The output layer: logits (f32), their gradient while the loss backpropagates.
+        let head = 3 * b * t * cfg.vocab_size as u64 * 4;
+        let embeddings = 2 * (b * s + b * t) * d * e;
+        // The attention biases, made once per stack: the encoder's per row (positions + padding),
+        // the decoder's self-attention one for all rows (positions + causal).
+        let biases = (b * s * s + t * t) * h * e;
+        let activations = if checkpointing {
+            // Each block's input (and its copy as a variable), one block's activations at a time.
+            let inputs = 2 * (enc_layers * b * s + dec_layers * b * t) * d * e;
+            inputs + embeddings + biases + enc_block.max(dec_block) + head
+        } else {
+            embeddings + biases + enc_layers * enc_block + dec_layers * dec_block + head
+        };
+        let trained = if lora.is_some() {
+            adapter_params
+        } else {
+            params
+        };
+        TrainFootprint {
+            weights: params * if lora.is_some() { e } else { 4 },
+            lora: adapter_params * 4,
+            optimizer: 2 * trained * 4,
+            gradients: trained * 4,
+            activations,
+            backward: (activations as f64 * BACKWARD_SHARE) as u64,
+        }
+    }
+}
+
+/// `247.6 M parameters`, `19.46 B parameters`.
+pub fn parameters_text(cfg: &T5Config) -> String {
+    match parameter_count(cfg) as f64 {
+        n if n >= 1e9 => format!("{:.2} B parameters", n / 1e9),
+        n => format!("{:.1} M parameters", n / 1e6),
+    }
+}
+
+/// Parameters of a T5 model of `cfg` (embeddings once; the output layer when untied).
+pub fn parameter_count(cfg: &T5Config) -> u64 {
+    let (d, inner, f, v) = (
+        cfg.d_model as u64,
+        cfg.inner_dim() as u64,
+        cfg.d_ff as u64,
+        cfg.vocab_size as u64,
+    );
+    let gated = cfg.feed_forward().map(|ff| ff.gated).unwrap_or(false);
+    let attn = 4 * d * inner;
+    let ffn = (if gated { 3 } else { 2 }) * d * f;
+    let bias = cfg.relative_attention_num_buckets as u64 * cfg.num_heads as u64;
+    let enc = cfg.num_layers as u64 * (attn + ffn + 2 * d) + bias + d;
+    let dec = cfg.decoder_layers() as u64 * (2 * attn + ffn + 3 * d) + bias + d;
+    let head = if cfg.tie_word_embeddings { 0 } else { v * d };
+    v * d + enc + dec + head
+}
+
+/// Parameters of a LoRA adapter of rank `r` on the projections `targets` names.
+fn adapter_parameter_count(cfg: &T5Config, targets: &dyn Fn(&str) -> bool, r: u64) -> u64 {
+    let (d, inner, f) = (cfg.d_model as u64, cfg.inner_dim() as u64, cfg.d_ff as u64);
+    let gated = cfg.feed_forward().map(|ff| ff.gated).unwrap_or(false);
+    // (rank x in) + (out x rank) per adapted projection.
+    let per = |inp: u64, out: u64| r * (inp + out);
+    let mut attn = 0;
+    for (name, inp, out) in [
+        ("q", d, inner),
+        ("k", d, inner),
+        ("v", d, inner),
+        ("o", inner, d),
+    ] {
+        if targets(name) {
+            attn += per(inp, out);
+        }
+    }
+    let mut ffn = 0;
+    for (name, inp, out) in [
+        (if gated { "wi_0" } else { "wi" }, d, f),
+        ("wi_1", d, f),
+        ("wo", f, d),
+    ] {
+        if (name != "wi_1" || gated) && (targets(name) || (name.starts_with("wi") && targets("wi")))
+        {
+            ffn += per(inp, out);
+        }
+    }
+    cfg.num_layers as u64 * (attn + ffn) + cfg.decoder_layers() as u64 * (2 * attn + ffn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +316,57 @@ mod tests {
         assert!(small < 512 && f.bytes(small, small) <= (300u64 << 20));
         // Nothing free: one row's worth, never zero.
         assert_eq!(f.batch_tokens(0, 512), 1);
+    }
+
+    #[test]
+    fn parameter_counts_match_hugging_face() {
+        // As transformers' num_parameters() and PEFT's print_trainable_parameters() report them.
+        let base = config(Family::FlanT5, Size::Base, 32128);
+        assert_eq!(parameter_count(&base), 247_577_856);
+        let small = config(Family::T5, Size::Small, 32128);
+        assert_eq!(parameter_count(&small), 60_506_624);
+        let qv = |n: &str| n == "q" || n == "v";
+        assert_eq!(adapter_parameter_count(&base, &qv, 8), 884_736);
+    }
+
+    #[test]
+    fn checkpointing_keeps_block_inputs_not_activations() {
+        let cfg = config(Family::FlanT5, Size::Base, 32128);
+        let lora = crate::model::lora::LoraSettings::default();
+        let shape = TrainShape {
+            batch: 8,
+            input_len: 512,
+            target_len: 128,
+        };
+        let plain = TrainFootprint::new(&cfg, DType::F32, Some(&lora), shape, false);
+        let ck = TrainFootprint::new(&cfg, DType::F32, Some(&lora), shape, true);
+        // Same weights, adapter, optimizer and gradients; far fewer activations.
+        assert_eq!((plain.weights, plain.lora), (ck.weights, ck.lora));
+        assert_eq!(
+            (plain.optimizer, plain.gradients),
+            (ck.optimizer, ck.gradients)
+        );
+        assert_eq!(plain.optimizer, 2 * plain.lora);
+        assert!(ck.activations * 5 < plain.activations);
+        assert_eq!(
+            plain.total(),
+            plain.weights + plain.lora + plain.optimizer + plain.step()
+        );
+        // Activations grow with the batch, weights do not; bf16 halves the frozen weights.
+        let twice = TrainFootprint::new(
+            &cfg,
+            DType::F32,
+            Some(&lora),
+            TrainShape { batch: 16, ..shape },
+            false,
+        );
+        assert!(twice.activations > 19 * plain.activations / 10 && twice.weights == plain.weights);
+        let bf16 = TrainFootprint::new(&cfg, DType::BF16, Some(&lora), shape, false);
+        assert_eq!(bf16.weights * 2, plain.weights);
+        assert_eq!(bf16.optimizer, plain.optimizer); // AdamW state stays f32
+                                                     // Full fine-tuning: f32 master weights, every weight trained.
+        let full = TrainFootprint::new(&cfg, DType::F32, None, shape, false);
+        assert_eq!(full.gradients, parameter_count(&cfg) * 4);
+        assert_eq!(full.optimizer, 2 * full.gradients);
     }
 }

@@ -80,24 +80,43 @@ pub async fn load_config(
     source: &ModelSource,
     hub: &Hub,
 ) -> Result<(weights::ModelFiles, T5Config)> {
+    locate(source, hub, weights::Fetch::Metadata).await
+}
+
+/// The model's files (what `fetch` asks for) and its parsed config.
+async fn locate(
+    source: &ModelSource,
+    hub: &Hub,
+    fetch: weights::Fetch,
+) -> Result<(weights::ModelFiles, T5Config)> {
     if let Some(new) = &source.init {
         new.materialize(Path::new(&source.path))?;
     }
-    let files = weights::locate(&source.path, source.revision.as_deref(), hub).await?;
+    let files = weights::locate(&source.path, source.revision.as_deref(), hub, fetch).await?;
     let text =
         std::fs::read_to_string(&files.config).map_err(|e| Error::io(files.config.display(), e))?;
     let cfg = T5Config::from_json(&text, &files.config.display().to_string())?;
     Ok((files, cfg))
 }
 
-/// Load a model: weights, optional LoRA adapter (kept separate, so it can be trained or merged),
-/// tokenizer and hashes.
-pub async fn load(source: &ModelSource, hub: &Hub) -> Result<LoadedModel> {
-    let (files, cfg) = load_config(source, hub).await?;
+/// The model alone on `source.device` (another replica of a model already loaded, hashed and
+/// checked): weights and adapter, no tokenizer, no hashing.
+pub async fn load_replica(source: &ModelSource, hub: &Hub) -> Result<T5> {
+    let (files, cfg) = locate(source, hub, weights::Fetch::All).await?;
+    Ok(build(source, hub, &files, &cfg).await?.0)
+}
+
+/// The model of `files` on its device, with its adapter applied; the adapter's hash.
+async fn build(
+    source: &ModelSource,
+    hub: &Hub,
+    files: &weights::ModelFiles,
+    cfg: &T5Config,
+) -> Result<(T5, Option<String>)> {
     let device = source.device.resolve()?;
     let dtype = source.dtype.resolve(&device);
     let w = weights::Weights::open(&files.weights, &files.origin, &device, dtype)?;
-    let mut model = T5::load(&cfg, &w)?;
+    let mut model = T5::load(cfg, &w)?;
     let mut adapter_hash = None;
     if let Some(a) = &source.adapter {
         let adapter = lora::AdapterFiles::locate(a, hub).await?;
@@ -106,6 +125,14 @@ pub async fn load(source: &ModelSource, hub: &Hub) -> Result<LoadedModel> {
         ))?);
         adapter.apply(&mut model)?;
     }
+    Ok((model, adapter_hash))
+}
+
+/// Load a model: weights, optional LoRA adapter (kept separate, so it can be trained or merged),
+/// tokenizer and hashes.
+pub async fn load(source: &ModelSource, hub: &Hub) -> Result<LoadedModel> {
+    let (files, cfg) = locate(source, hub, weights::Fetch::All).await?;
+    let (model, adapter_hash) = build(source, hub, &files, &cfg).await?;
     let tokenizer = match &files.tokenizer {
         Some(p) => Some(crate::tokenizer::load(p)?),
         None => None,

@@ -25,6 +25,7 @@ pub struct ModelFiles {
     /// What the user named (folder or Hub id), for messages.
     pub origin: String,
     pub config: PathBuf,
+    /// Empty for a Hub model located for its metadata only ([`Fetch::Metadata`]).
     pub weights: Vec<PathBuf>,
     pub tokenizer: Option<PathBuf>,
 }
@@ -49,8 +50,23 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
     Ok(files.into_iter().collect())
 }
 
+/// What [`locate`] fetches from the Hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// The config and tokenizer: what checking a plan needs (`weights` stays empty), so a plan for a
+    /// 40 GB model validates without downloading it.
+    Metadata,
+    /// Everything, weights included.
+    All,
+}
+
 /// Locate a model: a local folder, else a Hub model id (downloaded into the HF cache).
-pub async fn locate(path: &str, revision: Option<&str>, hub: &Hub) -> Result<ModelFiles> {
+pub async fn locate(
+    path: &str,
+    revision: Option<&str>,
+    hub: &Hub,
+    fetch: Fetch,
+) -> Result<ModelFiles> {
     let dir = Path::new(path);
     if dir.is_dir() {
         let config = dir.join(CONFIG);
@@ -97,18 +113,9 @@ pub async fn locate(path: &str, revision: Option<&str>, hub: &Hub) -> Result<Mod
     let repo = RepoId::model(path);
     let rev = revision.unwrap_or("main");
     let config = hub.fetch(&repo, rev, CONFIG).await?;
-    let weights = match hub.fetch(&repo, rev, SAFETENSORS).await {
-        Ok(p) => vec![p],
-        Err(single_err) => match hub.fetch(&repo, rev, SAFETENSORS_INDEX).await {
-            Ok(index) => {
-                let mut out = vec![];
-                for n in shard_names(&index)? {
-                    out.push(hub.fetch(&repo, rev, &n).await?);
-                }
-                out
-            }
-            Err(_) => return Err(single_err),
-        },
+    let weights = match fetch {
+        Fetch::Metadata => vec![],
+        Fetch::All => fetch_weights(hub, &repo, rev).await?,
     };
     let tokenizer = hub.fetch(&repo, rev, TOKENIZER).await.ok();
     Ok(ModelFiles {
@@ -116,6 +123,23 @@ pub async fn locate(path: &str, revision: Option<&str>, hub: &Hub) -> Result<Mod
         config,
         weights,
         tokenizer,
+    })
+}
+
+/// A Hub model's safetensors: one file, else the shards its index names.
+async fn fetch_weights(hub: &Hub, repo: &RepoId, rev: &str) -> Result<Vec<PathBuf>> {
+    Ok(match hub.fetch(repo, rev, SAFETENSORS).await {
+        Ok(p) => vec![p],
+        Err(single_err) => match hub.fetch(repo, rev, SAFETENSORS_INDEX).await {
+            Ok(index) => {
+                let mut out = vec![];
+                for n in shard_names(&index)? {
+                    out.push(hub.fetch(repo, rev, &n).await?);
+                }
+                out
+            }
+            Err(_) => return Err(single_err),
+        },
     })
 }
 

@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use crate::context::Context;
 use crate::error::{closest, Result};
 use crate::model::weights::ModelFiles;
-use crate::model::{ModelSource, T5Config};
+use crate::model::{DeviceChoice, ModelSource, T5Config};
 use crate::reports::RunStats;
 use crate::row_ids::RowIdSet;
 use crate::training::TrainSummary;
@@ -38,6 +38,25 @@ pub trait Operator: Send + Sync {
         input: SendableRecordBatchStream,
         exec: &Exec,
     ) -> Result<SendableRecordBatchStream>;
+    /// What the step will hold on each device, for steps that run a model.
+    fn memory(&self) -> Option<MemoryEstimate> {
+        None
+    }
+}
+
+/// What a step will hold on each of its devices, estimated before it runs (`conala validate`).
+#[derive(Debug, Clone)]
+pub struct MemoryEstimate {
+    /// What is estimated: the model, its dtype, the batch.
+    pub what: String,
+    /// The parts of the peak, per device.
+    pub parts: Vec<(&'static str, u64)>,
+    /// The peak per device.
+    pub peak: u64,
+    /// The devices the step runs on.
+    pub devices: Vec<DeviceChoice>,
+    /// The peak under other settings (with or without checkpointing), to compare.
+    pub alternatives: Vec<(String, u64)>,
 }
 
 /// A step that consumes the stream at the end of a chain.
@@ -53,6 +72,11 @@ pub trait Sink: Send {
     /// which the source then skips.
     fn prepare(&self) -> BoxFuture<'_, Result<Option<Arc<RowIdSet>>>> {
         Box::pin(async { Ok(None) })
+    }
+
+    /// What the sink will hold on each device, for sinks that run a model.
+    fn memory(&self) -> Option<MemoryEstimate> {
+        None
     }
 
     /// Consume every row; the report says what became of them.

@@ -24,7 +24,7 @@ use crate::operators::source::Source;
 use crate::operators::tokenize::Tokenize;
 use crate::operators::train::{EvalRows, Train, TrainContext};
 use crate::operators::write::{Provenance, Write, WriteSummary};
-use crate::operators::{Exec, Operator, Sink, SinkReport, StepError};
+use crate::operators::{Exec, MemoryEstimate, Operator, Sink, SinkReport, StepError};
 use crate::progress::Progress;
 use crate::reports::{RunStats, StepReports};
 
@@ -184,14 +184,15 @@ pub async fn build(plan: &Plan, ctx: &Context) -> Result<Pipeline> {
                 None => None,
                 Some(e) => Some(eval_rows(plan, last, &e.source, &row_id, ctx).await?),
             };
-            // The labels' text: the target of the last `tokenize` (BLEU references).
-            let target_text = plan.steps.iter().rev().find_map(|s| match s {
-                Step::Tokenize(t) => t.target.clone(),
+            // The labels' text and the lengths: the last `tokenize`'s (BLEU references).
+            let tokenize = plan.steps.iter().rev().find_map(|s| match s {
+                Step::Tokenize(t) => Some(t),
                 _ => None,
             });
             let train_ctx = TrainContext {
                 model: plan.model.as_ref(),
-                target_text,
+                target_text: tokenize.and_then(|t| t.target.clone()),
+                lengths: tokenize.map(|t| (t.max_input_tokens, t.max_target_tokens)),
                 eval,
             };
             let train = Train::new(t, schema, train_ctx, ctx)
@@ -310,6 +311,19 @@ impl Pipeline {
             format!("{last}:{}", self.sink.name()),
             self.sink.schema().map(cols).unwrap_or_default(),
         ));
+        out
+    }
+
+    /// What each model-running step will hold per device, by step (`N:operator`).
+    pub fn memory_estimates(&self) -> Vec<(String, MemoryEstimate)> {
+        let mut out: Vec<(String, MemoryEstimate)> = self
+            .transforms
+            .iter()
+            .filter_map(|(i, op)| Some((format!("{}:{}", i + 1, op.name()), op.memory()?)))
+            .collect();
+        if let Some(m) = self.sink.memory() {
+            out.push((format!("{}:{}", self.plan.steps.len(), self.sink.name()), m));
+        }
         out
     }
 

@@ -6,6 +6,7 @@
 pub mod generate;
 pub mod gpu;
 pub mod load;
+pub mod memory;
 pub mod prep;
 pub mod rss;
 pub mod train;
@@ -19,6 +20,7 @@ use conala::model::init::{Family, Size};
 pub use generate::GenerateArgs;
 pub use gpu::GpuArgs;
 pub use load::LoadArgs;
+pub use memory::MemoryArgs;
 pub use prep::PrepArgs;
 pub use train::TrainArgs;
 

@@ -24,14 +24,16 @@ use datafusion::execution::SendableRecordBatchStream;
 use self::run::Run;
 use super::tokenize::{ids_field, ERROR, N_INPUT_TOKENS};
 use super::{
-    check_model, require_column, require_new_column, runtime, Exec, Operator, StepError, StepResult,
+    check_model, require_column, require_new_column, runtime, Exec, MemoryEstimate, Operator,
+    StepError, StepResult,
 };
 use crate::context::Context;
 use crate::error::Result;
 use crate::hub::Hub;
 use crate::model::decoding::DecodeOptions;
-use crate::model::ModelSource;
-use crate::plans::spec::{GenerateSpec, ModelSpec};
+use crate::model::memory::{parameter_count, parameters_text, DecodeFootprint, CPU_BATCH_TOKENS};
+use crate::model::{DeviceChoice, ModelSource, T5Config};
+use crate::plans::spec::{BatchTokens, GenerateSpec, ModelSpec};
 
 pub use options::decode_options;
 
@@ -43,6 +45,7 @@ pub struct Generate {
     model: ModelSource,
     options: DecodeOptions,
     hub: Arc<Hub>,
+    cfg: T5Config,
     input_schema: SchemaRef,
     schema: SchemaRef,
     row_id: String,
@@ -93,11 +96,13 @@ impl Generate {
                 files.origin
             )));
         }
-        model.device.resolve().map_err(|e| StepError {
-            key: None,
-            message: format!("model.device: {e}"),
-            suggestion: None,
-        })?;
+        if !ctx.plan_only {
+            model.device.resolve().map_err(|e| StepError {
+                key: None,
+                message: format!("model.device: {e}"),
+                suggestion: None,
+            })?;
+        }
         log::debug!("generate: {} ({} layers)", files.origin, cfg.num_layers);
         let mut fields: Vec<Arc<Field>> = input.fields().iter().cloned().collect();
         fields.push(Arc::new(Field::new(&spec.output, DataType::Utf8, true)));
@@ -115,6 +120,7 @@ impl Generate {
             model,
             options,
             hub: ctx.hub.clone(),
+            cfg,
             input_schema: input,
             schema: Arc::new(Schema::new(fields)),
             row_id: row_id.to_string(),
@@ -129,6 +135,57 @@ impl Operator for Generate {
 
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
+    }
+
+    /// The weights and a batch at its peak. With `batch_tokens: auto` on a GPU batches fill the free
+    /// memory whatever it is, so the estimate is the least that runs: one row of 512 tokens.
+    fn memory(&self) -> Option<MemoryEstimate> {
+        let device = self.model.device;
+        let dtype = self.model.dtype.planned(device);
+        let gpu = device.is_cuda() || device == DeviceChoice::Metal;
+        let (tokens, auto) = match self.spec.batch_tokens {
+            BatchTokens::Fixed(n) => (n, false),
+            BatchTokens::Auto if !gpu => (CPU_BATCH_TOKENS, false),
+            BatchTokens::Auto => (512, true),
+        };
+        let o = &self.options;
+        let f = DecodeFootprint::new(
+            &self.cfg,
+            dtype,
+            o.max_new_tokens,
+            o.num_beams,
+            o.encoder_batch_tokens,
+        );
+        let rows = self.spec.max_batch_rows.min(tokens).max(1);
+        let weights = parameter_count(&self.cfg) * dtype.size_in_bytes() as u64;
+        let batch = f.bytes(tokens, rows);
+        Some(MemoryEstimate {
+            what: format!(
+                "{} ({}) in {dtype:?}; {}, up to {rows} rows x {} beam(s) x {} new tokens",
+                self.model.path,
+                parameters_text(&self.cfg),
+                if auto {
+                    "batch_tokens auto (batches grow to fill 85% of free memory; at least 512 tokens)"
+                        .to_string()
+                } else {
+                    format!("batches of {tokens} input tokens")
+                },
+                o.num_beams.max(1),
+                o.max_new_tokens,
+            ),
+            parts: vec![
+                ("weights", weights),
+                (
+                    "encoder output + cross-attention cache",
+                    tokens as u64 * f.per_input_token,
+                ),
+                ("self-attention cache + logits", rows as u64 * f.per_row),
+                ("encoder working set", f.encoder_reserve),
+            ],
+            peak: weights + batch,
+            devices: vec![self.model.device],
+            alternatives: vec![],
+        })
     }
 
     fn execute(
