@@ -608,6 +608,24 @@ fn ul2_plan_fits_80gb_devices_only_with_checkpointing() {
             && err.contains("with gradient_checkpointing: true it needs"),
         "{err}"
     );
+    // On 2 devices (8 rows each) nothing fits 80 GiB: the usual levers, bf16 not among them (it is bf16).
+    let (ok, out, err) = run_cli(
+        &[
+            "validate",
+            plan,
+            "--device-memory",
+            "80GiB",
+            "--set",
+            "train.devices=2",
+        ],
+        &env,
+        &repo_root(),
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("use more devices (train.devices)") && !err.contains("bf16"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -145,9 +145,10 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
 fn fit_hint(m: &conala::operators::MemoryEstimate, capacity: u64) -> String {
     match m.alternatives.iter().find(|(_, b)| *b <= capacity) {
         Some((other, b)) => format!(": with {other} it needs {}", gib(*b)),
-        None => {
-            ": use more devices (train.devices), a smaller batch, lower max_input_tokens / max_target_tokens, or bf16".into()
-        }
+        None => format!(
+            ": use more devices (train.devices), a smaller batch, or lower max_input_tokens / max_target_tokens{}",
+            if m.dtype == candle_core::DType::F32 { ", or bf16" } else { "" }
+        ),
     }
 }
 

@@ -55,6 +55,8 @@ pub struct MemoryEstimate {
     pub peak: u64,
     /// The devices the step runs on.
     pub devices: Vec<DeviceChoice>,
+    /// The model's weights' dtype (a fit hint suggests bf16 only to an f32 model).
+    pub dtype: candle_core::DType,
     /// The peak under other settings (with or without checkpointing), to compare.
     pub alternatives: Vec<(String, u64)>,
 }

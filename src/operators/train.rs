@@ -250,6 +250,7 @@ impl Sink for Train {
             None => "full fine-tuning".into(),
         };
         Some(MemoryEstimate {
+            dtype,
             what: format!(
                 "{} ({}) in {dtype:?}, {training}; {} rows x {input_len} in / {target_len} out per device{}",
                 self.model.path,

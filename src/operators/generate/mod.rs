@@ -160,6 +160,7 @@ impl Operator for Generate {
         let weights = parameter_count(&self.cfg) * dtype.size_in_bytes() as u64;
         let batch = f.bytes(tokens, rows);
         Some(MemoryEstimate {
+            dtype,
             what: format!(
                 "{} ({}) in {dtype:?}; {}, up to {rows} rows x {} beam(s) x {} new tokens",
                 self.model.path,
