@@ -17,6 +17,29 @@ const USABLE: f64 = 0.85;
 /// Longest input the encoder reserve assumes (T5's usual maximum).
 const ENCODER_MAX_LEN: u64 = 512;
 
+/// A config's sizes as `u64`, the unit every count below is in.
+struct Dims {
+    d: u64,
+    inner: u64,
+    ff: u64,
+    heads: u64,
+    vocab: u64,
+    gated: bool,
+}
+
+impl Dims {
+    fn of(cfg: &T5Config) -> Dims {
+        Dims {
+            d: cfg.d_model as u64,
+            inner: cfg.inner_dim() as u64,
+            ff: cfg.d_ff as u64,
+            heads: cfg.num_heads as u64,
+            vocab: cfg.vocab_size as u64,
+            gated: cfg.feed_forward().map(|ff| ff.gated).unwrap_or(false),
+        }
+    }
+}
+
 /// Bytes a decoding batch holds while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeFootprint {
@@ -40,14 +63,21 @@ impl DecodeFootprint {
         encoder_batch_tokens: usize,
     ) -> DecodeFootprint {
         let b = dtype.size_in_bytes() as u64;
-        let (d, inner, d_ff) = (cfg.d_model as u64, cfg.inner_dim() as u64, cfg.d_ff as u64);
+        let Dims {
+            d,
+            inner,
+            ff: d_ff,
+            heads,
+            vocab,
+            ..
+        } = Dims::of(cfg);
         let layers = cfg.decoder_layers() as u64;
         let per_input_token = (d + 2 * layers * inner) * b;
         let cache = 2 * layers * inner * (max_new_tokens as u64 + 1) * b;
-        let logits = 2 * cfg.vocab_size as u64 * 4;
+        let logits = 2 * vocab * 4;
         let per_row = num_beams.max(1) as u64 * (cache + logits);
         let chunk = encoder_batch_tokens as u64;
-        let scores = cfg.num_heads as u64 * ENCODER_MAX_LEN * 4;
+        let scores = heads * ENCODER_MAX_LEN * 4;
         let encoder_reserve = chunk * (scores + (3 * d_ff + 8 * d) * b);
         DecodeFootprint {
             per_input_token,
@@ -140,13 +170,14 @@ impl TrainFootprint {
             shape.input_len as u64,
             shape.target_len as u64,
         );
-        let (d, inner, f, h) = (
-            cfg.d_model as u64,
-            cfg.inner_dim() as u64,
-            cfg.d_ff as u64,
-            cfg.num_heads as u64,
-        );
-        let gated = cfg.feed_forward().map(|ff| ff.gated).unwrap_or(false);
+        let Dims {
+            d,
+            inner,
+            ff: f,
+            heads: h,
+            vocab,
+            gated,
+        } = Dims::of(cfg);
         let (enc_layers, dec_layers) = (cfg.num_layers as u64, cfg.decoder_layers() as u64);
         let params = parameter_count(cfg);
         // Which projections carry an adapter, and its rank.
@@ -166,8 +197,9 @@ impl TrainFootprint {
                     }
             };
             let projections = proj("q", q) + proj("k", kv) + proj("v", kv);
-            let heads = (q + 2 * kv) * inner * e; // split into heads: contiguous copies
-                                                  // q k^T, + bias, softmax, dropout (its mask and the product), in the model's dtype.
+            // Split into heads: contiguous copies.
+            let heads = (q + 2 * kv) * inner * e;
+            // q k^T, + bias, softmax, dropout (its mask and the product), in the model's dtype.
             let scores = 5 * b * h * ql * kl * e;
             // The weighted values, copied back out of heads; the output projection.
             let lora_o = if targets("o") {
@@ -189,7 +221,7 @@ impl TrainFootprint {
         let dec_block =
             attention(b * t, b * t, t, t) + attention(b * t, b * s, t, s) + feed_forward(b * t);
         // The output layer: logits (f32), their gradient while the loss backpropagates.
-        let head = 3 * b * t * cfg.vocab_size as u64 * 4;
+        let head = 3 * b * t * vocab * 4;
         let embeddings = 2 * (b * s + b * t) * d * e;
         // The attention biases, made once per stack: the encoder's per row (positions + padding),
         // the decoder's self-attention one for all rows (positions + causal).
@@ -227,16 +259,17 @@ pub fn parameters_text(cfg: &T5Config) -> String {
 
 /// Parameters of a T5 model of `cfg` (embeddings once; the output layer when untied).
 pub fn parameter_count(cfg: &T5Config) -> u64 {
-    let (d, inner, f, v) = (
-        cfg.d_model as u64,
-        cfg.inner_dim() as u64,
-        cfg.d_ff as u64,
-        cfg.vocab_size as u64,
-    );
-    let gated = cfg.feed_forward().map(|ff| ff.gated).unwrap_or(false);
+    let Dims {
+        d,
+        inner,
+        ff: f,
+        heads,
+        vocab: v,
+        gated,
+    } = Dims::of(cfg);
     let attn = 4 * d * inner;
     let ffn = (if gated { 3 } else { 2 }) * d * f;
-    let bias = cfg.relative_attention_num_buckets as u64 * cfg.num_heads as u64;
+    let bias = cfg.relative_attention_num_buckets as u64 * heads;
     let enc = cfg.num_layers as u64 * (attn + ffn + 2 * d) + bias + d;
     let dec = cfg.decoder_layers() as u64 * (2 * attn + ffn + 3 * d) + bias + d;
     let head = if cfg.tie_word_embeddings { 0 } else { v * d };
@@ -245,8 +278,13 @@ pub fn parameter_count(cfg: &T5Config) -> u64 {
 
 /// Parameters of a LoRA adapter of rank `r` on the projections `targets` names.
 fn adapter_parameter_count(cfg: &T5Config, targets: &dyn Fn(&str) -> bool, r: u64) -> u64 {
-    let (d, inner, f) = (cfg.d_model as u64, cfg.inner_dim() as u64, cfg.d_ff as u64);
-    let gated = cfg.feed_forward().map(|ff| ff.gated).unwrap_or(false);
+    let Dims {
+        d,
+        inner,
+        ff: f,
+        gated,
+        ..
+    } = Dims::of(cfg);
     // (rank x in) + (out x rank) per adapted projection.
     let per = |inp: u64, out: u64| r * (inp + out);
     let mut attn = 0;
