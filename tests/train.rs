@@ -531,6 +531,16 @@ async fn copy_prior_base_trains_with_lora_and_beam_evaluation() {
     );
 }
 
+/// The training losses a run logged in `out/metrics.jsonl`, step by step.
+fn loss_curve(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect()
+}
+
 fn adapter_tensors(dir: &Path) -> HashMap<String, Vec<f32>> {
     candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &Device::Cpu)
         .unwrap()
@@ -601,15 +611,7 @@ fn killed_training_resumes_to_the_same_weights() {
             .fold(0f32, f32::max);
         assert!(d <= 1e-6, "{k} differs by {d} after resume");
     }
-    let la = std::fs::read_to_string(out_a.join("metrics.jsonl")).unwrap();
-    let lb = std::fs::read_to_string(out_b.join("metrics.jsonl")).unwrap();
-    let losses = |t: &str| {
-        t.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v["loss"].as_f64())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(losses(&la), losses(&lb));
+    assert_eq!(loss_curve(&out_a), loss_curve(&out_b));
 }
 
 #[tokio::test]
@@ -677,12 +679,7 @@ async fn bf16_lora_training_tracks_f32() {
         );
         let t = run_plan(&yaml, &ctx).await.unwrap().reports.train.unwrap();
         assert_eq!(t.steps, 8);
-        let curve: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v["loss"].as_f64())
-            .collect();
+        let curve = loss_curve(&out);
         assert_eq!(curve.len(), 8, "{dtype}: {curve:?}");
         for (name, t) in candle_core::safetensors::load(
             out.join("adapter/adapter_model.safetensors"),
@@ -839,12 +836,7 @@ async fn replicas_train_like_one_device() {
         let yaml = train_plan(&base, &out, &format!("{train}\n      {devices}"));
         let t = run_plan(&yaml, &ctx).await.unwrap().reports.train.unwrap();
         assert_eq!(t.steps, 6, "{devices}");
-        let curve: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v["loss"].as_f64())
-            .collect();
+        let curve = loss_curve(&out);
         assert_eq!(curve.len(), 6, "{devices}: {curve:?}");
         runs.push((devices, curve, adapter_tensors(&out)));
     }
