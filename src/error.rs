@@ -251,6 +251,34 @@ impl From<Error> for DataFusionError {
     }
 }
 
+/// The longest message kept in a row's `error` column.
+const ROW_MESSAGE_CHARS: usize = 1000;
+
+/// An error as it goes into data (a row's `error` column): without the backtrace candle appends when
+/// `RUST_BACKTRACE` is set (frames are for developers, and kilobytes per row), and bounded in length.
+pub fn row_message(e: &impl fmt::Display) -> String {
+    let text = crate::secrets::redact(&e.to_string());
+    let mut kept: Vec<&str> = vec![];
+    let mut in_backtrace = false;
+    for line in text.lines() {
+        let t = line.trim_start();
+        let frame = t.split_once(": ").is_some_and(|(n, _)| {
+            !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) && line.starts_with(' ')
+        });
+        if frame || t == "stack backtrace:" || (in_backtrace && t.starts_with("at ")) {
+            in_backtrace = true;
+            continue;
+        }
+        in_backtrace = false;
+        kept.push(line);
+    }
+    let joined = kept.join(" ").trim().to_string();
+    match joined.char_indices().nth(ROW_MESSAGE_CHARS) {
+        Some((i, _)) => format!("{}…", &joined[..i]),
+        None => joined,
+    }
+}
+
 /// Recover our error from a stream error so messages are not wrapped twice.
 pub fn from_stream_error(e: DataFusionError) -> Error {
     match e {
@@ -333,6 +361,24 @@ mod tests {
         );
         assert_eq!(closest("inptu", keys).as_deref(), Some("input"));
         assert_eq!(closest("completely_different", keys), None);
+    }
+
+    #[test]
+    fn row_messages_carry_no_backtrace() {
+        let e = Error::Candle(candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg(
+                "index-select invalid index 9159 with dim size 120".into(),
+            )),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        });
+        assert!(e.to_string().lines().count() > 3, "a backtrace to strip");
+        assert_eq!(
+            row_message(&e),
+            "index-select invalid index 9159 with dim size 120"
+        );
+        let long = Error::Data("x".repeat(5000));
+        assert_eq!(row_message(&long).chars().count(), ROW_MESSAGE_CHARS + 1);
+        assert_eq!(row_message(&Error::Data("a\nb".into())), "a b");
     }
 
     #[test]

@@ -272,6 +272,12 @@ impl Hub {
         };
         let connect = matches!(&e, ApiError::RequestError(r) if r.is_connect() || r.is_timeout());
         let hint = match status {
+            Some(401) | Some(403) if self.config.token.is_some() => format!(
+                "access denied (HTTP {}) although a token is set (HF_TOKEN or the cached login): the \
+                 token is invalid or expired, or lacks access to this repository (a gated model needs \
+                 its terms accepted on the Hub with this account)",
+                status.unwrap_or(401)
+            ),
             Some(401) | Some(403) => "access denied: the repository is gated or private; set HF_TOKEN".to_string(),
             Some(404) => match file {
                 Some(_) => "not found in the repository".to_string(),
@@ -283,7 +289,7 @@ impl Hub {
             ),
             _ => e.to_string(),
         };
-        Error::Hub(format!("{what}: {hint}"))
+        Error::Hub(crate::secrets::redact(&format!("{what}: {hint}")))
     }
 }
 

@@ -18,6 +18,7 @@ pub mod progress;
 pub mod reports;
 pub mod rng;
 pub mod row_ids;
+pub mod secrets;
 pub mod sql;
 pub mod storage;
 pub mod tokenizer;

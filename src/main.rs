@@ -23,7 +23,10 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(cli::dispatch(args)) {
-        eprintln!("error: {}", cli::logging::error_chain(&e));
+        eprintln!(
+            "error: {}",
+            conala::secrets::redact(&cli::logging::error_chain(&e))
+        );
         std::process::exit(1);
     }
 }

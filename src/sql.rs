@@ -111,6 +111,28 @@ pub async fn query(ctx: &Context, sql: &str) -> Result<Vec<RecordBatch>> {
     df.collect().await.map_err(|e| Error::datafusion("sql", e))
 }
 
+/// Stdout that drops what is written after the reader went away (`conala sql ... | head -1`), so a
+/// closed pipe ends the output quietly instead of failing the command.
+struct QuietStdout(bool);
+
+impl std::io::Write for QuietStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.0 {
+            match std::io::stdout().write_all(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => self.0 = true,
+                other => other?,
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match std::io::stdout().flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other,
+        }
+    }
+}
+
 /// Render results as a table, CSV, JSON lines or parquet, to `out` (a file) or stdout.
 pub fn render(batches: &[RecordBatch], format: OutputFormat, out: Option<&Path>) -> Result<()> {
     let mut sink: Box<dyn std::io::Write + Send> = match out {
@@ -118,7 +140,7 @@ pub fn render(batches: &[RecordBatch], format: OutputFormat, out: Option<&Path>)
         None if format == OutputFormat::Parquet => {
             return Err(Error::Data("--format parquet needs --output FILE".into()));
         }
-        None => Box::new(std::io::stdout()),
+        None => Box::new(QuietStdout(false)),
     };
     let name = out
         .map(|p| p.display().to_string())

@@ -7,41 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use conala::model::init::{config, write_random_model, Family, Size};
+use conala::model::init::Family;
 use conala::plans;
 use datafusion::arrow::array::{Array, Int64Array, StringArray, UInt64Array};
-
-fn tiny_model(dir: &Path, family: Family) -> PathBuf {
-    let out = dir.join(format!("model-{family:?}"));
-    let vocab = conala::tokenizer::load(&tokenizer_path())
-        .unwrap()
-        .get_vocab_size(true);
-    write_random_model(
-        &config(family, Size::Tiny, vocab),
-        3,
-        &tokenizer_path(),
-        &out,
-    )
-    .unwrap();
-    out
-}
-
-fn gen_plan(model: &Path, out: &Path, generate: &str, extra_source: &str) -> String {
-    format!(
-        r#"name: gen
-model: {{ path: "{model}" }}
-steps:
-  - source: {{ uri: "{data}", config: curated, split: test{extra_source} }}
-  - format: {{ input: "{{intent}}\n{{snippet}}" }}
-  - tokenize: {{ input: input, max_input_tokens: 48 }}
-  - generate: {{ output: prediction, {generate} }}
-  - write: {{ path: "{out}", rows_per_file: 200 }}
-"#,
-        model = model.display(),
-        data = data_dir().display(),
-        out = out.display()
-    )
-}
 
 async fn run(yaml: &str, ctx: &conala::Context) -> plans::RunSummary {
     let plan = plans::load_str(yaml, "gen.yaml", &[]).unwrap();

@@ -30,7 +30,10 @@ pub fn init_logging() {
                     log::Level::Warn => "warning: ",
                     _ => "",
                 };
-                eprintln!("[conala] {level}{}", r.args());
+                eprintln!(
+                    "[conala] {level}{}",
+                    conala::secrets::redact(&r.args().to_string())
+                );
             }
         }
         fn flush(&self) {}

@@ -5,6 +5,7 @@ pub mod args;
 pub mod bench;
 pub mod logging;
 pub mod memory;
+pub mod output;
 mod report;
 mod run;
 mod tools;

@@ -1,5 +1,6 @@
 //! What `conala run` prints when a plan finishes.
 
+use crate::cli::output::out;
 use conala::plans::spec::Step;
 use conala::plans::{Plan, RunSummary};
 
@@ -9,13 +10,14 @@ pub fn print_summary(plan: &Plan, summary: &RunSummary) {
         .iter()
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
-    println!(
+    out!(
         "plan `{}` finished in {:.1}s",
-        summary.plan_name, summary.seconds
+        summary.plan_name,
+        summary.seconds
     );
-    println!("  rows out of each step: {}", flow.join(" -> "));
+    out!("  rows out of each step: {}", flow.join(" -> "));
     if let Some(w) = &summary.write {
-        println!(
+        out!(
             "  wrote {} rows to {} ({} part files{})",
             w.rows_written,
             w.location,
@@ -27,14 +29,14 @@ pub fn print_summary(plan: &Plan, summary: &RunSummary) {
             }
         );
         let table = summary.plan_name.replace('-', "_");
-        println!(
+        out!(
             "  query it: conala sql --table {table}={} \"select count(*) from {table}\"",
             w.location
         );
     }
     let reports = &summary.reports;
     if let Some(t) = &reports.train {
-        println!(
+        out!(
             "  trained {} steps on {} examples in {:.1}s ({:.1} samples/s); final eval loss {}",
             t.steps,
             t.train_examples,
@@ -45,7 +47,7 @@ pub fn print_summary(plan: &Plan, summary: &RunSummary) {
                 .unwrap_or_else(|| "-".into())
         );
         if let Some(s) = &t.eval_scores {
-            println!(
+            out!(
                 "  eval ({} rows): BLEU {:.2}, CoNaLa BLEU {:.2}, exact match {:.1}%",
                 s.rows,
                 s.bleu,
@@ -54,27 +56,28 @@ pub fn print_summary(plan: &Plan, summary: &RunSummary) {
             );
         }
         if let Some(b) = &t.baseline_scores {
-            println!(
+            out!(
                 "  baseline (copy the `{}` column): BLEU {:.2}, CoNaLa BLEU {:.2}",
                 baseline_column(plan),
                 b.bleu,
                 b.conala_bleu
             );
         }
-        println!(
+        out!(
             "  model: {} (adapter and checkpoints in {})",
-            t.model_dir, t.output
+            t.model_dir,
+            t.output
         );
     }
     if let Some(g) = &reports.generate {
         let f = &g.finish_reason;
-        println!(
+        out!(
             "  generated {} rows ({} tokens) at {:.1} rows/s, {:.1} tokens/s; finish reasons eos {}, length {}, error {}",
             g.rows, g.generated_tokens, g.rows_per_second, g.tokens_per_second, f.eos, f.length, f.error
         );
     }
     if let Some(e) = &reports.evaluate {
-        println!(
+        out!(
             "  evaluate ({} rows): BLEU {:.2}, CoNaLa BLEU {:.2}, mean sentence BLEU {:.2}, exact match {:.1}%",
             e.rows,
             e.bleu,

@@ -1,5 +1,6 @@
 //! `conala run` and `conala validate`.
 
+use crate::cli::output::out;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
@@ -70,9 +71,9 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
     let mut ctx = Context::from_env()?;
     ctx.plan_only = true;
     let pipeline = plans::build(&plan, &ctx).await?;
-    println!("{}: valid plan `{}`", a.plan.display(), plan.name);
+    out!("{}: valid plan `{}`", a.plan.display(), plan.name);
     for (step, cols) in pipeline.describe() {
-        println!(
+        out!(
             "  {step}: {}",
             if cols.is_empty() {
                 "(sink)".to_string()
@@ -85,7 +86,7 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
     if !estimates.is_empty() {
         // The lengths are the plan's maximums (tokenize's max_input_tokens / max_target_tokens), so a
         // plan that fits here fits every batch the data can make.
-        println!("estimated peak memory per device, every row at the plan's maximum lengths:");
+        out!("estimated peak memory per device, every row at the plan's maximum lengths:");
     }
     let mut too_big = vec![];
     for (step, m) in &estimates {
@@ -99,11 +100,11 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
                 d => d.to_string(),
             })
             .collect();
-        println!("  {step}: {}", m.what);
+        out!("  {step}: {}", m.what);
         for (part, bytes) in &m.parts {
-            println!("    {part:<40} {:>10}", gib(*bytes));
+            out!("    {part:<40} {:>10}", gib(*bytes));
         }
-        println!(
+        out!(
             "    {:<40} {:>10}  on {}{}",
             "peak",
             gib(m.peak),
@@ -111,7 +112,7 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
             devices.join(", ")
         );
         for (other, bytes) in &m.alternatives {
-            println!("    {:<40} {:>10}", format!("(with {other})"), gib(*bytes));
+            out!("    {:<40} {:>10}", format!("(with {other})"), gib(*bytes));
         }
         let device = m.devices.first().copied().unwrap_or_default();
         let (capacity, whose) = match a.device_memory {
@@ -121,7 +122,7 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
         };
         match capacity {
             Some(c) if m.peak > c => {
-                println!("    does NOT fit: {} > {} ({whose})", gib(m.peak), gib(c));
+                out!("    does NOT fit: {} > {} ({whose})", gib(m.peak), gib(c));
                 too_big.push(format!(
                     "step {step} needs about {} per device, more than the {} of {whose}{}",
                     gib(m.peak),
@@ -129,10 +130,10 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
                     fit_hint(m, c)
                 ));
             }
-            Some(c) => println!("    fits: {} of {} ({whose})", gib(m.peak), gib(c)),
-            None => println!(
-                "    {device} is not on this machine: give --device-memory to check the fit"
-            ),
+            Some(c) => out!("    fits: {} of {} ({whose})", gib(m.peak), gib(c)),
+            None => {
+                out!("    {device} is not on this machine: give --device-memory to check the fit")
+            }
         }
     }
     if !too_big.is_empty() {

@@ -1,5 +1,6 @@
 //! `conala sql`, `conala tokenizer train`, `conala model init` and `conala merge`.
 
+use crate::cli::output::out;
 use anyhow::{bail, Context as _, Result};
 
 use super::args::{MergeArgs, ModelInitArgs, SqlArgs, TokenizerTrainArgs};
@@ -47,7 +48,7 @@ pub async fn tokenizer_train(a: TokenizerTrainArgs) -> Result<()> {
     let tok = tokio::task::spawn_blocking(move || conala::tokenizer::train(texts.iter(), &options))
         .await??;
     conala::tokenizer::save(&tok, &a.out)?;
-    println!(
+    out!(
         "trained a {}-piece Unigram tokenizer on {n} texts -> {}",
         tok.get_vocab_size(true),
         a.out.display()
@@ -86,7 +87,7 @@ pub async fn model_init(a: ModelInitArgs) -> Result<()> {
         seed: a.seed,
     };
     let cfg = new.write(&a.out)?;
-    println!(
+    out!(
         "wrote a {} {} model (vocab {}, d_model {}, {} layers) to {}",
         new.prior.describe(a.size),
         a.family,
@@ -113,6 +114,6 @@ pub async fn merge(a: MergeArgs) -> Result<()> {
         loaded.files.tokenizer.as_deref(),
         &a.out,
     )?;
-    println!("merged {} + {} -> {}", a.base, a.adapter, a.out.display());
+    out!("merged {} + {} -> {}", a.base, a.adapter, a.out.display());
     Ok(())
 }

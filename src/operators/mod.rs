@@ -153,6 +153,21 @@ impl StepError {
 
 pub type StepResult<T> = std::result::Result<T, StepError>;
 
+/// Longest sequence a step may ask for (T5 models are trained on 512 tokens, UL2 on 2048). Buffers are
+/// sized from these settings, so an absurd value must fail at validation, not as a huge allocation.
+pub const MAX_SEQUENCE_TOKENS: usize = 1 << 16;
+
+/// `key` must be at most `limit`.
+pub fn at_most(key: &str, value: usize, limit: usize) -> StepResult<()> {
+    if value > limit {
+        return Err(StepError::at(
+            key,
+            format!("{value} is more than the limit of {limit}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The model a step uses must exist and be a T5 when the plan is built, not after rows were read: its
 /// files and config.
 pub async fn check_model(model: &ModelSource, ctx: &Context) -> StepResult<(ModelFiles, T5Config)> {

@@ -19,7 +19,10 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use super::{require_new_column, require_text_column, runtime, Operator, StepError, StepResult};
+use super::{
+    at_most, require_new_column, require_text_column, runtime, Operator, StepError, StepResult,
+    MAX_SEQUENCE_TOKENS,
+};
 use crate::error::{Error, Result};
 use crate::plans::spec::TokenizeSpec;
 
@@ -75,6 +78,11 @@ impl Tokenize {
         if spec.max_input_tokens == 0 {
             return Err(StepError::at("max_input_tokens", "must be at least 1"));
         }
+        at_most(
+            "max_input_tokens",
+            spec.max_input_tokens,
+            MAX_SEQUENCE_TOKENS,
+        )?;
         for name in [INPUT_IDS, N_INPUT_TOKENS] {
             require_new_column(&input, "input", name)?;
         }
@@ -93,6 +101,11 @@ impl Tokenize {
                 if spec.max_target_tokens == 0 {
                     return Err(StepError::at("max_target_tokens", "must be at least 1"));
                 }
+                at_most(
+                    "max_target_tokens",
+                    spec.max_target_tokens,
+                    MAX_SEQUENCE_TOKENS,
+                )?;
                 for name in [LABELS, N_LABEL_TOKENS] {
                     require_new_column(&input, "target", name)?;
                 }

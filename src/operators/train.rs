@@ -11,8 +11,8 @@ use futures::future::BoxFuture;
 
 use super::tokenize::{INPUT_IDS, LABELS};
 use super::{
-    check_model, require_column, require_text_column, runtime, Exec, MemoryEstimate, Sink,
-    SinkReport, StepError, StepResult,
+    at_most, check_model, require_column, require_text_column, runtime, Exec, MemoryEstimate, Sink,
+    SinkReport, StepError, StepResult, MAX_SEQUENCE_TOKENS,
 };
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -96,6 +96,13 @@ impl Train {
         if spec.eval_num_beams == 0 {
             return Err(StepError::at("eval_num_beams", "must be at least 1"));
         }
+        at_most("batch_size", spec.batch_size, 1 << 20)?;
+        at_most("eval_num_beams", spec.eval_num_beams, 256)?;
+        at_most(
+            "eval_max_new_tokens",
+            spec.eval_max_new_tokens,
+            MAX_SEQUENCE_TOKENS,
+        )?;
         if !(spec.learning_rate > 0.0 && spec.learning_rate.is_finite()) {
             return Err(StepError::at("learning_rate", "must be a positive number"));
         }
@@ -224,6 +231,13 @@ impl Train {
         let summary = runtime::join(&format!("{}: trainer", exec.step), worker).await?;
         exec.stats.report(|r| r.train = Some(summary.clone()));
         Ok(summary)
+    }
+}
+
+impl Train {
+    /// The model's vocabulary (its embedding rows): token ids must stay below it.
+    pub fn model_vocab(&self) -> usize {
+        self.cfg.vocab_size
     }
 }
 

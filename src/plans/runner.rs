@@ -68,6 +68,29 @@ fn order_error(plan: &Plan, i: usize, message: impl Into<String>) -> Error {
     located(plan, i, StepError::general(message.into()))
 }
 
+/// The tokenizer's vocabulary of the last `tokenize` step before a model step: (step, size).
+type TokenizerVocab = Option<(usize, usize)>;
+
+/// A model step fed ids from a larger tokenizer would index past its embedding on some rows: refuse
+/// the plan at the `tokenize` step instead of failing rows one by one.
+fn check_vocab(plan: &Plan, vocab: TokenizerVocab, model_vocab: usize) -> Result<()> {
+    match vocab {
+        Some((i, n)) if n > model_vocab => Err(located(
+            plan,
+            i,
+            StepError::at(
+                "tokenizer",
+                format!(
+                    "the tokenizer has {n} tokens but the model's vocabulary has {model_vocab} \
+                     (config.json vocab_size): ids from {model_vocab} on have no embedding; use \
+                     the model's own tokenizer"
+                ),
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The transforms between the source and the sink, built against `schema`. Shared by the main chain
 /// and by `train`'s evaluation rows, which flow through the same steps.
 async fn build_transforms(
@@ -76,8 +99,9 @@ async fn build_transforms(
     mut schema: SchemaRef,
     row_id: &str,
     ctx: &Context,
-) -> Result<(Transforms, SchemaRef)> {
+) -> Result<(Transforms, SchemaRef, TokenizerVocab)> {
     let mut out: Transforms = vec![];
+    let mut vocab: TokenizerVocab = None;
     for i in steps {
         let op: Box<dyn Operator> = match &plan.steps[i] {
             Step::Filter(s) => Box::new(
@@ -90,13 +114,16 @@ async fn build_transforms(
                 let tok = load_step_tokenizer(plan, s.tokenizer.as_deref(), ctx)
                     .await
                     .map_err(|e| located(plan, i, e))?;
+                vocab = Some((i, tok.get_vocab_size(true)));
                 Box::new(Tokenize::new(s, schema.clone(), &tok).map_err(|e| located(plan, i, e))?)
             }
-            Step::Generate(s) => Box::new(
-                Generate::new(s, schema.clone(), plan.model.as_ref(), row_id, ctx)
+            Step::Generate(s) => {
+                let g = Generate::new(s, schema.clone(), plan.model.as_ref(), row_id, ctx)
                     .await
-                    .map_err(|e| located(plan, i, e))?,
-            ),
+                    .map_err(|e| located(plan, i, e))?;
+                check_vocab(plan, vocab, g.model_vocab())?;
+                Box::new(g)
+            }
             Step::Evaluate(s) => {
                 Box::new(Evaluate::new(s, schema.clone()).map_err(|e| located(plan, i, e))?)
             }
@@ -118,7 +145,7 @@ async fn build_transforms(
         schema = op.schema();
         out.push((i, op));
     }
-    Ok((out, schema))
+    Ok((out, schema, vocab))
 }
 
 async fn load_step_tokenizer(
@@ -159,7 +186,7 @@ pub async fn build(plan: &Plan, ctx: &Context) -> Result<Pipeline> {
         .await
         .map_err(|e| located(plan, 0, e))?;
     let row_id = source.row_id_column().to_string();
-    let (transforms, schema) =
+    let (transforms, schema, vocab) =
         build_transforms(plan, 1..last, source.schema(), &row_id, ctx).await?;
     let sink: Box<dyn Sink> = match &plan.steps[last] {
         Step::Write(w) => {
@@ -198,6 +225,7 @@ pub async fn build(plan: &Plan, ctx: &Context) -> Result<Pipeline> {
             let train = Train::new(t, schema, train_ctx, ctx)
                 .await
                 .map_err(|e| located(plan, last, e))?;
+            check_vocab(plan, vocab, train.model_vocab())?;
             Box::new(train)
         }
         _ => unreachable!("checked above"),
@@ -228,7 +256,7 @@ async fn eval_rows(
             },
         )
     })?;
-    let (ops, schema) = build_transforms(plan, 1..last, source.schema(), row_id, ctx)
+    let (ops, schema, _) = build_transforms(plan, 1..last, source.schema(), row_id, ctx)
         .await
         .map_err(|err| match err {
             Error::Plan(mut p) => {

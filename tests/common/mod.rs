@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use conala::context::Context;
 use conala::hub::HubConfig;
+use conala::model::init::{config, write_random_model, Family, Size};
 use sha2::{Digest, Sha256};
 
 pub fn repo_root() -> PathBuf {
@@ -311,5 +312,44 @@ pub fn run_cli(args: &[&str], envs: &[(&str, &str)], cwd: &Path) -> (bool, Strin
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A tiny random model of `family` with the shipped tokenizer, in `dir`.
+pub fn tiny_model(dir: &Path, family: Family) -> PathBuf {
+    let vocab = conala::tokenizer::load(&tokenizer_path())
+        .unwrap()
+        .get_vocab_size(true);
+    tiny_model_with_vocab(dir, family, vocab)
+}
+
+/// A tiny random model whose vocabulary is `vocab` (the shipped tokenizer goes with it regardless).
+pub fn tiny_model_with_vocab(dir: &Path, family: Family, vocab: usize) -> PathBuf {
+    let out = dir.join(format!("model-{family:?}-{vocab}"));
+    write_random_model(
+        &config(family, Size::Tiny, vocab),
+        3,
+        &tokenizer_path(),
+        &out,
+    )
+    .unwrap();
+    out
+}
+
+/// A generate plan over the shipped test rows into `out`.
+pub fn gen_plan(model: &Path, out: &Path, generate: &str, extra_source: &str) -> String {
+    format!(
+        r#"name: gen
+model: {{ path: "{model}" }}
+steps:
+  - source: {{ uri: "{data}", config: curated, split: test{extra_source} }}
+  - format: {{ input: "{{intent}}\n{{snippet}}" }}
+  - tokenize: {{ input: input, max_input_tokens: 48 }}
+  - generate: {{ output: prediction, {generate} }}
+  - write: {{ path: "{out}", rows_per_file: 200 }}
+"#,
+        model = model.display(),
+        data = data_dir().display(),
+        out = out.display()
     )
 }

@@ -1,6 +1,7 @@
 //! `conala bench generate`: generated tokens/s on the shipped CoNaLa rows, against HF transformers
 //! `generate` and CTranslate2 on the same weights, inputs and work (the same number of new tokens).
 
+use crate::cli::output::out;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -269,15 +270,15 @@ pub fn anchor_runs(mut cmd: Command, python: &str) -> Vec<EngineRun> {
 /// The lines `conala bench generate` prints for a measurement.
 pub fn print(m: &Measurement) {
     let o = &m.ours;
-    println!("\n{}", m.model);
-    println!(
+    out!("\n{}", m.model);
+    out!(
         "  conala:          {:.0} rows, {:.0} tokens in {:.2}s = {:.1} tokens/s, {:.1} rows/s (whole plan: read, tokenize, generate, write)",
         o.rows, o.tokens, o.seconds, o.tokens_per_second(), o.rows_per_second()
     );
     for a in &m.anchors {
         match &a.skipped {
-            Some(why) => println!("  {:<16} skipped: {why}", a.engine),
-            None => println!(
+            Some(why) => out!("  {:<16} skipped: {why}", a.engine),
+            None => out!(
                 "  {:<16} {:.0} rows, {:.0} tokens in {:.2}s = {:.1} tokens/s; conala / {} = {:.2}x",
                 a.engine,
                 a.rows,
@@ -318,7 +319,7 @@ pub async fn run(args: &GenerateArgs, ctx: &Context) -> Result<()> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    println!(
+    out!(
         "machine: {threads} threads; {} on {}; greedy; {} new tokens per row{}",
         args.dtype,
         args.device,

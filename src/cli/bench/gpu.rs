@@ -12,6 +12,7 @@
 //! peak memory (GPU memory from nvidia-smi, or this process's RssAnon on the CPU) and the projected
 //! time for all of CoNaLa mined.
 
+use crate::cli::output::out;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -77,13 +78,13 @@ pub async fn run(args: &GpuArgs, ctx: &Context) -> Result<()> {
     let scratch = Scratch::new(&args.common.work_dir, "gpu")?;
     let device = args.device.resolve()?;
     let machine = machine(&device);
-    println!("{}", serde_json::to_string(&machine).unwrap_or_default());
+    out!("{}", serde_json::to_string(&machine).unwrap_or_default());
     let memory = PeakMemory::start(&device);
 
     let mut parity = vec![];
     for family in ["t5", "flan-t5", "ul2"] {
         let p = check_parity(family, &device)?;
-        println!(
+        out!(
             "parity {family}: device f32 logits within {:.2e} of the CPU's (scale {:.1}); greedy {}; bf16 greedy = HF f32 on {}/{} rows (HF bf16: {})",
             p.max_logit_diff, p.logit_scale,
             if p.greedy_identical { "identical" } else { "DIFFERENT" },
@@ -191,7 +192,7 @@ pub async fn run(args: &GpuArgs, ctx: &Context) -> Result<()> {
     });
     let text = serde_json::to_string_pretty(&results).map_err(|e| Error::json("results", e))?;
     std::fs::write(&args.out, text).map_err(|e| Error::io(args.out.display(), e))?;
-    println!(
+    out!(
         "all of CoNaLa mined at the natural-length rate ({natural_rows_per_second:.1} rows/s): {:.1} minutes; results in {}",
         MINED_ROWS / natural_rows_per_second / 60.0,
         args.out.display()

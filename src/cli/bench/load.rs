@@ -3,6 +3,7 @@
 //! as they are read, so an f32 checkpoint loaded as bf16 should cost little more than the bf16
 //! weights themselves.
 
+use crate::cli::output::out;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -74,14 +75,14 @@ pub async fn run(args: &LoadArgs, ctx: &Context) -> Result<()> {
         .filter(|(n, _)| !n.ends_with("embed_tokens.weight"))
         .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
         .sum();
-    println!(
+    out!(
         "{}: {:.0} MB of safetensors on disk, loaded as {:?} on {}",
         dir.display(),
         files as f64 / MB,
         loaded.model.dtype,
         args.device
     );
-    println!(
+    out!(
         "  weights in {:?}: {:.0} MB; RssAnon before {:.0} MB, peak {:.0} MB, after {:.0} MB",
         loaded.model.dtype,
         weights as f64 / MB,
@@ -89,7 +90,7 @@ pub async fn run(args: &LoadArgs, ctx: &Context) -> Result<()> {
         peak as f64 / MB,
         after as f64 / MB
     );
-    println!(
+    out!(
         "  peak over the weights: (peak - before) / weights = {:.2}x",
         (peak.saturating_sub(base)) as f64 / weights as f64
     );

@@ -3,6 +3,7 @@
 //! against what `conala validate` estimates for the same shape. Each measurement runs in a process of
 //! its own (`--one`), so memory an earlier one freed cannot hide this one's peak.
 
+use crate::cli::output::out;
 use std::process::Command;
 use std::time::Instant;
 
@@ -88,22 +89,28 @@ pub fn run(args: &MemoryArgs) -> Result<()> {
             )));
         }
         let m = measure_here(shape, args.checkpointing, args.steps)?;
-        println!(
+        out!(
             "{}",
             serde_json::to_string(&m).map_err(|e| Error::json("result", e))?
         );
         return Ok(());
     }
     let exe = std::env::current_exe().map_err(|e| Error::io("this program", e))?;
-    println!(
+    out!(
         "LoRA r=8 (q, v) training step, f32 on the CPU, random weights; memory over the loaded model:"
     );
-    println!(
+    out!(
         "live = the peak of allocated bytes (what the step needs), RssAnon = the process's anonymous memory"
     );
-    println!(
+    out!(
         "{:<28} {:>4} {:>10} {:>10} {:>10} {:>8} {:>8}",
-        "family:size:batch:in:out", "ckpt", "live", "RssAnon", "estimate", "est/live", "s/step"
+        "family:size:batch:in:out",
+        "ckpt",
+        "live",
+        "RssAnon",
+        "estimate",
+        "est/live",
+        "s/step"
     );
     let mut plain: Option<Measured> = None;
     for shape in &args.shapes {
@@ -142,7 +149,7 @@ pub fn run(args: &MemoryArgs) -> Result<()> {
                 ),
                 _ => String::new(),
             };
-            println!(
+            out!(
                 "{:<28} {:>4} {:>10} {:>10} {:>10} {:>8.2} {:>8.1}{saving}",
                 m.shape,
                 if ck { "on" } else { "off" },

@@ -1,5 +1,6 @@
 //! `conala bench prep`: load, filter, format and tokenize N rows, against HF `datasets` `map`.
 
+use crate::cli::output::out;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -53,7 +54,7 @@ pub async fn run(args: &PrepArgs, ctx: &Context) -> Result<()> {
     );
     let plan = plans::load_str(&make_input, "<bench input>", &[])?;
     plans::build(&plan, ctx).await?.run(ctx).await?;
-    println!("input: {} rows in {}", args.rows, input.display());
+    out!("input: {} rows in {}", args.rows, input.display());
 
     // 2. conala.
     let plan = plans::load_str(
@@ -67,7 +68,7 @@ pub async fn run(args: &PrepArgs, ctx: &Context) -> Result<()> {
     let read = summary.rows_per_step.first().map(|(_, n)| *n).unwrap_or(0);
     let written = summary.write.as_ref().map(|w| w.rows_written).unwrap_or(0);
     let our_rate = read as f64 / ours;
-    println!("conala:      {read} rows in {ours:.2}s = {our_rate:.0} rows/s ({written} rows out)");
+    out!("conala:      {read} rows in {ours:.2}s = {our_rate:.0} rows/s ({written} rows out)");
 
     // 3. HF datasets, same input and work.
     if args.common.no_python {
@@ -95,21 +96,21 @@ pub async fn run(args: &PrepArgs, ctx: &Context) -> Result<()> {
             );
             if secs > 0.0 {
                 let rate = rows / secs;
-                println!(
+                out!(
                     "HF datasets: {rows} rows in {secs:.2}s = {rate:.0} rows/s ({} rows out)",
                     v["rows_out"]
                 );
-                println!("ratio conala / HF datasets: {:.2}x", our_rate / rate);
+                out!("ratio conala / HF datasets: {:.2}x", our_rate / rate);
             } else {
-                println!("HF datasets anchor printed no timing: {text}");
+                out!("HF datasets anchor printed no timing: {text}");
             }
         }
-        Ok(o) => println!(
+        Ok(o) => out!(
             "HF datasets anchor skipped ({} failed: {})",
             script.display(),
             last_stderr_line(&o.stderr)
         ),
-        Err(e) => println!("HF datasets anchor skipped ({}: {e})", args.common.python),
+        Err(e) => out!("HF datasets anchor skipped ({}: {e})", args.common.python),
     }
     Ok(())
 }

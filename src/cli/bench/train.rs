@@ -1,6 +1,7 @@
 //! `conala bench train`: LoRA training samples/s against HF transformers + PEFT, same model, same
 //! batches in the same order.
 
+use crate::cli::output::out;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -47,23 +48,23 @@ pub struct TrainMeasurement {
 
 impl TrainMeasurement {
     pub fn print(&self) {
-        println!("{}", self.model);
+        out!("{}", self.model);
         let o = &self.ours;
-        println!(
+        out!(
             "  conala:          {:.0} samples in {:.2}s = {:.1} samples/s",
             o.tokens,
             o.seconds,
             o.tokens_per_second()
         );
         match &self.anchor {
-            Some(a) if a.skipped.is_none() => println!(
+            Some(a) if a.skipped.is_none() => out!(
                 "  hf+peft:         {:.0} samples in {:.2}s = {:.1} samples/s; conala / hf+peft = {:.2}x",
                 a.tokens,
                 a.seconds,
                 a.tokens_per_second(),
                 o.tokens_per_second() / a.tokens_per_second()
             ),
-            Some(a) => println!(
+            Some(a) => out!(
                 "  hf+peft skipped: {}",
                 a.skipped.as_deref().unwrap_or("")
             ),

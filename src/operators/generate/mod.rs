@@ -128,6 +128,13 @@ impl Generate {
     }
 }
 
+impl Generate {
+    /// The model's vocabulary (its embedding rows): token ids must stay below it.
+    pub fn model_vocab(&self) -> usize {
+        self.cfg.vocab_size
+    }
+}
+
 impl Operator for Generate {
     fn name(&self) -> &'static str {
         "generate"

@@ -2,8 +2,13 @@
 //! its key.
 
 use crate::model::decoding::DecodeOptions;
-use crate::operators::{StepError, StepResult};
+use crate::operators::{at_most, StepError, StepResult, MAX_SEQUENCE_TOKENS};
 use crate::plans::spec::{BatchTokens, GenerateSpec};
+
+const MAX_BEAMS: usize = 256;
+const MAX_BATCH_ROWS: usize = 1 << 16;
+const MAX_WINDOW_ROWS: usize = 1 << 22;
+const MAX_BATCH_TOKENS: usize = 1 << 26;
 
 /// Decoding settings from a plan step (sampling is on when asked for, or when a sampling parameter is
 /// given without `do_sample`).
@@ -13,6 +18,14 @@ pub fn decode_options(spec: &GenerateSpec) -> StepResult<DecodeOptions> {
     let do_sample = spec.do_sample.unwrap_or(sampling_params);
     if spec.max_new_tokens == 0 {
         return Err(StepError::at("max_new_tokens", "must be at least 1"));
+    }
+    // Caches are sized from these: an absurd value must fail here, not as a huge allocation later.
+    at_most("max_new_tokens", spec.max_new_tokens, MAX_SEQUENCE_TOKENS)?;
+    at_most("num_beams", spec.num_beams, MAX_BEAMS)?;
+    at_most("max_batch_rows", spec.max_batch_rows, MAX_BATCH_ROWS)?;
+    at_most("window_rows", spec.window_rows, MAX_WINDOW_ROWS)?;
+    if let BatchTokens::Fixed(n) = spec.batch_tokens {
+        at_most("batch_tokens", n, MAX_BATCH_TOKENS)?;
     }
     if spec.min_new_tokens > spec.max_new_tokens {
         return Err(StepError::at(

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::assemble::{assemble, Counters, Done};
 use super::batcher::{Batcher, Job};
-use crate::error::{from_stream_error, Error, Result};
+use crate::error::{from_stream_error, row_message, Error, Result};
 use crate::hub::Hub;
 use crate::model::decoding::{generate, DecodeOptions};
 use crate::model::device::free_memory;
@@ -263,7 +263,13 @@ fn work(
                 .map(|(r, s)| {
                     generate(model, &[r], &[*s], options)
                         .map(|mut v| v.remove(0))
-                        .map_err(|e| format!("generation failed: {e} (batch error: {batch_err})"))
+                        .map_err(|e| {
+                            format!(
+                                "generation failed: {} (batch error: {})",
+                                row_message(&e),
+                                row_message(&batch_err)
+                            )
+                        })
                 })
                 .collect(),
         };
