@@ -155,6 +155,13 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// A signal stopped the run; the message says what was kept and how to resume.
+    #[error("{message}")]
+    Interrupted {
+        signal: crate::interrupt::Signal,
+        message: String,
+    },
+
     /// A run stopped on purpose (for example a NaN loss) with an explanation.
     #[error("{0}")]
     Run(String),

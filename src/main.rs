@@ -11,6 +11,7 @@ fn main() {
     cli::memory::count_if_asked();
     cli::memory::keep_freed_memory();
     cli::logging::init_logging();
+    cli::signals::install();
     let args = cli::args::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -23,10 +24,15 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(cli::dispatch(args)) {
+        // A run stopped by a signal exits as the shell expects of that signal (130, 143).
+        let code = match e.downcast_ref::<conala::Error>() {
+            Some(conala::Error::Interrupted { signal, .. }) => signal.exit_code(),
+            _ => 1,
+        };
         eprintln!(
             "error: {}",
             conala::secrets::redact(&cli::logging::error_chain(&e))
         );
-        std::process::exit(1);
+        std::process::exit(code);
     }
 }

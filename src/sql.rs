@@ -12,6 +12,7 @@ use datafusion::prelude::ParquetReadOptions;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::output::state::OutputState;
 use crate::plans::spec::{Plan, Step};
 use crate::storage::resolve;
 
@@ -38,27 +39,49 @@ impl std::str::FromStr for OutputFormat {
     }
 }
 
-/// Register the parquet files at `uri` (a folder, a file, or an object-store URL) as table `name`.
+/// Register the parquet files at `uri` (a folder, a file, or an object-store URL) as table `name`. A
+/// conala output folder is read through its manifests: only committed parts, with a warning when the
+/// output is incomplete; any other folder is all of its `*.parquet` files.
 pub async fn register_table(ctx: &Context, name: &str, uri: &str) -> Result<()> {
     let loc = resolve(&ctx.session, uri)?;
-    let files = loc.files().await?;
     let single = loc.head().await?.is_some();
-    if !files
-        .iter()
-        .any(|f| f.location.as_ref().ends_with(".parquet"))
-    {
+    let state = match single {
+        true => None,
+        false => OutputState::read(&loc).await?,
+    };
+    let urls: Vec<String> = match state {
+        _ if single => vec![loc.url()],
+        Some(state) => {
+            let parts = state.committed_parts();
+            if let Some(open) = state.incomplete(uri)? {
+                log::warn!(
+                    "{uri}: the output is incomplete ({open}); reading the {} parts committed so far",
+                    parts.len()
+                );
+            }
+            parts.iter().map(|p| loc.child(p).url()).collect()
+        }
+        None => {
+            let files = loc.files().await?;
+            if !files
+                .iter()
+                .any(|f| f.location.as_ref().ends_with(".parquet"))
+            {
+                return Err(Error::Data(format!(
+                    "table `{name}`: no parquet files at {uri}"
+                )));
+            }
+            vec![format!("{}/", loc.url().trim_end_matches('/'))]
+        }
+    };
+    if urls.is_empty() {
         return Err(Error::Data(format!(
-            "table `{name}`: no parquet files at {uri}"
+            "table `{name}`: the output at {uri} has no committed parts yet"
         )));
     }
-    let url = if single {
-        loc.url()
-    } else {
-        format!("{}/", loc.url().trim_end_matches('/'))
-    };
     let df = ctx
         .session
-        .read_parquet(url, ParquetReadOptions::default())
+        .read_parquet(urls, ParquetReadOptions::default())
         .await
         .map_err(|e| Error::datafusion(format!("table `{name}` ({uri})"), e))?;
     let view = df.into_view();

@@ -8,11 +8,12 @@
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use url::Url;
 
 use crate::error::{Error, Result};
@@ -91,6 +92,26 @@ impl Location {
         Ok(all)
     }
 
+    /// Store `bytes` as this object, whole or not at all: one `put`, or for a large object on a
+    /// remote store a multipart upload (which the store makes visible only when it completes, and
+    /// which is aborted on failure).
+    pub async fn put_whole(&self, bytes: Vec<u8>) -> Result<()> {
+        let fail = |e| Error::object_store(&self.display, e);
+        let chunk = multipart_chunk_bytes();
+        if self.is_local() || bytes.len() <= chunk {
+            self.store
+                .put(&self.path, PutPayload::from(Bytes::from(bytes)))
+                .await
+                .map_err(fail)?;
+            return Ok(());
+        }
+        let upload = self.store.put_multipart(&self.path).await.map_err(fail)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, chunk);
+        writer.write(&bytes);
+        writer.finish().await.map_err(fail)?;
+        Ok(())
+    }
+
     /// This object if it exists, else the objects under it.
     pub async fn files(&self) -> Result<Vec<ObjectMeta>> {
         match self.head().await? {
@@ -98,6 +119,16 @@ impl Location {
             None => self.list().await,
         }
     }
+}
+
+/// Objects larger than this go up in parts of this size (`CONALA_MULTIPART_CHUNK_BYTES`; S3 needs at
+/// least 5 MiB except for the last part).
+fn multipart_chunk_bytes() -> usize {
+    std::env::var("CONALA_MULTIPART_CHUNK_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n >= 1024)
+        .unwrap_or(16 << 20)
 }
 
 /// Resolve a local path or URL into a [`Location`], registering the store in `ctx` if needed.

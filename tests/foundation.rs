@@ -969,7 +969,18 @@ fn deploy_examples_match_the_cli() {
         .filter_map(|v| v.as_str())
         .collect();
     let sbatch = std::fs::read_to_string(root.join("deploy/slurm/conala-mined.sbatch")).unwrap();
-    assert!(sbatch.contains("run pipelines/conala-mined.yaml"));
+    assert!(
+        sbatch.contains(r#"PLAN="${PLAN:-pipelines/conala-mined.yaml}""#)
+            && sbatch.contains(r#"run "$PLAN""#),
+        "{sbatch}"
+    );
+    // A variable's default as the script writes it: `NAME="${NAME:-default}"`.
+    let default_of = |name: &str| {
+        sbatch.lines().find_map(|l| {
+            l.strip_prefix(&format!("{name}=\"${{{name}:-"))
+                .and_then(|rest| rest.split_once("}\"").map(|(d, _)| d.to_string()))
+        })
+    };
     // The overrides as the examples write them; a shell variable stands for any path.
     let mut sets: Vec<String> = args
         .iter()
@@ -987,7 +998,12 @@ fn deploy_examples_match_the_cli() {
             })
             .map(|a| {
                 let (k, v) = a.split_once('=').unwrap();
-                let v = if v.starts_with("\"$") { "x" } else { v };
+                let v = match v.strip_prefix("\"$") {
+                    Some(var) => {
+                        default_of(var.trim_end_matches('"')).unwrap_or_else(|| "x".into())
+                    }
+                    None => v.to_string(),
+                };
                 format!("{k}={v}")
             }),
     );

@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use conala::model::init::Family;
@@ -288,8 +288,8 @@ fn killed_run_resumes_without_loss_or_duplicates() {
 }
 
 /// A panic in background work — the model worker at the input's last batch, or the source's reader
-/// after its first batch — fails the run with a message naming the step, leaves no manifest (nothing
-/// is marked complete), and a rerun resumes to exactly the output of a run that never failed.
+/// after its first batch — fails the run with a message naming the step, leaves the output marked
+/// incomplete (no `_SUCCESS`), and a rerun resumes to exactly the output of a run that never failed.
 #[test]
 fn a_panic_in_background_work_fails_the_run_and_the_rerun_completes_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -333,12 +333,20 @@ fn a_panic_in_background_work_fails_the_run_and_the_rerun_completes_it() {
         );
         assert!(!ok, "{point}: the run must fail");
         assert!(stderr.contains(stage), "{point}: {stderr}");
-        assert!(
-            !out.join("_manifest.json").exists(),
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("_manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            manifest["complete"], false,
             "{point}: a failed run was marked complete"
         );
+        assert!(!out.join("_SUCCESS").exists(), "{point}");
         let (ok, _, stderr) = run_cli(&["run", plan.to_str().unwrap()], &[], &repo_root());
         assert!(ok, "{point}: {stderr}");
+        assert!(
+            out.join("_SUCCESS").exists(),
+            "{point}: committed at the end"
+        );
         let got = rt.block_on(outputs(&ctx, &point.replace('-', "_"), &out));
         assert_eq!(
             got, want,

@@ -23,6 +23,9 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Run SQL over parquet outputs.
     Sql(SqlArgs),
+    /// Is an output complete? Its shards (complete, incomplete, missing) with row counts, and whether
+    /// it is committed (`_SUCCESS`). Exits 0 only when complete.
+    Status(StatusArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
@@ -91,6 +94,12 @@ pub struct RunArgs {
     /// Continue training from the last checkpoint in the train output folder.
     #[arg(long)]
     pub resume: bool,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The output folder or URL (a plan's `write.path`).
+    pub output: String,
 }
 
 #[derive(Args)]

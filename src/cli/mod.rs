@@ -8,6 +8,8 @@ pub mod memory;
 pub mod output;
 mod report;
 mod run;
+pub mod signals;
+mod status;
 mod tools;
 
 use anyhow::Result;
@@ -21,6 +23,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Run(a) => run::run(a).await,
         Command::Validate(a) => run::validate(a).await,
         Command::Sql(a) => tools::sql(a).await,
+        Command::Status(a) => status::status(a).await,
         Command::Tokenizer(TokenizerCommand::Train(a)) => tools::tokenizer_train(a).await,
         Command::Model(ModelCommand::Init(a)) => tools::model_init(a).await,
         Command::Merge(a) => tools::merge(a).await,

@@ -1,23 +1,22 @@
-//! `write`: parquet part files plus `_manifest.json`, to a local folder or an object store.
+//! `write`: parquet part files plus a manifest, to a local folder or an object store.
 //!
 //! Every part is written whole or not at all: it is encoded in memory and stored with one `put`, which
-//! object stores make atomic and the local store implements as write-to-temporary-name then rename. So
-//! a reader (or a resumed run) never sees half a part.
+//! object stores make atomic and the local store implements as write-to-temporary-name then rename. A
+//! part is committed when the manifest that lists it is stored; readers and resumed runs see only
+//! committed parts, so a run killed between the two leaves a stray that the next run removes.
 //!
-//! Modes: `overwrite` replaces earlier output once this run has succeeded (on failure this run's parts
-//! are removed and the old output stays); `resume` keeps earlier parts and the runner skips their row
-//! ids; `error` refuses a folder that already holds output; `auto` is `resume` for plans that generate
-//! (expensive work is never thrown away) and `overwrite` otherwise.
-
-// `ParquetObjectReader` is deprecated in parquet 59 (in favour of hand-written `AsyncFileReader`s) but
-// reads object stores correctly; it is what DataFusion 55's own scans use.
-#![allow(deprecated)]
+//! Modes: `overwrite` commits this run's parts in place of the earlier ones once it has succeeded (on
+//! failure this run's parts are removed and the old output stays, for readers too); `resume` keeps the
+//! committed parts, the runner skips their row ids, and each new part is committed as it is stored;
+//! `error` refuses a folder that already holds output; `auto` is `resume` for plans that generate
+//! (expensive work is never thrown away) and `overwrite` otherwise. A run holds the folder's (shard's)
+//! lease while it writes, so two runs never write one output at once.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use datafusion::arrow::array::{RecordBatch, UInt64Array};
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::SendableRecordBatchStream;
@@ -32,13 +31,34 @@ use tokio::task::JoinHandle;
 use super::{require_column, runtime, Exec, Sink, SinkReport, StepError, StepResult};
 use crate::context::Shard;
 use crate::error::{from_stream_error, Error, Result};
-use crate::manifest::{now_rfc3339, versions, Manifest, PartInfo};
+use crate::output::fingerprint::plan_difference;
+use crate::output::lease::Lease;
+use crate::output::manifest::{now_rfc3339, versions, Manifest, PartInfo};
+use crate::output::parts::{read_row_ids, store_part};
+use crate::output::state::{commit_if_complete, manifest_name, uncommit, OutputState, SUCCESS};
 use crate::plans::spec::{Compression as CompressionSetting, WriteMode, WriteSpec};
 use crate::reports::RunStats;
 use crate::row_ids::RowIdSet;
 use crate::storage::{resolve, Location};
 
 pub const MANIFEST: &str = "_manifest.json";
+
+/// What `prepare` found and holds for the run: the lease, and the parts earlier runs left.
+struct Prepared {
+    lease: Lease,
+    /// Parts earlier runs committed that this run keeps (resume).
+    kept: Vec<PartInfo>,
+    /// Parts this run replaces once it succeeds (overwrite).
+    replaced: Vec<String>,
+}
+
+/// This run, for its manifests.
+struct RunRecord<'a> {
+    started: Instant,
+    started_at: String,
+    stats: &'a RunStats,
+    kept: &'a [PartInfo],
+}
 
 /// What `write` does with earlier output, `auto` resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +87,7 @@ pub struct Write {
     shard: Option<Shard>,
     run_id: String,
     provenance: Provenance,
+    prepared: std::sync::Mutex<Option<Prepared>>,
 }
 
 /// What a finished write produced.
@@ -156,13 +177,15 @@ impl Write {
             shard,
             run_id,
             provenance,
+            prepared: std::sync::Mutex::new(None),
         })
     }
 
-    fn manifest_name(&self) -> String {
+    /// The output (and shard) in messages.
+    fn what(&self) -> String {
         match self.shard {
-            Some(s) => format!("_manifest-{}.json", s.label()),
-            None => MANIFEST.to_string(),
+            Some(s) => format!("{} (shard {}/{})", self.spec.path, s.index, s.count),
+            None => self.spec.path.clone(),
         }
     }
 
@@ -173,10 +196,20 @@ impl Write {
         }
     }
 
-    /// Part files already in the folder (all of them, or this shard's when sharded).
-    async fn existing_parts(&self) -> Result<Vec<(String, u64)>> {
+    /// The output's columns as the manifest records them.
+    fn columns(&self) -> Vec<String> {
+        self.schema
+            .fields()
+            .iter()
+            .map(|f| format!("{}: {}", f.name(), f.data_type()))
+            .collect()
+    }
+
+    /// Part files in the folder that belong to this output (or shard), committed or not.
+    async fn existing_parts(&self) -> Result<Vec<String>> {
         let prefix = self.part_prefix();
         let base = self.loc.path.as_ref().to_string();
+        let sharded = self.shard.is_some();
         Ok(self
             .loc
             .list()
@@ -189,59 +222,275 @@ impl Write {
                     .strip_prefix(&base)?
                     .trim_start_matches('/')
                     .to_string();
-                (!rel.contains('/') && rel.starts_with(&prefix) && rel.ends_with(".parquet"))
-                    .then_some((rel, m.size))
+                // Unsharded part names go on with the run id's date; shards' with `s`.
+                let ours = rel
+                    .strip_prefix(&prefix)
+                    .is_some_and(|rest| sharded || rest.starts_with(|c: char| c.is_ascii_digit()));
+                (!rel.contains('/') && ours && rel.ends_with(".parquet")).then_some(rel)
             })
             .collect())
     }
 
-    /// Check the folder before any work: `error` mode refuses existing output; `resume` collects the row
-    /// ids already written (to be skipped by the source).
-    async fn check_folder(&self) -> Result<Option<Arc<RowIdSet>>> {
-        let existing = self.existing_parts().await?;
-        match self.mode {
-            Mode::Error if !existing.is_empty() => Err(Error::Data(format!(
-                "{}: already holds {} part files; use `mode: overwrite` or `mode: resume`",
-                self.spec.path,
-                existing.len()
-            ))),
-            Mode::Resume if !existing.is_empty() => {
-                let mut set = RowIdSet::new();
-                for (name, _) in &existing {
-                    for id in read_row_ids(&self.loc.child(name), &self.row_id).await? {
-                        set.insert(id);
-                    }
-                }
-                Ok(Some(Arc::new(set)))
+    /// Take the lease and look at the folder before any work: `error` mode refuses existing output;
+    /// `resume` checks that the folder holds this plan's output and collects the row ids already
+    /// committed (to be skipped by the source); `overwrite` notes the parts it will replace.
+    async fn check_folder(&self) -> Result<(Prepared, Option<Arc<RowIdSet>>)> {
+        let lease_name = match self.shard {
+            Some(s) => format!("_lease-{}.json", s.label()),
+            None => "_lease.json".to_string(),
+        };
+        let lease = Lease::acquire(self.loc.child(&lease_name), &self.run_id, &self.what()).await?;
+        match self.inspect_folder().await {
+            Ok((kept, replaced, done)) => Ok((
+                Prepared {
+                    lease,
+                    kept,
+                    replaced,
+                },
+                done,
+            )),
+            Err(e) => {
+                lease.release().await;
+                Err(e)
             }
-            _ => Ok(None),
         }
     }
 
-    /// Consume the stream, writing parts as they fill, then the manifest.
+    async fn inspect_folder(&self) -> Result<(Vec<PartInfo>, Vec<String>, Option<Arc<RowIdSet>>)> {
+        let path = &self.spec.path;
+        let existing = self.existing_parts().await?;
+        let mut mine = None;
+        if let Some(state) = OutputState::read(&self.loc).await? {
+            let count = state.shard_count(path)?;
+            let ours = self.shard.map(|s| s.count);
+            if count != ours {
+                let layout = |c: Option<u64>| match c {
+                    Some(n) => format!("as {n} shards"),
+                    None => "without shards".to_string(),
+                };
+                return Err(Error::Data(format!(
+                    "{path}: holds an output written {}, and this run writes {}: their rows would \
+                     overlap; use the same shard count, or another folder",
+                    layout(count),
+                    layout(ours)
+                )));
+            }
+            let name = manifest_name(self.shard);
+            mine = state.manifests.into_iter().find(|(n, _)| *n == name);
+        }
+        match self.mode {
+            Mode::Error if mine.is_some() || !existing.is_empty() => Err(Error::Data(format!(
+                "{}: already holds output ({} part files); use `mode: overwrite` or `mode: resume`",
+                self.what(),
+                existing.len()
+            ))),
+            Mode::Resume => {
+                let Some((_, manifest)) = mine else {
+                    if existing.is_empty() {
+                        return Ok((vec![], vec![], None));
+                    }
+                    return Err(Error::Data(format!(
+                        "{}: holds {} part files that no manifest commits (another tool's, or an \
+                         older conala's); move them away, or use `mode: overwrite`",
+                        self.what(),
+                        existing.len()
+                    )));
+                };
+                self.check_same_plan(&manifest)?;
+                let (kept, gone): (Vec<PartInfo>, Vec<PartInfo>) = manifest
+                    .parts
+                    .into_iter()
+                    .partition(|p| existing.contains(&p.file));
+                for p in &gone {
+                    log::warn!(
+                        "{}: committed part {} is gone; its {} rows are made again",
+                        self.what(),
+                        p.file,
+                        p.rows
+                    );
+                }
+                let strays: Vec<&String> = existing
+                    .iter()
+                    .filter(|f| !kept.iter().any(|p| &p.file == *f))
+                    .collect();
+                if !strays.is_empty() {
+                    log::info!(
+                        "{}: removing {} part files of an interrupted run that no manifest committed",
+                        self.what(),
+                        strays.len()
+                    );
+                }
+                for f in strays {
+                    self.delete(f).await?;
+                }
+                let mut set = RowIdSet::new();
+                for p in &kept {
+                    for id in read_row_ids(&self.loc.child(&p.file), &self.row_id).await? {
+                        set.insert(id);
+                    }
+                }
+                let done = (!kept.is_empty()).then(|| Arc::new(set));
+                Ok((kept, vec![], done))
+            }
+            _ => Ok((vec![], existing, None)),
+        }
+    }
+
+    /// Resuming adds rows to the folder's: they must be this plan's rows.
+    fn check_same_plan(&self, manifest: &Manifest) -> Result<()> {
+        let refuse = |difference: String| {
+            Err(Error::Data(format!(
+                "{}: refusing to resume: the output there was written by plan `{}`, which differs \
+                 from this one ({difference}); use another folder, or `mode: overwrite` to replace it",
+                self.what(),
+                manifest.plan_name
+            )))
+        };
+        if let Some(d) = plan_difference(&manifest.plan, &self.provenance.plan) {
+            return refuse(d);
+        }
+        let columns = self.columns();
+        if !manifest.columns.is_empty() && manifest.columns != columns {
+            return refuse(format!(
+                "columns [{}] -> [{}]",
+                manifest.columns.join(", "),
+                columns.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, name: &str) -> Result<()> {
+        let part = self.loc.child(name);
+        match part.store.delete(&part.path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::object_store(
+                format!("{}: removing {name}", self.what()),
+                e,
+            )),
+        }
+    }
+
+    /// Store the manifest listing `parts`: this commits them.
+    async fn commit(&self, parts: &[PartInfo], complete: bool, run: &RunRecord<'_>) -> Result<()> {
+        let kept: u64 = run.kept.iter().map(|p| p.rows).sum();
+        let manifest = Manifest {
+            plan_name: self.provenance.plan_name.clone(),
+            plan: self.provenance.plan.clone(),
+            versions: versions(),
+            started_at: run.started_at.clone(),
+            finished_at: now_rfc3339(),
+            seconds: run.started.elapsed().as_secs_f64(),
+            shard: self.shard.map(|s| format!("{}/{}", s.index, s.count)),
+            complete,
+            run_id: self.run_id.clone(),
+            columns: self.columns(),
+            rows_per_step: run.stats.rows(),
+            rows_written: parts.iter().map(|p| p.rows).sum(),
+            rows_resumed: kept,
+            parts: parts.to_vec(),
+            extra: run.stats.reports(),
+        };
+        let json =
+            serde_json::to_string_pretty(&manifest).map_err(|e| Error::json("manifest", e))?;
+        let json = crate::secrets::redact(&json);
+        let mpath = self.loc.child(&manifest_name(self.shard));
+        mpath
+            .store
+            .put(&mpath.path, PutPayload::from(Bytes::from(json)))
+            .await
+            .map_err(|e| Error::object_store(&mpath.display, e))?;
+        Ok(())
+    }
+
+    /// A signal stopped the input early: resuming, the parts are committed and the output stays
+    /// incomplete; otherwise this run's parts go and the earlier output stays as it was.
+    async fn interrupted(&self, signal: crate::interrupt::Signal, written: &[PartInfo]) -> Error {
+        let rows: u64 = written.iter().map(|p| p.rows).sum();
+        let message = if self.mode == Mode::Resume {
+            format!(
+                "{}: stopped by {}: the {rows} rows this run wrote are committed and the output is \
+                 marked incomplete; run the same command again to resume where it stopped",
+                self.what(),
+                signal.name()
+            )
+        } else {
+            for p in written {
+                if let Err(e) = self.delete(&p.file).await {
+                    log::warn!("write: could not remove the partial part: {e}");
+                }
+            }
+            format!(
+                "{}: stopped by {} before this `mode: overwrite` run finished: nothing of it is kept \
+                 and the earlier output is unchanged; run the same command again to redo it",
+                self.what(),
+                signal.name()
+            )
+        };
+        Error::Interrupted { signal, message }
+    }
+
+    /// Consume the stream, writing parts as they fill, and commit them.
     pub async fn write(
         &self,
         mut input: SendableRecordBatchStream,
         stats: &RunStats,
     ) -> Result<WriteSummary> {
-        let started = Instant::now();
-        let started_at = now_rfc3339();
-        let before = self.existing_parts().await?;
+        let taken = self.prepared.lock().ok().and_then(|mut p| p.take());
+        let prepared = match taken {
+            Some(p) => p,
+            None => self.check_folder().await?.0,
+        };
+        let run = RunRecord {
+            started: Instant::now(),
+            started_at: now_rfc3339(),
+            stats,
+            kept: &prepared.kept,
+        };
+        let result = self.write_and_commit(&mut input, &prepared, &run).await;
+        let what = self.what();
+        prepared.lease.release().await;
+        let written = result?;
+        if commit_if_complete(&self.loc, &self.run_id).await? {
+            log::info!("{what}: every shard is complete; committed the output ({SUCCESS})");
+        }
+        let mut parts = prepared.kept.clone();
+        parts.extend(written.iter().cloned());
+        parts.sort_by(|a, b| a.file.cmp(&b.file));
+        Ok(WriteSummary {
+            location: self.spec.path.clone(),
+            rows_written: written.iter().map(|p| p.rows).sum(),
+            rows_resumed: prepared.kept.iter().map(|p| p.rows).sum(),
+            parts,
+            seconds: run.started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Write the parts and commit them; on failure, what was committed stays (resume) or this run's
+    /// parts are removed (the other modes).
+    async fn write_and_commit(
+        &self,
+        input: &mut SendableRecordBatchStream,
+        prepared: &Prepared,
+        run: &RunRecord<'_>,
+    ) -> Result<Vec<PartInfo>> {
+        let resume = self.mode == Mode::Resume;
+        if resume {
+            // The output is about to change: no longer committed until it completes again.
+            uncommit(&self.loc).await?;
+            self.commit(&prepared.kept, false, run).await?;
+        }
         let mut written: Vec<PartInfo> = vec![];
-        let result = self.write_parts(&mut input, &mut written).await;
+        let result = self.write_parts(input, &mut written, resume, run).await;
         if let Err(e) = result {
-            if self.mode != Mode::Resume {
+            if !resume {
                 // Leave no partial output: remove what this run wrote.
                 for p in &written {
-                    let part = self.loc.child(&p.file);
-                    if let Err(e) = part.store.delete(&part.path).await {
-                        log::warn!(
-                            "write: could not remove the partial part {}: {e}",
-                            part.display
-                        );
+                    if let Err(e) = self.delete(&p.file).await {
+                        log::warn!("write: could not remove the partial part: {e}");
                     }
                 }
-                written.clear();
+                return Err(e);
             }
             if written.is_empty() {
                 return Err(e);
@@ -251,73 +500,44 @@ impl Write {
                 source: Box::new(e),
             });
         }
-        let mut parts = written.clone();
-        let mut rows_resumed = 0;
-        if self.mode == Mode::Overwrite {
-            // A rerun within the same second can reuse a part name: never delete what this run just wrote.
-            for (name, _) in before
-                .iter()
-                .filter(|(n, _)| !written.iter().any(|p| &p.file == n))
-            {
-                self.loc
-                    .store
-                    .delete(&self.loc.child(name).path)
-                    .await
-                    .map_err(|e| {
-                        Error::object_store(
-                            format!("{}: removing old part {name}", self.spec.path),
-                            e,
-                        )
-                    })?;
-            }
-        } else {
-            for (name, _) in &before {
-                let rows = count_rows(&self.loc.child(name)).await?;
-                rows_resumed += rows;
-                parts.push(PartInfo {
-                    file: name.clone(),
-                    rows,
-                });
-            }
-            parts.sort_by(|a, b| a.file.cmp(&b.file));
+        if let Some(signal) = crate::interrupt::requested() {
+            return Err(self.interrupted(signal, &written).await);
         }
-        let rows_written: u64 = written.iter().map(|p| p.rows).sum();
-        let seconds = started.elapsed().as_secs_f64();
-        let manifest = Manifest {
-            plan_name: self.provenance.plan_name.clone(),
-            plan: self.provenance.plan.clone(),
-            versions: versions(),
-            started_at,
-            finished_at: now_rfc3339(),
-            seconds,
-            shard: self.shard.map(|s| format!("{}/{}", s.index, s.count)),
-            rows_per_step: stats.rows(),
-            rows_written: rows_written + rows_resumed,
-            rows_resumed,
-            parts: parts.clone(),
-            extra: stats.reports(),
-        };
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::json("manifest", e))?;
-        let mpath = self.loc.child(&self.manifest_name());
-        mpath
-            .store
-            .put(&mpath.path, PutPayload::from(Bytes::from(json)))
-            .await
-            .map_err(|e| Error::object_store(&mpath.display, e))?;
-        Ok(WriteSummary {
-            location: self.spec.path.clone(),
-            rows_written,
-            rows_resumed,
-            parts,
-            seconds,
-        })
+        let mut parts = prepared.kept.clone();
+        parts.extend(written.iter().cloned());
+        parts.sort_by(|a, b| a.file.cmp(&b.file));
+        self.commit(&parts, true, run).await?;
+        // Readers now see the new parts only; the replaced ones can go.
+        for name in prepared
+            .replaced
+            .iter()
+            .filter(|n| !written.iter().any(|p| &p.file == *n))
+        {
+            self.delete(name).await?;
+        }
+        Ok(written)
     }
 
     async fn write_parts(
         &self,
         input: &mut SendableRecordBatchStream,
         written: &mut Vec<PartInfo>,
+        commit_each: bool,
+        run: &RunRecord<'_>,
     ) -> Result<()> {
+        // Resuming: each part is committed as soon as it is stored, so a kill loses at most the parts
+        // in flight.
+        let stored = |written: &mut Vec<PartInfo>, part: PartInfo| {
+            written.push(part);
+            let mut parts = run.kept.to_vec();
+            parts.extend(written.iter().cloned());
+            async move {
+                if commit_each {
+                    self.commit(&parts, false, run).await?;
+                }
+                Ok::<(), Error>(())
+            }
+        };
         let mut buffer: Vec<RecordBatch> = vec![];
         let mut buffered = 0usize;
         let mut seq = 0usize;
@@ -343,11 +563,12 @@ impl Write {
                 buffer = if buffered > 0 { vec![rest] } else { vec![] };
                 // One part encodes while the next fills.
                 if let Some(h) = in_flight.take() {
-                    written.push(runtime::join("write: part encoder", h).await?);
+                    let part = runtime::join("write: part encoder", h).await?;
+                    stored(written, part).await?;
                 }
                 let name = format!("{}{}-{seq:05}.parquet", self.part_prefix(), self.run_id);
                 seq += 1;
-                in_flight = Some(tokio::spawn(write_part(
+                in_flight = Some(tokio::spawn(store_part(
                     self.loc.child(&name),
                     name,
                     part,
@@ -359,7 +580,8 @@ impl Write {
             }
         }
         if let Some(h) = in_flight.take() {
-            written.push(runtime::join("write: part encoder", h).await?);
+            let part = runtime::join("write: part encoder", h).await?;
+            stored(written, part).await?;
         }
         Ok(())
     }
@@ -383,7 +605,10 @@ impl Sink for Write {
 
     fn prepare(&self) -> BoxFuture<'_, Result<Option<Arc<RowIdSet>>>> {
         Box::pin(async move {
-            let done = self.check_folder().await?;
+            let (prepared, done) = self.check_folder().await?;
+            if let Ok(mut slot) = self.prepared.lock() {
+                *slot = Some(prepared);
+            }
             if let Some(d) = &done {
                 log::info!("resuming: {} rows already in {}", d.len(), self.loc.display);
             }
@@ -398,93 +623,4 @@ impl Sink for Write {
     ) -> BoxFuture<'a, Result<SinkReport>> {
         Box::pin(async move { Ok(SinkReport::Write(self.write(input, &exec.stats).await?)) })
     }
-}
-
-async fn write_part(
-    loc: Location,
-    name: String,
-    batch: RecordBatch,
-    props: WriterProperties,
-) -> Result<PartInfo> {
-    let rows = batch.num_rows() as u64;
-    let display = loc.display.clone();
-    let encoder = runtime::spawn_worker(move || -> Result<Vec<u8>> {
-        let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
-        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
-            .map_err(|e| Error::parquet(&display, e))?;
-        w.write(&batch).map_err(|e| Error::parquet(&display, e))?;
-        w.close().map_err(|e| Error::parquet(&display, e))?;
-        Ok(buf)
-    });
-    let bytes = runtime::join("write: parquet encoder", encoder).await?;
-    loc.store
-        .put(&loc.path, PutPayload::from(Bytes::from(bytes)))
-        .await
-        .map_err(|e| Error::object_store(&loc.display, e))?;
-    Ok(PartInfo { file: name, rows })
-}
-
-async fn read_parquet_column(loc: &Location, column: Option<&str>) -> Result<Vec<RecordBatch>> {
-    use datafusion::parquet::arrow::async_reader::{
-        ParquetObjectReader, ParquetRecordBatchStreamBuilder,
-    };
-    use datafusion::parquet::arrow::ProjectionMask;
-    let size = loc
-        .store
-        .head(&loc.path)
-        .await
-        .map_err(|e| Error::object_store(&loc.display, e))?
-        .size;
-    let reader = ParquetObjectReader::new(loc.store.clone(), loc.path.clone()).with_file_size(size);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader)
-        .await
-        .map_err(|e| Error::parquet(format!("{}: not a readable parquet file", loc.display), e))?;
-    let parquet_schema = builder.parquet_schema().clone();
-    let builder = match column {
-        Some(c) => {
-            let i = builder.schema().index_of(c).map_err(|_| {
-                Error::Data(format!(
-                    "{}: has no column `{c}`; it was not written by this plan",
-                    loc.display
-                ))
-            })?;
-            builder.with_projection(ProjectionMask::roots(&parquet_schema, [i]))
-        }
-        None => builder.with_projection(ProjectionMask::roots(&parquet_schema, [])),
-    };
-    let stream = builder
-        .build()
-        .map_err(|e| Error::parquet(&loc.display, e))?;
-    stream
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::parquet(&loc.display, e))
-}
-
-async fn read_row_ids(loc: &Location, row_id: &str) -> Result<Vec<u64>> {
-    let mut out = vec![];
-    for b in read_parquet_column(loc, Some(row_id)).await? {
-        let ids = b
-            .column(0)
-            .as_any()
-            .downcast_ref::<UInt64Array>()
-            .ok_or_else(|| {
-                Error::Data(format!(
-                    "{}: `{row_id}` is not a uint64 row id column",
-                    loc.display
-                ))
-            })?;
-        out.extend(ids.values().iter().copied());
-    }
-    Ok(out)
-}
-
-async fn count_rows(loc: &Location) -> Result<u64> {
-    Ok(read_parquet_column(loc, None)
-        .await?
-        .iter()
-        .map(|b| b.num_rows() as u64)
-        .sum())
 }

@@ -51,6 +51,15 @@ pub struct RunSummary {
     pub seconds: f64,
 }
 
+/// The source's rows until a signal asks the run to stop: then the stream ends, the steps finish
+/// the rows in flight and the sink writes them (and reports the stop).
+fn stop_on_signal(stream: SendableRecordBatchStream) -> SendableRecordBatchStream {
+    let schema = stream.schema();
+    let until =
+        stream.take_while(|_| futures::future::ready(crate::interrupt::requested().is_none()));
+    Box::pin(RecordBatchStreamAdapter::new(schema, until))
+}
+
 fn located(plan: &Plan, i: usize, e: StepError) -> Error {
     PlanError {
         at: PlanLocation {
@@ -366,7 +375,7 @@ impl Pipeline {
             step: String::new(),
         };
         let stream = counted(
-            self.source.execute(&exec.for_step(0, "source")),
+            stop_on_signal(self.source.execute(&exec.for_step(0, "source"))),
             &exec.stats,
             "1:source",
         );

@@ -293,8 +293,12 @@ impl<'a> Trainer<'a> {
             Some(spec.max_steps),
             move || (sc.load(Ordering::Relaxed), None),
         );
+        let first_step = self.state.step;
         let result = (|| -> Result<()> {
             while self.state.step < spec.max_steps {
+                if let Some(signal) = crate::interrupt::requested() {
+                    return Err(self.interrupted(signal, first_step));
+                }
                 let lr = self.step(&data.train.examples)?;
                 steps.store(self.state.step, Ordering::Relaxed);
                 let last = self.state.step == spec.max_steps;
@@ -481,6 +485,29 @@ impl<'a> Trainer<'a> {
             num_beams: self.spec.eval_num_beams,
             no_repeat_ngram_size: self.spec.eval_no_repeat_ngram_size,
             ..Default::default()
+        }
+    }
+
+    /// A signal stopped training between steps: save a checkpoint of the steps this run made (none
+    /// before its first: the rows may not all have been read) and say how to resume.
+    fn interrupted(&mut self, signal: crate::interrupt::Signal, first_step: u64) -> Error {
+        let saved = if self.state.step > first_step {
+            match self.checkpoint() {
+                Ok(()) => format!("a checkpoint of step {} is saved", self.state.step),
+                Err(e) => format!("saving a checkpoint failed ({e})"),
+            }
+        } else {
+            "no step was made by this run".to_string()
+        };
+        Error::Interrupted {
+            signal,
+            message: format!(
+                "train: stopped by {} at step {} of {}: {saved}; run the same command with \
+                 --resume to continue from the last checkpoint",
+                signal.name(),
+                self.state.step,
+                self.spec.max_steps
+            ),
         }
     }
 

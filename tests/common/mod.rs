@@ -353,3 +353,85 @@ steps:
         out = out.display()
     )
 }
+
+/// A real S3-protocol server (moto, installed by `scripts/s3-server.sh`) on 127.0.0.1 with bucket
+/// `conala-test`; stopped when dropped. Multipart parts may be as small as 64 KiB, so small test
+/// outputs exercise multipart uploads.
+pub struct S3Server {
+    pub endpoint: String,
+    pub log: PathBuf,
+    child: std::process::Child,
+}
+
+pub const S3_BUCKET: &str = "conala-test";
+
+impl S3Server {
+    pub fn start(dir: &Path) -> S3Server {
+        let script = repo_root().join("scripts/s3-server.sh");
+        let ok = std::process::Command::new(&script)
+            .arg("install")
+            .status()
+            .expect("scripts/s3-server.sh install")
+            .success();
+        assert!(ok, "installing the S3 server failed");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let log = dir.join("s3-server.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(&script)
+            .args(["serve", &port.to_string()])
+            .env("S3_UPLOAD_PART_MIN_SIZE", "65536")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start the S3 server");
+        let server = S3Server {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            log,
+            child,
+        };
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                let req = format!(
+                    "PUT /{S3_BUCKET} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                s.write_all(req.as_bytes()).unwrap();
+                let mut status = String::new();
+                BufReader::new(s).read_line(&mut status).unwrap();
+                assert!(status.contains(" 200 "), "creating the bucket: {status}");
+                return server;
+            }
+            assert!(
+                started.elapsed().as_secs() < 60,
+                "the S3 server did not start; see {}",
+                server.log.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// The AWS environment a process needs to reach this server.
+    pub fn env(&self, secret: &str) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "conala-test-key"),
+            ("AWS_SECRET_ACCESS_KEY", secret),
+            ("CONALA_MULTIPART_CHUNK_BYTES", "65536"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -14,6 +14,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::hub::{parse_dataset_uri, Hub, RepoId};
 use crate::operators::{StepError, StepResult};
+use crate::output::state::OutputState;
 use crate::plans::spec::{FileFormat, SourceSpec};
 use crate::storage::{resolve, Location};
 
@@ -119,6 +120,23 @@ pub(super) async fn list_inputs(spec: &SourceSpec, ctx: &Context) -> StepResult<
         .into_iter()
         .filter(|m| !is_hidden(&rel_of(m.location.as_ref())))
         .collect();
+    // Another plan's output: the parts its manifests commit, not strays of an interrupted run.
+    if let Some(state) = OutputState::read(&loc)
+        .await
+        .map_err(|e| StepError::at("uri", e))?
+    {
+        if let Some(open) = state
+            .incomplete(&spec.uri)
+            .map_err(|e| StepError::at("uri", e))?
+        {
+            log::warn!(
+                "{}: the output is incomplete ({open}); reading its committed parts",
+                spec.uri
+            );
+        }
+        let parts = state.committed_parts();
+        chosen.retain(|m| parts.contains(&rel_of(m.location.as_ref())));
+    }
     // A folder in the Hub's layout: pick CONFIG/SPLIT like a Hub dataset.
     if spec.config.is_some() || spec.split.is_some() {
         let rels: Vec<String> = chosen.iter().map(|m| rel_of(m.location.as_ref())).collect();

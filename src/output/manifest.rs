@@ -1,5 +1,7 @@
-//! `_manifest.json`: what produced an output folder — the resolved plan, versions, row counts per step,
-//! timings, the part files, and whatever the steps add (model hashes, generation settings, metrics).
+//! `_manifest.json` (`_manifest-sIIIIofNNNN.json` per shard): what produced an output folder — the
+//! resolved plan, versions, row counts per step, timings, whatever the steps add (model hashes,
+//! generation settings, metrics) — and which part files are committed. Readers read the parts a
+//! manifest lists, nothing else: a part is committed when the manifest that names it is stored.
 
 use std::collections::BTreeMap;
 
@@ -24,6 +26,16 @@ pub struct Manifest {
     pub seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard: Option<String>,
+    /// The run wrote every row it was given. `false` while a run is under way or after it stopped
+    /// (a rerun resumes it). Manifests from before this field existed were written at the end.
+    #[serde(default = "complete_by_default")]
+    pub complete: bool,
+    /// The run that wrote this manifest last.
+    #[serde(default)]
+    pub run_id: String,
+    /// The output's columns (`name: type`), checked when a run resumes into the folder.
+    #[serde(default)]
+    pub columns: Vec<String>,
     /// Rows out of each step in this run.
     pub rows_per_step: BTreeMap<String, u64>,
     /// Rows written by this run and by earlier runs it resumed.
@@ -34,6 +46,10 @@ pub struct Manifest {
     /// What the steps reported (model hashes, generation settings, scores).
     #[serde(default)]
     pub extra: StepReports,
+}
+
+fn complete_by_default() -> bool {
+    true
 }
 
 pub fn versions() -> BTreeMap<String, String> {
