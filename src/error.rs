@@ -213,6 +213,19 @@ impl Error {
             source,
         }
     }
+    /// A third-party reader that panicked on a corrupt file: the file is unreadable, said so with its
+    /// name (parquet and arrow assert on some malformed metadata instead of returning errors).
+    pub fn reader_crash(
+        file: impl fmt::Display,
+        what: &str,
+        payload: &(dyn std::any::Any + Send),
+    ) -> Self {
+        Error::Data(format!(
+            "{file}: not a readable {what} file (the reader failed on it: {})",
+            panic_message(payload)
+        ))
+    }
+
     /// A task that did not finish: a panic becomes [`Error::Panic`] naming `context`.
     pub fn task(context: impl fmt::Display, source: tokio::task::JoinError) -> Self {
         if source.is_panic() {

@@ -80,7 +80,7 @@ steps:
   - source: {{ uri: "{source}"{extra_source} }}
   - format: {{ input: "{{intent}}\n{{snippet}}" }}
   - tokenize: {{ input: input, max_input_tokens: 48 }}
-  - generate: {{ output: prediction, max_new_tokens: 12, min_new_tokens: 12, window_rows: 250, max_batch_rows: 25 }}
+  - generate: {{ output: prediction, max_new_tokens: 24, min_new_tokens: 24, window_rows: 250, max_batch_rows: 25 }}
   - write: {{ path: "{out}", rows_per_file: 500, compression: none }}
 "#,
         model = model.display()
@@ -160,19 +160,20 @@ fn s3_plans_round_trip_resume_after_sigkill_and_keep_secrets() {
     let env = Env::new(&server);
     let mut seen = String::new();
     let model = tiny_model(tmp.path(), Family::FlanT5);
-    // Input rows into S3: 8 copies of the 500 test rows, written by a plan.
+    // Input rows into S3: 16 copies of the 500 test rows, written by a plan (without their row ids:
+    // the generate plan numbers the rows it reads).
     let prep = tmp.path().join("prep.yaml");
     std::fs::write(
         &prep,
         format!(
-            "name: prep\nsteps:\n  - source: {{ uri: \"{}\", config: curated, split: test, repeat: 8 }}\n  - write: {{ path: \"s3://{S3_BUCKET}/input\", rows_per_file: 1000 }}\n",
+            "name: prep\nsteps:\n  - source: {{ uri: \"{}\", config: curated, split: test, repeat: 16 }}\n  - write: {{ path: \"s3://{S3_BUCKET}/input\", rows_per_file: 2000, drop: [row_id] }}\n",
             data_dir().display()
         ),
     )
     .unwrap();
     let (ok, out, err) = env.run(&["run", prep.to_str().unwrap()], &mut seen);
     assert!(ok, "{err}");
-    assert!(out.contains("wrote 4000 rows"), "{out}");
+    assert!(out.contains("wrote 8000 rows"), "{out}");
     // Generate from S3 into S3; killed once it has committed two parts, then resumed.
     let output = format!("s3://{S3_BUCKET}/out");
     let plan = tmp.path().join("gen.yaml");
@@ -206,7 +207,7 @@ fn s3_plans_round_trip_resume_after_sigkill_and_keep_secrets() {
         &mut seen,
     );
     assert!(ok, "{err}");
-    assert_eq!(out.lines().nth(1), Some("4000,4000,4000"), "{out}");
+    assert_eq!(out.lines().nth(1), Some("8000,8000,8000"), "{out}");
     let (ok, stdout, err) = env.run(&["status", &output], &mut seen);
     assert!(ok, "{err}");
     assert!(stdout.contains("committed (_SUCCESS)"), "{stdout}");

@@ -41,6 +41,36 @@ impl Holder {
     }
 }
 
+impl Holder {
+    /// A holder on another host cannot be asked whether its process lives: watch the lease until it is
+    /// renewed (alive: `false`) or expires (dead: `true`). A restarted worker (a requeued Slurm task, a
+    /// retried pod on another node) so takes over within one lease period instead of failing.
+    async fn stale_elsewhere(&self, loc: &Location, ttl: Duration, what: &str) -> Result<bool> {
+        if self.host == host_name() {
+            return Ok(false); // `alive` already asked the process table
+        }
+        log::info!(
+            "{what}: run {} on host {} holds the writer's lease; waiting up to {} s to see whether it \
+             is alive",
+            self.run_id,
+            self.host,
+            self.expires_at.saturating_sub(unix_now())
+        );
+        let poll = (ttl / 12).max(Duration::from_millis(250));
+        loop {
+            tokio::time::sleep(poll).await;
+            match read_holder(loc).await? {
+                None => return Ok(true),
+                Some(h) if h.run_id != self.run_id || h.expires_at != self.expires_at => {
+                    return Ok(false)
+                }
+                Some(h) if h.expires_at <= unix_now() => return Ok(true),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
 /// A held lease; renewed in the background until [`Lease::release`].
 pub struct Lease {
     loc: Location,
@@ -109,9 +139,8 @@ impl Lease {
                     ))
                 }
             }
-            let current = read_holder(&loc).await?;
-            match current {
-                Some(h) if h.alive(now) => {
+            match read_holder(&loc).await? {
+                Some(h) if h.alive(now) && !h.stale_elsewhere(&loc, ttl, what).await? => {
                     return Err(Error::Data(format!(
                         "{what} is being written by another run (host {}, pid {}, run {}, since {}); \
                          two runs writing one output would duplicate rows. Wait for it to finish; if \
@@ -121,7 +150,7 @@ impl Lease {
                         h.run_id,
                         h.acquired_at,
                         loc.display,
-                        h.expires_at.saturating_sub(now)
+                        h.expires_at.saturating_sub(unix_now())
                     )))
                 }
                 Some(h) => log::info!(
@@ -211,7 +240,7 @@ mod tests {
         first.release().await;
         let second = Lease::acquire(loc.clone(), "run-2", "out").await.unwrap();
         second.renewal.abort();
-        // A holder on this host whose process is gone (pid 0 is never a process) does not block.
+        // A holder on this host whose process is gone (no pid is u32::MAX) does not block.
         let dead = Holder {
             host: host_name(),
             pid: u32::MAX,
@@ -236,7 +265,33 @@ mod tests {
             .put(&loc.path, payload(&expired).unwrap())
             .await
             .unwrap();
-        Lease::acquire(loc, "run-4", "out")
+        Lease::acquire(loc.clone(), "run-4", "out")
+            .await
+            .unwrap()
+            .release()
+            .await;
+        // A live holder on another host renews its lease: the newcomer sees that and refuses.
+        std::env::set_var("CONALA_LEASE_SECONDS", "3");
+        let elsewhere = Holder {
+            host: "elsewhere".into(),
+            expires_at: unix_now() + 3,
+            run_id: "remote".into(),
+            ..expired
+        };
+        loc.store
+            .put(&loc.path, payload(&elsewhere).unwrap())
+            .await
+            .unwrap();
+        let renewer = tokio::spawn(renew(loc.clone(), elsewhere, Duration::from_secs(3)));
+        let e = Lease::acquire(loc.clone(), "run-5", "out")
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("remote"), "{e}");
+        // Once it stops renewing, its lease expires and the newcomer takes over.
+        renewer.abort();
+        let _ = renewer.await;
+        Lease::acquire(loc, "run-6", "out")
             .await
             .unwrap()
             .release()

@@ -5,9 +5,12 @@
 // reads object stores correctly; it is what DataFusion 55's own scans use.
 #![allow(deprecated)]
 
+use std::panic::AssertUnwindSafe;
+
 use datafusion::parquet::arrow::async_reader::{
     ParquetObjectReader, ParquetRecordBatchStreamBuilder,
 };
+use futures::FutureExt;
 use object_store::ObjectStoreExt;
 
 use crate::context::Context;
@@ -220,8 +223,10 @@ pub(super) async fn open_parquet(
         }
     };
     let reader = ParquetObjectReader::new(loc.store.clone(), loc.path.clone()).with_file_size(size);
-    ParquetRecordBatchStreamBuilder::new(reader)
+    AssertUnwindSafe(ParquetRecordBatchStreamBuilder::new(reader))
+        .catch_unwind()
         .await
+        .map_err(|p| Error::reader_crash(&loc.display, "parquet", p.as_ref()))?
         .map_err(|e| Error::parquet(format!("{}: not a readable parquet file", loc.display), e))
 }
 

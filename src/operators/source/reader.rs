@@ -1,6 +1,7 @@
 //! The background reader behind a source's stream: files in order, rows numbered as they are read,
 //! the `limit`, this process's shard, and the row ids an earlier run already wrote, skipped.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, UInt64Array};
@@ -8,7 +9,7 @@ use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::arrow::json::ReaderBuilder;
 use datafusion::parquet::arrow::ProjectionMask;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use super::files::{materialize, open_parquet, read_json_rows, InputFile};
 use crate::context::Shard;
@@ -59,7 +60,14 @@ impl Reader {
                             .with_batch_size(self.batch_rows)
                             .build()
                             .map_err(|e| Error::parquet(&loc.display, e))?;
-                        while let Some(batch) = stream.next().await {
+                        loop {
+                            let next = AssertUnwindSafe(stream.next())
+                                .catch_unwind()
+                                .await
+                                .map_err(|p| {
+                                    Error::reader_crash(&loc.display, "parquet", p.as_ref())
+                                })?;
+                            let Some(batch) = next else { break };
                             let batch = batch.map_err(|e| {
                                 Error::parquet(format!("{}: reading row group", loc.display), e)
                             })?;
