@@ -13,7 +13,9 @@ use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{
+    BackoffConfig, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
+};
 use url::Url;
 
 use crate::error::{Error, Result};
@@ -193,18 +195,32 @@ fn local(ctx: &SessionContext, p: &FsPath, display: &str) -> Result<Location> {
     })
 }
 
+/// Retries of a failed object-store request: bounded in number and time, with exponential backoff
+/// (`CONALA_STORE_RETRIES`, default 10; `CONALA_STORE_RETRY_SECONDS`, default 120). A store that stays
+/// down fails the run with the last error; the committed parts stay, and a rerun resumes.
+fn retry_config() -> RetryConfig {
+    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: var("CONALA_STORE_RETRIES").unwrap_or(10) as usize,
+        retry_timeout: std::time::Duration::from_secs(
+            var("CONALA_STORE_RETRY_SECONDS").unwrap_or(120),
+        ),
+    }
+}
+
 fn build_store(url: &Url, uri: &str) -> Result<Arc<dyn ObjectStore>> {
     let ctx =
         |e: object_store::Error| Error::object_store(format!("{uri}: configuring the store"), e);
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "s3" | "s3a" => Arc::new(
-            object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str()).build().map_err(ctx)?,
+            object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str()).with_retry(retry_config()).build().map_err(ctx)?,
         ),
         "gs" => Arc::new(
-            object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url.as_str()).build().map_err(ctx)?,
+            object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url.as_str()).with_retry(retry_config()).build().map_err(ctx)?,
         ),
         "az" | "azure" | "abfs" | "abfss" | "adl" => Arc::new(
-            object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url.as_str()).build().map_err(ctx)?,
+            object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url.as_str()).with_retry(retry_config()).build().map_err(ctx)?,
         ),
         "memory" => Arc::new(object_store::memory::InMemory::new()),
         other => {

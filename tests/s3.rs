@@ -301,3 +301,79 @@ fn four_shards_killed_and_restarted_equal_one_process() {
     assert_eq!(want.lines().count(), 3001);
     assert!(got == want, "the sharded output differs from one process's");
 }
+
+/// The store goes away mid-run: the run retries with backoff, a bounded number of times, then fails
+/// naming the object; the store comes back and the rerun completes the output exactly.
+#[test]
+fn a_store_that_goes_away_fails_after_bounded_retries_and_the_rerun_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(tmp.path());
+    let port: u16 = server.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let outage = Outage::start(port);
+    let mut env = Env::new(&server);
+    for (k, v) in [
+        ("AWS_ENDPOINT", outage.endpoint.as_str()),
+        ("CONALA_STORE_RETRIES", "3"),
+        ("CONALA_STORE_RETRY_SECONDS", "5"),
+    ] {
+        env.0.retain(|(name, _)| name != k);
+        env.0.push((k.to_string(), v.to_string()));
+    }
+    let model = tiny_model(tmp.path(), Family::FlanT5);
+    let output = format!("s3://{S3_BUCKET}/flaky");
+    let plan = tmp.path().join("flaky.yaml");
+    let source = data_dir().display().to_string();
+    std::fs::write(
+        &plan,
+        gen_plan_text(
+            &source,
+            &output,
+            ", config: curated, split: test, repeat: 16",
+            &model,
+        ),
+    )
+    .unwrap();
+    let mut child = env
+        .command(&["run", plan.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(&mut child, "two committed parts", || {
+        env.shard_rows(&output)
+            .first()
+            .is_some_and(|(_, rows)| *rows >= 1000)
+    });
+    outage.down();
+    let went_down = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run must fail: {stderr}");
+    assert!(
+        went_down.elapsed() < Duration::from_secs(90),
+        "retries are bounded"
+    );
+    assert!(
+        stderr.contains(&format!("s3://{S3_BUCKET}/flaky")) && stderr.contains("retries"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    outage.up();
+    let mut seen = String::new();
+    let (ok, out, err) = env.run(&["run", plan.to_str().unwrap()], &mut seen);
+    assert!(ok, "{err}");
+    assert!(out.contains("rows kept from earlier runs"), "{out}");
+    let (ok, out, err) = env.run(
+        &[
+            "sql",
+            "--table",
+            &format!("o={output}"),
+            "--format",
+            "csv",
+            "select count(*), count(distinct row_id) from o",
+        ],
+        &mut seen,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().nth(1), Some("8000,8000"), "{out}");
+}

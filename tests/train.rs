@@ -549,7 +549,8 @@ fn adapter_tensors(dir: &Path) -> HashMap<String, Vec<f32>> {
         .collect()
 }
 
-/// Killed with SIGKILL after a checkpoint, `--resume` ends with the same weights as an uninterrupted run.
+/// Killed with SIGKILL after a checkpoint, or stopped by SIGTERM (which checkpoints the step it stops
+/// at and says how to resume), `--resume` ends with the same weights as an uninterrupted run.
 #[test]
 fn killed_training_resumes_to_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
@@ -572,46 +573,62 @@ fn killed_training_resumes_to_the_same_weights() {
     let (plan_a, out_a) = write("a");
     let (ok, _, err) = run_cli(&["run", plan_a.to_str().unwrap()], &[], &repo_root());
     assert!(ok, "{err}");
-    let (plan_b, out_b) = write("b");
-    let mut child = std::process::Command::new(binary())
-        .args(["run", plan_b.to_str().unwrap()])
-        .current_dir(repo_root())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while conala::training::checkpoint::list(&out_b).is_empty() {
-        assert!(started.elapsed().as_secs() < 600, "no checkpoint written");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before it could be killed"
+    // SIGKILL after a checkpoint; SIGTERM, which saves a checkpoint of the step it stops at.
+    for (name, signal) in [("b", "KILL"), ("c", "TERM")] {
+        let (plan_b, out_b) = write(name);
+        let child = std::process::Command::new(binary())
+            .args(["run", plan_b.to_str().unwrap()])
+            .current_dir(repo_root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = child;
+        let started = std::time::Instant::now();
+        while conala::training::checkpoint::list(&out_b).is_empty() {
+            assert!(started.elapsed().as_secs() < 600, "no checkpoint written");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "finished before it could be killed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let at_kill = conala::training::checkpoint::list(&out_b);
+        assert!(*at_kill.last().unwrap() < 8, "{signal}: {at_kill:?}");
+        if signal == "TERM" {
+            assert_eq!(out.status.code(), Some(143), "{stderr}");
+            assert!(
+                stderr.contains("train: stopped by SIGTERM at step") && stderr.contains("--resume"),
+                "{stderr}"
+            );
+        }
+        let (ok, _, err) = run_cli(&["run", plan_b.to_str().unwrap()], &[], &repo_root());
+        assert!(!ok && err.contains("--resume"), "{err}");
+        let (ok, _, err) = run_cli(
+            &["run", plan_b.to_str().unwrap(), "--resume"],
+            &[],
+            &repo_root(),
         );
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        assert!(ok, "{err}");
+        let (a, b) = (adapter_tensors(&out_a), adapter_tensors(&out_b));
+        assert_eq!(a.len(), b.len());
+        for (k, va) in &a {
+            let d = va
+                .iter()
+                .zip(&b[k])
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(d <= 1e-6, "{signal}: {k} differs by {d} after resume");
+        }
+        assert_eq!(loss_curve(&out_a), loss_curve(&out_b), "{signal}");
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let at_kill = conala::training::checkpoint::list(&out_b);
-    assert!(*at_kill.last().unwrap() < 8, "{at_kill:?}");
-    let (ok, _, err) = run_cli(&["run", plan_b.to_str().unwrap()], &[], &repo_root());
-    assert!(!ok && err.contains("--resume"), "{err}");
-    let (ok, _, err) = run_cli(
-        &["run", plan_b.to_str().unwrap(), "--resume"],
-        &[],
-        &repo_root(),
-    );
-    assert!(ok, "{err}");
-    let (a, b) = (adapter_tensors(&out_a), adapter_tensors(&out_b));
-    assert_eq!(a.len(), b.len());
-    for (k, va) in &a {
-        let d = va
-            .iter()
-            .zip(&b[k])
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(d <= 1e-6, "{k} differs by {d} after resume");
-    }
-    assert_eq!(loss_curve(&out_a), loss_curve(&out_b));
 }
 
 #[tokio::test]
