@@ -359,3 +359,73 @@ fn status_follows_the_shards_to_the_commit() {
     );
     assert_eq!(counts(&out).0, "500,500");
 }
+
+/// The disk fills up while writing (a small tmpfs): the run fails naming the file, every part file
+/// there is whole and committed, and after space is freed the rerun completes the output exactly.
+/// Mounting needs root (as in CI); where mounting is not allowed the test says so and checks nothing.
+#[test]
+fn a_full_disk_keeps_whole_parts_and_the_rerun_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), Family::FlanT5);
+    let disk = tmp.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=400k",
+            "tmpfs",
+            disk.to_str().unwrap(),
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("a_full_disk_keeps_whole_parts_and_the_rerun_completes: cannot mount a tmpfs here (needs root); not run");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let out = disk.join("out");
+    let plan = plan_file(tmp.path(), &model, &out, "p", 4, "");
+    let plan_text = std::fs::read_to_string(&plan).unwrap().replace(
+        "rows_per_file: 256",
+        "rows_per_file: 256, compression: none",
+    );
+    std::fs::write(&plan, plan_text).unwrap();
+    let (ok, _, err) = run_cli(&["run", plan.to_str().unwrap()], &[], &repo_root());
+    assert!(!ok, "the disk is too small for the output");
+    assert!(
+        err.contains("No space left on device") && err.contains(&out.display().to_string()),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // Whatever is there is committed, and reads whole.
+    let committed = committed_parts(&out);
+    assert_eq!(
+        parquet_files(&out),
+        committed,
+        "a partial or stray part is visible"
+    );
+    if committed > 0 {
+        let (rows, _) = counts(&out);
+        let (n, distinct) = rows.split_once(',').unwrap();
+        assert_eq!(n, distinct);
+    }
+    // More space, and the rerun completes the output.
+    let ok = Command::new("mount")
+        .args(["-o", "remount,size=64m", disk.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "remount");
+    let (ok, _, err) = run_cli(&["run", plan.to_str().unwrap()], &[], &repo_root());
+    assert!(ok, "{err}");
+    assert_eq!(counts(&out).0, "2000,2000");
+}
