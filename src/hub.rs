@@ -128,11 +128,13 @@ impl Hub {
         let Some(api) = &self.api else {
             return self.cached_files(repo, revision);
         };
-        let info = api
-            .repo(repo.repo(revision))
-            .info()
-            .await
-            .map_err(|e| self.explain(repo, revision, None, e))?;
+        let what = format!("{} ({revision})", repo.display());
+        let info = with_retries(&what, || {
+            let r = api.repo(repo.repo(revision));
+            async move { r.info().await }
+        })
+        .await
+        .map_err(|(e, n)| self.explain(repo, revision, None, e, n))?;
         let mut files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
         files.sort();
         Ok(files)
@@ -154,10 +156,13 @@ impl Hub {
                 self.config.cache_dir.display()
             )));
         };
-        api.repo(repo.repo(revision))
-            .download(file)
-            .await
-            .map_err(|e| self.explain(repo, revision, Some(file), e))
+        let what = format!("{} ({revision}): `{file}`", repo.display());
+        with_retries(&what, || {
+            let r = api.repo(repo.repo(revision));
+            async move { r.download(file).await }
+        })
+        .await
+        .map_err(|(e, n)| self.explain(repo, revision, Some(file), e, n))
     }
 
     /// The parquet files of one configuration and split of a dataset, and the revision they are at:
@@ -261,7 +266,14 @@ impl Hub {
         Ok(out)
     }
 
-    fn explain(&self, repo: &RepoId, revision: &str, file: Option<&str>, e: ApiError) -> Error {
+    fn explain(
+        &self,
+        repo: &RepoId,
+        revision: &str,
+        file: Option<&str>,
+        e: ApiError,
+        attempts: u32,
+    ) -> Error {
         let what = match file {
             Some(f) => format!("{} ({revision}): `{f}`", repo.display()),
             None => format!("{} ({revision})", repo.display()),
@@ -289,7 +301,62 @@ impl Hub {
             ),
             _ => e.to_string(),
         };
-        Error::Hub(crate::secrets::redact(&format!("{what}: {hint}")))
+        let tried = if attempts > 1 {
+            format!(" (gave up after {attempts} attempts)")
+        } else {
+            String::new()
+        };
+        Error::Hub(crate::secrets::redact(&format!("{what}: {hint}{tried}")))
+    }
+}
+
+/// Attempts at a Hub request that fails for a passing reason (`CONALA_HUB_RETRIES`, default 5), with
+/// backoff from half a second, doubling, at most 8 s apart.
+fn hub_attempts() -> u32 {
+    std::env::var("CONALA_HUB_RETRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &u32| n >= 1)
+        .unwrap_or(5)
+}
+
+/// A failure worth retrying: no connection, a timeout, the server busy or failing (429, 5xx).
+fn transient(e: &ApiError) -> bool {
+    match e {
+        ApiError::RequestError(r) => {
+            r.is_connect()
+                || r.is_timeout()
+                || r.status()
+                    .is_some_and(|s| s.is_server_error() || s.as_u16() == 429)
+        }
+        _ => false,
+    }
+}
+
+/// `call` until it succeeds, fails for good, or runs out of attempts; the error and the attempts made.
+async fn with_retries<T, F, Fut>(what: &str, mut call: F) -> std::result::Result<T, (ApiError, u32)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, ApiError>>,
+{
+    let attempts = hub_attempts();
+    let mut delay = std::time::Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(e) if attempt < attempts && transient(&e) => {
+                log::warn!(
+                    "Hub: {what}: {}; retrying in {:.1} s ({attempt}/{attempts})",
+                    crate::secrets::redact(&e.to_string()),
+                    delay.as_secs_f64()
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(8));
+                attempt += 1;
+            }
+            Err(e) => return Err((e, attempt)),
+            Ok(v) => return Ok(v),
+        }
     }
 }
 

@@ -169,3 +169,56 @@ fn hub_errors_mask_secrets_and_blame_a_refused_token() {
     assert!(err.contains("bob:***@127.0.0.1:9"), "{err}");
     assert!(!err.contains("An0therSecret"), "{err}");
 }
+
+/// The Hub stand-in answers 503 (a server restarting): requests are retried with backoff a bounded
+/// number of times, then the run fails naming the repository; once the server is back the rerun
+/// completes.
+#[test]
+fn a_hub_that_is_down_is_retried_a_bounded_number_of_times() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("hub");
+    let model = tiny_model(tmp.path(), Family::FlanT5);
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        put_repo_file(&root, "models", "org/tiny", "main", f, &model.join(f));
+    }
+    let server = HubServer::start(root);
+    server.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let plan = tmp.path().join("plan.yaml");
+    let out = tmp.path().join("out");
+    std::fs::write(
+        &plan,
+        gen_plan(
+            std::path::Path::new("org/tiny"),
+            &out,
+            "max_new_tokens: 4",
+            "",
+        ),
+    )
+    .unwrap();
+    let home = tmp.path().join("hf-home");
+    let env = [
+        ("HF_ENDPOINT", server.endpoint.as_str()),
+        ("HF_HOME", home.to_str().unwrap()),
+        ("CONALA_HUB_RETRIES", "3"),
+    ];
+    let started = std::time::Instant::now();
+    let (ok, _, err) = run_cli(&["run", plan.to_str().unwrap()], &env, &repo_root());
+    assert!(!ok, "the Hub is down");
+    assert!(started.elapsed().as_secs() < 60, "retries are bounded");
+    assert!(
+        err.contains("org/tiny") && err.contains("gave up after 3 attempts") && err.contains("503"),
+        "{err}"
+    );
+    assert!(err.contains("retrying in"), "{err}");
+    assert_eq!(
+        server.refused.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "one request, three attempts"
+    );
+    server
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (ok, stdout, err) = run_cli(&["run", plan.to_str().unwrap()], &env, &repo_root());
+    assert!(ok, "{err}");
+    assert!(stdout.contains("wrote 500 rows"), "{stdout}");
+}

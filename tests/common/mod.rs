@@ -66,6 +66,9 @@ pub struct Seen {
 pub struct HubServer {
     pub endpoint: String,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// While set, every request gets `503 Service Unavailable` (counted in `refused`).
+    pub down: Arc<std::sync::atomic::AtomicBool>,
+    pub refused: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl HubServer {
@@ -74,8 +77,20 @@ impl HubServer {
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
         let seen = Arc::new(Mutex::new(vec![]));
         let s2 = seen.clone();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (down2, refused2) = (down.clone(), refused.clone());
         std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
+            for mut stream in listener.incoming().flatten() {
+                if down2.load(std::sync::atomic::Ordering::SeqCst) {
+                    refused2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut line = String::new();
+                    let _ = BufReader::new(&stream).read_line(&mut line);
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                }
                 let root = root.clone();
                 let seen = s2.clone();
                 std::thread::spawn(move || {
@@ -83,7 +98,12 @@ impl HubServer {
                 });
             }
         });
-        HubServer { endpoint, seen }
+        HubServer {
+            endpoint,
+            seen,
+            down,
+            refused,
+        }
     }
 }
 
