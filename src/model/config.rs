@@ -130,6 +130,7 @@ impl T5Config {
             ("d_kv", self.d_kv),
             ("d_ff", self.d_ff),
             ("num_layers", self.num_layers),
+            ("num_decoder_layers", self.decoder_layers()),
             ("num_heads", self.num_heads),
             (
                 "relative_attention_num_buckets",
