@@ -94,6 +94,17 @@ impl Location {
         Ok(all)
     }
 
+    /// The whole object.
+    pub async fn read(&self) -> Result<Bytes> {
+        self.store
+            .get(&self.path)
+            .await
+            .map_err(|e| Error::object_store(&self.display, e))?
+            .bytes()
+            .await
+            .map_err(|e| Error::object_store(&self.display, e))
+    }
+
     /// Store `bytes` as this object, whole or not at all: one `put`, or for a large object on a
     /// remote store a multipart upload (which the store makes visible only when it completes, and
     /// which is aborted on failure).

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use conala::model::init::Family;
@@ -70,18 +70,7 @@ fn parquet_files(out: &Path) -> usize {
 
 /// Wait (while `child` runs) until `ready` holds.
 fn wait_for(child: &mut Child, what: &str, ready: impl Fn() -> bool) {
-    let started = Instant::now();
-    while !ready() {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "{what}: timed out"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "{what}: the run ended first"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_while_running(child, what, Duration::from_millis(20), ready);
 }
 
 fn committed_parts(out: &Path) -> usize {

@@ -56,6 +56,23 @@ impl Env {
             .unwrap()
     }
 
+    /// `query` over `table` (registered as `o`) as CSV, which must succeed.
+    fn sql(&self, table: &str, query: &str, seen: &mut String) -> String {
+        let (ok, out, err) = self.run(
+            &[
+                "sql",
+                "--table",
+                &format!("o={table}"),
+                "--format",
+                "csv",
+                query,
+            ],
+            seen,
+        );
+        assert!(ok, "{err}");
+        out
+    }
+
     /// Committed rows of each shard (`conala status`), by shard label (`all`, `0/4`, ...).
     fn shard_rows(&self, output: &str) -> Vec<(String, u64)> {
         let out = self.command(&["status", output]).output().unwrap();
@@ -89,34 +106,16 @@ steps:
 
 /// `select row_id, prediction ... order by row_id` as CSV.
 fn rows_csv(env: &Env, table: &str, seen: &mut String) -> String {
-    let (ok, out, err) = env.run(
-        &[
-            "sql",
-            "--table",
-            &format!("o={table}"),
-            "--format",
-            "csv",
-            "select row_id, prediction from o order by row_id",
-        ],
+    env.sql(
+        table,
+        "select row_id, prediction from o order by row_id",
         seen,
-    );
-    assert!(ok, "{err}");
-    out
+    )
 }
 
+/// Wait (while `child` runs) until `ready` holds; `ready` runs `conala status`, so poll gently.
 fn wait_until(child: &mut Child, what: &str, ready: impl Fn() -> bool) {
-    let started = Instant::now();
-    while !ready() {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "{what}: timed out"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "{what}: it ended first"
-        );
-        std::thread::sleep(Duration::from_millis(150));
-    }
+    wait_while_running(child, what, Duration::from_millis(150), ready);
 }
 
 /// Every object in the bucket, for the secrets check.
@@ -195,18 +194,11 @@ fn s3_plans_round_trip_resume_after_sigkill_and_keep_secrets() {
     let (ok, out, err) = env.run(&["run", plan.to_str().unwrap()], &mut seen);
     assert!(ok, "{err}");
     assert!(out.contains("rows kept from earlier runs"), "{out}");
-    let (ok, out, err) = env.run(
-        &[
-            "sql",
-            "--table",
-            &format!("o={output}"),
-            "--format",
-            "csv",
-            "select count(*), count(distinct row_id), count(prediction) from o",
-        ],
+    let out = env.sql(
+        &output,
+        "select count(*), count(distinct row_id), count(prediction) from o",
         &mut seen,
     );
-    assert!(ok, "{err}");
     assert_eq!(out.lines().nth(1), Some("8000,8000,8000"), "{out}");
     let (ok, stdout, err) = env.run(&["status", &output], &mut seen);
     assert!(ok, "{err}");
@@ -363,17 +355,10 @@ fn a_store_that_goes_away_fails_after_bounded_retries_and_the_rerun_completes() 
     let (ok, out, err) = env.run(&["run", plan.to_str().unwrap()], &mut seen);
     assert!(ok, "{err}");
     assert!(out.contains("rows kept from earlier runs"), "{out}");
-    let (ok, out, err) = env.run(
-        &[
-            "sql",
-            "--table",
-            &format!("o={output}"),
-            "--format",
-            "csv",
-            "select count(*), count(distinct row_id) from o",
-        ],
+    let out = env.sql(
+        &output,
+        "select count(*), count(distinct row_id) from o",
         &mut seen,
     );
-    assert!(ok, "{err}");
     assert_eq!(out.lines().nth(1), Some("8000,8000"), "{out}");
 }

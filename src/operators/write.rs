@@ -402,6 +402,16 @@ impl Write {
         Ok(())
     }
 
+    /// Remove what a run that is not kept wrote (best effort: a part left behind is a stray that no
+    /// manifest lists, removed by the next run).
+    async fn remove_partial(&self, written: &[PartInfo]) {
+        for p in written {
+            if let Err(e) = self.delete(&p.file).await {
+                log::warn!("write: could not remove the partial part: {e}");
+            }
+        }
+    }
+
     /// A signal stopped the input early: resuming, the parts are committed and the output stays
     /// incomplete; otherwise this run's parts go and the earlier output stays as it was.
     async fn interrupted(&self, signal: crate::interrupt::Signal, written: &[PartInfo]) -> Error {
@@ -414,11 +424,7 @@ impl Write {
                 signal.name()
             )
         } else {
-            for p in written {
-                if let Err(e) = self.delete(&p.file).await {
-                    log::warn!("write: could not remove the partial part: {e}");
-                }
-            }
+            self.remove_partial(written).await;
             format!(
                 "{}: stopped by {} before this `mode: overwrite` run finished: nothing of it is kept \
                  and the earlier output is unchanged; run the same command again to redo it",
@@ -449,13 +455,10 @@ impl Write {
         let result = self.write_and_commit(&mut input, &prepared, &run).await;
         let what = self.what();
         prepared.lease.release().await;
-        let written = result?;
+        let (written, parts) = result?;
         if commit_if_complete(&self.loc, &self.run_id).await? {
             log::info!("{what}: every shard is complete; committed the output ({SUCCESS})");
         }
-        let mut parts = prepared.kept.clone();
-        parts.extend(written.iter().cloned());
-        parts.sort_by(|a, b| a.file.cmp(&b.file));
         Ok(WriteSummary {
             location: self.spec.path.clone(),
             rows_written: written.iter().map(|p| p.rows).sum(),
@@ -465,14 +468,14 @@ impl Write {
         })
     }
 
-    /// Write the parts and commit them; on failure, what was committed stays (resume) or this run's
-    /// parts are removed (the other modes).
+    /// Write the parts and commit them: this run's parts, and all the output's. On failure, what was
+    /// committed stays (resume) or this run's parts are removed (the other modes).
     async fn write_and_commit(
         &self,
         input: &mut SendableRecordBatchStream,
         prepared: &Prepared,
         run: &RunRecord<'_>,
-    ) -> Result<Vec<PartInfo>> {
+    ) -> Result<(Vec<PartInfo>, Vec<PartInfo>)> {
         let resume = self.mode == Mode::Resume;
         if resume {
             // The output is about to change: no longer committed until it completes again.
@@ -484,11 +487,7 @@ impl Write {
         if let Err(e) = result {
             if !resume {
                 // Leave no partial output: remove what this run wrote.
-                for p in &written {
-                    if let Err(e) = self.delete(&p.file).await {
-                        log::warn!("write: could not remove the partial part: {e}");
-                    }
-                }
+                self.remove_partial(&written).await;
                 return Err(e);
             }
             if written.is_empty() {
@@ -514,7 +513,7 @@ impl Write {
         {
             self.delete(name).await?;
         }
-        Ok(written)
+        Ok((written, parts))
     }
 
     async fn write_parts(

@@ -78,14 +78,7 @@ impl OutputState {
                 committed = true;
             } else if name.starts_with("_manifest") && name.ends_with(".json") {
                 let loc = folder.child(name);
-                let bytes = loc
-                    .store
-                    .get(&loc.path)
-                    .await
-                    .map_err(|e| Error::object_store(&loc.display, e))?
-                    .bytes()
-                    .await
-                    .map_err(|e| Error::object_store(&loc.display, e))?;
+                let bytes = loc.read().await?;
                 let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
                     Error::json(format!("{}: not a conala manifest", loc.display), e)
                 })?;

@@ -513,3 +513,24 @@ impl Outage {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Poll `ready` every `poll` while `child` runs; fails if the child ends first or 300 s pass.
+pub fn wait_while_running(
+    child: &mut std::process::Child,
+    what: &str,
+    poll: std::time::Duration,
+    ready: impl Fn() -> bool,
+) {
+    let started = std::time::Instant::now();
+    while !ready() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(300),
+            "{what}: timed out"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{what}: the run ended first"
+        );
+        std::thread::sleep(poll);
+    }
+}

@@ -234,14 +234,7 @@ pub(super) async fn read_json_rows(
     loc: &Location,
     fmt: FileFormat,
 ) -> Result<Vec<serde_json::Value>> {
-    let bytes = loc
-        .store
-        .get(&loc.path)
-        .await
-        .map_err(|e| Error::object_store(&loc.display, e))?
-        .bytes()
-        .await
-        .map_err(|e| Error::object_store(&loc.display, e))?;
+    let bytes = loc.read().await?;
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if fmt == FileFormat::Json && first == Some(b'[') {
         let rows: Vec<serde_json::Value> = serde_json::from_slice(&bytes)
