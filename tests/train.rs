@@ -10,11 +10,11 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use conala::context::Context;
 use conala::model::lora::AdapterFiles;
-use conala::model::mode::{Mode, TrainState};
+use conala::model::mode::{Dropout, Mode, TrainState};
 use conala::model::ops;
 use conala::model::weights::Weights;
 use conala::model::{DTypeChoice, DeviceChoice, ModelSource};
-use conala::model::{T5Config, T5};
+use conala::model::{ModelConfig, Seq2Seq};
 use conala::plans;
 use conala::training::optimizer::{AdamW, AdamWConfig};
 
@@ -22,9 +22,13 @@ fn peft_dir() -> PathBuf {
     repo_root().join("tests/fixtures/parity/peft")
 }
 
-fn base_model() -> T5 {
-    let dir = peft_dir().join("base");
-    let cfg = T5Config::from_json(
+fn base_model() -> Box<dyn Seq2Seq> {
+    model_at(&peft_dir().join("base"))
+}
+
+/// The model of a fixture folder, through the seam.
+fn model_at(dir: &Path) -> Box<dyn Seq2Seq> {
+    let cfg = ModelConfig::from_json(
         &std::fs::read_to_string(dir.join("config.json")).unwrap(),
         "base",
     )
@@ -36,16 +40,16 @@ fn base_model() -> T5 {
         DType::F32,
     )
     .unwrap();
-    T5::load(&cfg, &w).unwrap()
+    cfg.build(&w).unwrap()
 }
 
-async fn with_adapter(name: &str) -> (T5, Vec<(String, candle_core::Var)>) {
+async fn with_adapter(name: &str) -> (Box<dyn Seq2Seq>, Vec<(String, candle_core::Var)>) {
     let mut m = base_model();
     let ctx = context(None, Path::new("/tmp"), true);
     let a = AdapterFiles::locate(peft_dir().join(name).to_str().unwrap(), &ctx.hub)
         .await
         .unwrap();
-    let vars = a.apply(&mut m).unwrap();
+    let vars = a.apply(m.as_mut()).unwrap();
     (m, vars)
 }
 
@@ -79,12 +83,12 @@ fn batch(io: &HashMap<String, Tensor>) -> (Tensor, Tensor, Tensor, Tensor, Tenso
 }
 
 /// The training-mode loss (differentiable softmax; dropout 0 as in the fixture).
-fn loss(m: &T5, io: &HashMap<String, Tensor>) -> Tensor {
+fn loss(m: &dyn Seq2Seq, io: &HashMap<String, Tensor>) -> Tensor {
     let (ids, mask, dec, lab, lmask) = batch(io);
-    let state = std::cell::RefCell::new(TrainState {
-        dropout: 0.0,
-        rng: conala::rng::Rng::new(0),
-    });
+    let state = std::cell::RefCell::new(TrainState::new(
+        Dropout::uniform(0.0),
+        conala::rng::Rng::new(0),
+    ));
     let logits = m
         .forward(
             &ids,
@@ -104,7 +108,7 @@ async fn loss_gradients_and_adamw_steps_match_peft() {
     let io = io();
     let (model, vars) = with_adapter("adapter_init").await;
     let hf_losses: Vec<f32> = io["losses"].to_vec1().unwrap();
-    let l = loss(&model, &io);
+    let l = loss(model.as_ref(), &io);
     let ours = l.to_scalar::<f32>().unwrap();
     assert!(
         (ours - hf_losses[0]).abs() < 1e-4 * hf_losses[0].abs().max(1.0),
@@ -149,7 +153,7 @@ async fn loss_gradients_and_adamw_steps_match_peft() {
     )
     .unwrap();
     for (step, want) in hf_losses.iter().take(5).enumerate() {
-        let l = loss(&model, &io);
+        let l = loss(model.as_ref(), &io);
         let got = l.to_scalar::<f32>().unwrap();
         assert!(
             (got - want).abs() < 1e-3 * want.abs().max(1.0),
@@ -200,7 +204,7 @@ async fn peft_trained_adapter_reproduces_hf_generations() {
         max_new_tokens: 32,
         ..Default::default()
     };
-    let got = conala::model::decoding::generate(&model, &refs, &[0; 4], &o).unwrap();
+    let got = conala::model::decoding::generate(model.as_ref(), &refs, &[0; 4], &o).unwrap();
     let hf: Vec<Vec<i64>> = io["greedy_trained"].to_vec2().unwrap();
     for (g, h) in got.iter().zip(&hf) {
         let mut want: Vec<u32> = vec![];
@@ -407,8 +411,8 @@ async fn train_plan_writes_peft_adapter_merged_model_metrics_and_plot() {
         ..Default::default()
     };
     assert_eq!(
-        conala::model::decoding::generate(&merged.model, &refs, &[0; 4], &o).unwrap(),
-        conala::model::decoding::generate(&with.model, &refs, &[0; 4], &o).unwrap()
+        conala::model::decoding::generate(merged.model.as_ref(), &refs, &[0; 4], &o).unwrap(),
+        conala::model::decoding::generate(with.model.as_ref(), &refs, &[0; 4], &o).unwrap()
     );
     // `conala merge` writes the same checkpoint.
     let m2 = tmp.path().join("merged2");
@@ -743,17 +747,18 @@ fn checkpointed_gradients_equal_plain_ones() {
             r: 4,
             alpha: 8.0,
             dropout: 0.1,
-            targets: vec!["q".into(), "v".into(), "wo".into()],
+            targets: Some(vec!["q".into(), "v".into(), "wo".into()]),
             rslora: false,
         },
         "base",
+        base_model().config(),
     );
     for full in [false, true] {
         let mut m = base_model();
         let vars: Vec<candle_core::Var> = if full {
             m.make_all_trainable().unwrap()
         } else {
-            attach_new(&mut m, &lora, 3).unwrap()
+            attach_new(m.as_mut(), &lora, 3).unwrap()
         }
         .into_iter()
         .map(|(_, v)| v)
@@ -771,15 +776,15 @@ fn checkpointed_gradients_equal_plain_ones() {
             }
         }
         let run = |checkpointed: bool| {
-            let state = std::cell::RefCell::new(TrainState {
-                dropout: 0.1,
-                rng: conala::rng::Rng::new(11),
-            });
+            let state = std::cell::RefCell::new(TrainState::new(
+                Dropout::uniform(0.1),
+                conala::rng::Rng::new(11),
+            ));
             let mode = Mode {
                 train: Some(&state),
             };
             let (l, g) = m
-                .gradients((&ids, &mask, &dec), &mode, &vars, checkpointed, loss)
+                .gradients((&ids, &mask, &dec), &mode, &vars, checkpointed, &loss)
                 .unwrap();
             let next = state.borrow_mut().rng.next_u64();
             (l.to_scalar::<f32>().unwrap(), g, next)

@@ -106,14 +106,7 @@ pub async fn merge(a: MergeArgs) -> Result<()> {
         ..ModelSource::at(&a.base, DeviceChoice::Cpu, DTypeChoice::F32)
     };
     let mut loaded = conala::model::load(&source, &ctx.hub).await?;
-    let config_text = std::fs::read_to_string(&loaded.files.config)?;
-    let config_json: serde_json::Value = serde_json::from_str(&config_text)?;
-    conala::model::lora::save_merged(
-        &mut loaded.model,
-        &config_json,
-        loaded.files.tokenizer.as_deref(),
-        &a.out,
-    )?;
+    conala::model::lora::save_merged(loaded.model.as_mut(), &loaded.files, &a.out)?;
     out!("merged {} + {} -> {}", a.base, a.adapter, a.out.display());
     Ok(())
 }

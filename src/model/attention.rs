@@ -1,6 +1,6 @@
-//! T5 attention: no 1/sqrt(d) scaling, an additive bias (relative positions from
-//! [`super::position_bias`], per-row padding masks, the causal mask), projections stacked for
-//! inference, and the cached forms decoding uses.
+//! Multi-head attention shared by every family: an additive bias (T5's relative positions from
+//! [`super::position_bias`], per-row padding masks, the causal mask), a score scale (T5: none; BART:
+//! 1/sqrt(head dim)), projections stacked for inference, and the cached forms decoding uses.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -22,6 +22,8 @@ pub struct Attention {
     pub o: Linear,
     pub heads: usize,
     pub d_kv: usize,
+    /// Scores are `scale * q·k` (T5 folds the scale into its weights: 1).
+    pub scale: f64,
     /// Inference only: q, k and v stacked (3 x inner, d) so one matmul projects all three; q, k, v
     /// then hold views of it.
     pub qkv: Option<Linear>,
@@ -38,6 +40,7 @@ impl Attention {
             o,
             heads,
             d_kv,
+            scale: 1.0,
             qkv: None,
             kv: None,
         }
@@ -49,18 +52,14 @@ impl Attention {
         if self.q.lora.is_some() || self.k.lora.is_some() || self.v.lora.is_some() {
             return Ok(());
         }
-        let inner = self.q.out_dim();
         if self_attention {
-            let w = Tensor::cat(&[&self.q.weight, &self.k.weight, &self.v.weight], 0)?;
-            self.q.weight = w.narrow(0, 0, inner)?;
-            self.k.weight = w.narrow(0, inner, inner)?;
-            self.v.weight = w.narrow(0, 2 * inner, inner)?;
-            self.qkv = Some(Linear::new(w));
+            let w = Linear::stacked(&[&self.q, &self.k, &self.v])?;
+            w.unstack_into(&mut [&mut self.q, &mut self.k, &mut self.v])?;
+            self.qkv = Some(w);
         } else {
-            let w = Tensor::cat(&[&self.k.weight, &self.v.weight], 0)?;
-            self.k.weight = w.narrow(0, 0, inner)?;
-            self.v.weight = w.narrow(0, inner, inner)?;
-            self.kv = Some(Linear::new(w));
+            let w = Linear::stacked(&[&self.k, &self.v])?;
+            w.unstack_into(&mut [&mut self.k, &mut self.v])?;
+            self.kv = Some(w);
         }
         Ok(())
     }
@@ -89,10 +88,7 @@ impl Attention {
             Some(w) => {
                 w.transpose_for_inference()?;
                 // q, k and v view the stacked weight: point them at its new storage.
-                let inner = self.q.out_dim();
-                self.q.weight = w.weight.narrow(0, 0, inner)?;
-                self.k.weight = w.weight.narrow(0, inner, inner)?;
-                self.v.weight = w.weight.narrow(0, 2 * inner, inner)?;
+                w.unstack_into(&mut [&mut self.q, &mut self.k, &mut self.v])?;
             }
             None => self.q.transpose_for_inference()?,
         }
@@ -124,7 +120,7 @@ impl Attention {
         mode: &Mode,
         index: Option<&KvIndex>,
     ) -> Result<Tensor> {
-        let out = ops::attention(q, k, v, bias, index, mode)?; // (b, h, t, d)
+        let out = ops::attention(q, k, v, bias, self.scale, index, mode)?; // (b, h, t, d)
         let (b, h, t, d) = out.dims4()?;
         self.o
             .forward(&out.transpose(1, 2)?.reshape((b, t, h * d))?, mode)

@@ -1,177 +1,214 @@
-//! T5-family configuration, read from a Hugging Face `config.json` as it is.
+//! What conala needs to know of any model, whatever its family: the special tokens decoding and
+//! training use, the sizes memory estimates use, the dropout rates, and the family's own config
+//! (behind [`Architecture`]) that builds the network. Parsed from a Hugging Face `config.json` by the
+//! family [`super::registry`] names for its `model_type`, with `generation_config.json` on top.
 
-use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::Arc;
 
+use serde_json::Value;
+
+use super::mode::Dropout;
+use super::seq2seq::Seq2Seq;
+use super::weights::Weights;
 use crate::error::{Error, Result};
 
-/// The feed-forward block's activation and whether it is gated (`wi_0` * `wi_1`).
+/// A family's own config: what only that family's code reads. It builds the network and answers
+/// the questions plans ask before any weight is loaded.
+pub trait Architecture: Send + Sync {
+    /// The network, from checkpoint tensors.
+    fn build(&self, cfg: &ModelConfig, w: &Weights) -> Result<Box<dyn Seq2Seq>>;
+    /// Parameters as transformers' `num_parameters()` counts them (tied weights once).
+    fn parameter_count(&self) -> u64;
+    /// Every linear layer by its HF module name, with its shape, but the output layer: what LoRA
+    /// can target.
+    fn linears(&self) -> Vec<LinearShape>;
+}
+
+/// A linear layer's HF module name (`encoder.block.0.layer.0.SelfAttention.q`), shape and role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearShape {
+    pub name: String,
+    pub inputs: usize,
+    pub outputs: usize,
+    pub role: Role,
+}
+
+/// What a linear layer does in its block, whatever the family calls it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Relu,
-    /// HF `gelu` (erf form).
-    Gelu,
-    /// HF `gelu_new` (tanh approximation) — what `gated-gelu` uses.
-    GeluNew,
-    Silu,
+pub enum Role {
+    Query,
+    Key,
+    Value,
+    /// Attention's output projection.
+    Output,
+    /// The feed-forward's input projection(s).
+    FeedForwardIn,
+    FeedForwardOut,
 }
 
+/// The sizes memory estimates use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FeedForward {
-    pub activation: Activation,
-    pub gated: bool,
-}
-
-impl FeedForward {
-    /// Parse HF's `feed_forward_proj`: `relu`, `gelu`, `gated-gelu` (gelu_new), `gated-silu`, …
-    pub fn parse(s: &str) -> Result<FeedForward> {
-        let (gated, act) = match s.split_once('-') {
-            Some(("gated", act)) => (true, act),
-            None => (false, s),
-            Some(_) => {
-                return Err(Error::model(format!(
-                    "unknown feed_forward_proj `{s}` (expected ACT or gated-ACT)"
-                )))
-            }
-        };
-        let activation = match (act, gated) {
-            ("gelu", true) => Activation::GeluNew,
-            ("gelu", false) => Activation::Gelu,
-            ("gelu_new", _) => Activation::GeluNew,
-            ("relu", _) => Activation::Relu,
-            ("silu", _) | ("swish", _) => Activation::Silu,
-            _ => {
-                return Err(Error::model(format!(
-                    "unknown feed_forward_proj `{s}` (supported: relu, gelu, gelu_new, silu, and gated-* of them)"
-                )))
-            }
-        };
-        Ok(FeedForward { activation, gated })
-    }
-}
-
-fn default_buckets() -> usize {
-    32
-}
-fn default_max_distance() -> usize {
-    128
-}
-fn default_eps() -> f64 {
-    1e-6
-}
-fn default_ff() -> String {
-    "relu".to_string()
-}
-fn default_true() -> bool {
-    true
-}
-fn default_dropout() -> f64 {
-    0.1
-}
-fn default_init() -> f64 {
-    1.0
-}
-fn default_eos() -> u32 {
-    1
-}
-
-/// The keys of a T5 `config.json` this project reads (others are kept as they are when saving).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct T5Config {
-    pub vocab_size: usize,
+pub struct Shape {
     pub d_model: usize,
+    pub heads: usize,
+    /// Width of one head.
     pub d_kv: usize,
     pub d_ff: usize,
-    pub num_layers: usize,
-    #[serde(default)]
-    pub num_decoder_layers: Option<usize>,
-    pub num_heads: usize,
-    #[serde(default = "default_buckets")]
-    pub relative_attention_num_buckets: usize,
-    #[serde(default = "default_max_distance")]
-    pub relative_attention_max_distance: usize,
-    #[serde(default = "default_dropout")]
-    pub dropout_rate: f64,
-    #[serde(default = "default_eps")]
-    pub layer_norm_epsilon: f64,
-    #[serde(default = "default_init")]
-    pub initializer_factor: f64,
-    #[serde(default = "default_ff")]
-    pub feed_forward_proj: String,
-    #[serde(default = "default_true")]
-    pub tie_word_embeddings: bool,
-    #[serde(default)]
-    pub pad_token_id: u32,
-    #[serde(default = "default_eos")]
-    pub eos_token_id: u32,
-    #[serde(default)]
-    pub decoder_start_token_id: Option<u32>,
-    #[serde(default)]
-    pub model_type: Option<String>,
-    /// transformers >= 5 forces `tie_word_embeddings` to true and records the d_model^-0.5 output
-    /// scaling here instead; when present it decides the scaling.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scale_decoder_outputs: Option<bool>,
+    pub encoder_layers: usize,
+    pub decoder_layers: usize,
+    /// A gated feed-forward (two input projections).
+    pub gated: bool,
+    /// Attention biases are position-dependent tensors (T5's relative positions), not just masks.
+    pub position_bias: bool,
 }
 
-impl T5Config {
-    pub fn from_json(text: &str, origin: &str) -> Result<T5Config> {
-        let cfg: T5Config = serde_json::from_str(text)
-            .map_err(|e| Error::model(format!("{origin}: not a T5 config.json: {e}")))?;
-        cfg.validate(origin)?;
-        Ok(cfg)
-    }
-
-    pub fn validate(&self, origin: &str) -> Result<()> {
-        self.feed_forward()
-            .map_err(|e| Error::model(format!("{origin}: {e}")))?;
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("d_model", self.d_model),
-            ("d_kv", self.d_kv),
-            ("d_ff", self.d_ff),
-            ("num_layers", self.num_layers),
-            ("num_decoder_layers", self.decoder_layers()),
-            ("num_heads", self.num_heads),
-            (
-                "relative_attention_num_buckets",
-                self.relative_attention_num_buckets,
-            ),
-        ] {
-            if v == 0 {
-                return Err(Error::model(format!("{origin}: `{name}` must be positive")));
-            }
-        }
-        if let Some(t) = &self.model_type {
-            if !matches!(t.as_str(), "t5" | "mt5" | "umt5" | "longt5") && !t.is_empty() {
-                log::warn!(
-                    "{origin}: model_type `{t}` is not t5; loading it as a T5 encoder-decoder"
-                );
-            }
-        }
-        Ok(())
-    }
-
-    pub fn feed_forward(&self) -> Result<FeedForward> {
-        FeedForward::parse(&self.feed_forward_proj)
-    }
-
-    /// Whether logits are computed from decoder outputs scaled by d_model^-0.5 (original T5, tied).
-    pub fn scales_logits(&self) -> bool {
-        self.scale_decoder_outputs
-            .unwrap_or(self.tie_word_embeddings)
-    }
-
-    pub fn decoder_layers(&self) -> usize {
-        self.num_decoder_layers.unwrap_or(self.num_layers)
-    }
-
-    pub fn decoder_start(&self) -> u32 {
-        self.decoder_start_token_id.unwrap_or(self.pad_token_id)
-    }
-
+impl Shape {
     /// Inner width of attention (heads x d_kv).
     pub fn inner_dim(&self) -> usize {
-        self.num_heads * self.d_kv
+        self.heads * self.d_kv
+    }
+}
+
+/// The special tokens of generation and training, as HF's `generate` resolves them:
+/// `generation_config.json` over `config.json`, the decoder start falling back to `bos_token_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tokens {
+    pub pad: u32,
+    pub eos: u32,
+    pub decoder_start: u32,
+    /// Forced as the first generated token (BART's `<s>`, mBART-50's target language code).
+    pub forced_bos: Option<u32>,
+    /// Forced as the last token when the length limit is reached (BART).
+    pub forced_eos: Option<u32>,
+}
+
+/// How training turns labels into decoder inputs (HF's `shift_tokens_right` of the family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecoderInputs {
+    /// `[decoder_start] + labels[..-1]` (T5, BART).
+    StartToken,
+    /// `[last label] + labels[..-1]`: the last label (mBART's and PLBART's language code) starts the
+    /// decoder.
+    WrapLastLabel,
+}
+
+/// A model's config, family-independent.
+#[derive(Clone)]
+pub struct ModelConfig {
+    /// `model_type` as config.json says it (t5, mt5, umt5, bart, mbart, plbart).
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub shape: Shape,
+    pub tokens: Tokens,
+    /// The checkpoint's dropout rates (a plan's `train.dropout` replaces all three).
+    pub dropout: Dropout,
+    pub decoder_inputs: DecoderInputs,
+    /// The longest sequence the model has positions for (BART's learned positions); `None`: any
+    /// length (T5's relative positions).
+    pub max_positions: Option<usize>,
+    /// PEFT's default LoRA targets for the family (T5: q, v; BART: q_proj, v_proj).
+    pub lora_targets: &'static [&'static str],
+    /// Every module name LoRA can target, for messages (`q, k, v, o, wi, wo`).
+    pub lora_modules: &'static str,
+    pub arch: Arc<dyn Architecture>,
+}
+
+impl fmt::Debug for ModelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelConfig")
+            .field("model_type", &self.model_type)
+            .field("vocab_size", &self.vocab_size)
+            .field("shape", &self.shape)
+            .field("tokens", &self.tokens)
+            .field("dropout", &self.dropout)
+            .field("decoder_inputs", &self.decoder_inputs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModelConfig {
+    /// Parse a `config.json` with the family its `model_type` names (see [`super::registry`]).
+    pub fn from_json(text: &str, origin: &str) -> Result<ModelConfig> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| Error::model(format!("{origin}: not a JSON config: {e}")))?;
+        super::registry::parse(&v, origin)
+    }
+
+    /// Apply a `generation_config.json`: the token ids it sets replace config.json's, as HF's
+    /// `generate` reads them (an explicit null switches a forced token off). Decoding settings in it
+    /// (`num_beams`, `no_repeat_ngram_size`, ...) are left to the plan.
+    pub fn with_generation_config(mut self, text: &str, origin: &str) -> Result<ModelConfig> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| Error::model(format!("{origin}: not a JSON generation config: {e}")))?;
+        let t = &mut self.tokens;
+        if let Some(x) = token(&v, "pad_token_id", origin)? {
+            t.pad = x;
+        }
+        if let Some(x) = token(&v, "eos_token_id", origin)? {
+            t.eos = x;
+        }
+        if let Some(x) = token(&v, "decoder_start_token_id", origin)? {
+            t.decoder_start = x;
+        }
+        if v.get("forced_bos_token_id").is_some() {
+            t.forced_bos = token(&v, "forced_bos_token_id", origin)?;
+        }
+        if v.get("forced_eos_token_id").is_some() {
+            t.forced_eos = token(&v, "forced_eos_token_id", origin)?;
+        }
+        Ok(self)
+    }
+
+    /// The network of this config, from checkpoint tensors.
+    pub fn build(&self, w: &Weights) -> Result<Box<dyn Seq2Seq>> {
+        self.arch.build(self, w)
+    }
+
+    pub fn parameter_count(&self) -> u64 {
+        self.arch.parameter_count()
+    }
+
+    pub fn linears(&self) -> Vec<LinearShape> {
+        self.arch.linears()
+    }
+
+    /// The decoder inputs for `labels` (teacher forcing): see [`DecoderInputs`].
+    pub fn decoder_inputs(&self, labels: &[u32], len: usize) -> Vec<u32> {
+        let first = match self.decoder_inputs {
+            DecoderInputs::StartToken => self.tokens.decoder_start,
+            DecoderInputs::WrapLastLabel => {
+                labels.last().copied().unwrap_or(self.tokens.decoder_start)
+            }
+        };
+        (0..len)
+            .map(|j| match j {
+                0 => first,
+                j => labels.get(j - 1).copied().unwrap_or(self.tokens.pad),
+            })
+            .collect()
+    }
+}
+
+/// A token id key: an integer, a one-element list (HF allows lists of EOS ids), or null (`None`).
+/// Several EOS ids are refused by name: decoding stops on one.
+pub fn token(v: &Value, key: &str, origin: &str) -> Result<Option<u32>> {
+    let bad = |why: &str| Error::model(format!("{origin}: `{key}` {why}"));
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| bad("must be a token id (a non-negative integer)")),
+        Some(Value::Array(a)) if a.len() == 1 => {
+            token(&serde_json::json!({ key: a[0] }), key, origin)
+        }
+        Some(Value::Array(a)) if a.is_empty() => Ok(None),
+        Some(Value::Array(_)) => Err(bad(
+            "lists several token ids; conala stops decoding on one end-of-sequence id",
+        )),
+        Some(_) => Err(bad("must be a token id")),
     }
 }
 
@@ -180,51 +217,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn feed_forward_variants() {
-        assert_eq!(
-            FeedForward::parse("relu").unwrap(),
-            FeedForward {
-                activation: Activation::Relu,
-                gated: false
-            }
-        );
-        assert_eq!(
-            FeedForward::parse("gated-gelu").unwrap(),
-            FeedForward {
-                activation: Activation::GeluNew,
-                gated: true
-            }
-        );
-        assert_eq!(
-            FeedForward::parse("gated-silu").unwrap(),
-            FeedForward {
-                activation: Activation::Silu,
-                gated: true
-            }
-        );
-        assert_eq!(
-            FeedForward::parse("gelu").unwrap().activation,
-            Activation::Gelu
-        );
-        assert!(FeedForward::parse("gated-tanhh").is_err());
-        assert!(FeedForward::parse("fancy-relu").is_err());
-    }
-
-    #[test]
-    fn reads_flan_config_and_rejects_unknown_activation() {
-        let json = r#"{"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 2048, "num_layers": 12,
-            "num_heads": 12, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": false,
-            "decoder_start_token_id": 0, "model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}"#;
-        let c = T5Config::from_json(json, "config.json").unwrap();
-        assert_eq!(c.decoder_layers(), 12);
-        assert!(!c.tie_word_embeddings);
-        let bad = json.replace("gated-gelu", "gated-mish");
-        let e = T5Config::from_json(&bad, "m/config.json")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("m/config.json") && e.contains("gated-mish"),
-            "{e}"
-        );
+    fn token_ids_are_integers_or_one_element_lists() {
+        let v = serde_json::json!({"a": 2, "b": [3], "c": null, "d": [1, 2], "e": -1, "f": "x"});
+        assert_eq!(token(&v, "a", "c.json").unwrap(), Some(2));
+        assert_eq!(token(&v, "b", "c.json").unwrap(), Some(3));
+        assert_eq!(token(&v, "c", "c.json").unwrap(), None);
+        assert_eq!(token(&v, "missing", "c.json").unwrap(), None);
+        for k in ["d", "e", "f"] {
+            let e = token(&v, k, "m/c.json").unwrap_err().to_string();
+            assert!(
+                e.contains("m/c.json") && e.contains(&format!("`{k}`")),
+                "{e}"
+            );
+        }
     }
 }

@@ -1,9 +1,10 @@
-//! The small modules T5 is made of: Linear (with an optional LoRA adapter), T5's RMS layer norm and
-//! the feed-forward block. Their arithmetic goes through [`super::ops`].
+//! The small modules every family is made of: Linear (optional bias, optional LoRA adapter), T5's RMS
+//! norm and the classic layer norm, and the feed-forward block. Their arithmetic goes through
+//! [`super::ops`].
 
 use candle_core::{DType, Tensor, Var};
 
-use super::config::FeedForward;
+use super::activation::FeedForward;
 use super::mode::Mode;
 use super::ops;
 use crate::error::Result;
@@ -19,10 +20,12 @@ pub struct Lora {
     pub dropout: f64,
 }
 
-/// A bias-free linear layer (T5 has no biases). `weight` is (out, in), as in HF checkpoints.
+/// A linear layer. `weight` is (out, in), as in HF checkpoints; `bias` (out) where the family has one
+/// (BART: every projection; T5: none).
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor,
+    pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
     /// Inference only, where [`ops::prefers_transposed_weights`]: the weight stored transposed, (in,
     /// out) contiguous; `weight` is then a view of it.
@@ -33,9 +36,43 @@ impl Linear {
     pub fn new(weight: Tensor) -> Self {
         Linear {
             weight,
+            bias: None,
             lora: None,
             weight_t: None,
         }
+    }
+
+    pub fn with_bias(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            bias,
+            ..Linear::new(weight)
+        }
+    }
+
+    /// Stack layers' weights (and biases) along the output dimension: one matmul for all of them.
+    /// Every part must have a bias, or none.
+    pub fn stacked(parts: &[&Linear]) -> Result<Linear> {
+        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias.as_ref()).collect();
+        let bias = match biases {
+            Some(b) if !b.is_empty() => Some(Tensor::cat(&b, 0)?),
+            _ => None,
+        };
+        Ok(Linear::with_bias(Tensor::cat(&weights, 0)?, bias))
+    }
+
+    /// Point each of `parts` at its rows of this stacked layer (no second copy of the weights).
+    pub fn unstack_into(&self, parts: &mut [&mut Linear]) -> Result<()> {
+        let mut at = 0;
+        for p in parts.iter_mut() {
+            let n = p.out_dim();
+            p.weight = self.weight.narrow(0, at, n)?;
+            if let Some(b) = &self.bias {
+                p.bias = Some(b.narrow(0, at, n)?);
+            }
+            at += n;
+        }
+        Ok(())
     }
 
     pub fn out_dim(&self) -> usize {
@@ -47,7 +84,12 @@ impl Linear {
         let (lead, k) = dims.split_at(dims.len() - 1);
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, k[0]))?;
-        let mut y = ops::linear(&x2, &self.weight, self.weight_t.as_ref())?;
+        let mut y = ops::linear(
+            &x2,
+            &self.weight,
+            self.weight_t.as_ref(),
+            self.bias.as_ref(),
+        )?;
         if let Some(l) = &self.lora {
             // As PEFT does (its `autocast_adapter_dtype`): the adapter keeps its own dtype (f32 for
             // a bf16 base) and its path runs in it; the base output is cast up for the sum, and the
@@ -109,7 +151,22 @@ impl RmsNorm {
     }
 }
 
-/// The feed-forward block: `wo(act(wi(x)))`, or gated `wo(act(wi_0(x)) * wi_1(x))`.
+/// The classic layer norm (BART): `(x - mean) / sqrt(var + eps) * weight + bias`, computed in f32.
+#[derive(Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// The feed-forward block: `wo(act(wi(x)))`, or gated `wo(act(wi_0(x)) * wi_1(x))` (BART's `fc1` and
+/// `fc2` are `wi` and `wo`).
 #[derive(Clone)]
 pub struct Ffn {
     pub kind: FeedForward,
@@ -131,29 +188,23 @@ impl Ffn {
         if self.wi.lora.is_some() || w1.lora.is_some() {
             return Ok(());
         }
-        let f = self.wi.out_dim();
-        let w = Tensor::cat(&[&self.wi.weight, &w1.weight], 0)?;
-        self.wi.weight = w.narrow(0, 0, f)?;
-        w1.weight = w.narrow(0, f, f)?;
-        self.gate_stacked = Some(Linear::new(w));
+        let stacked = Linear::stacked(&[&self.wi, w1])?;
+        stacked.unstack_into(&mut [&mut self.wi, w1])?;
+        self.gate_stacked = Some(stacked);
         Ok(())
     }
 
     /// Transposed weights for decoding (see [`Linear::transpose_for_inference`]).
     pub fn transpose_for_decoding(&mut self) -> Result<()> {
-        match &mut self.gate_stacked {
-            Some(w) => {
+        match (&mut self.gate_stacked, &mut self.wi_1) {
+            (Some(w), Some(w1)) => {
                 w.transpose_for_inference()?;
                 // wi_0 and wi_1 view the stacked weight: point them at its new storage.
-                let f = self.wi.out_dim();
-                self.wi.weight = w.weight.narrow(0, 0, f)?;
-                if let Some(w1) = &mut self.wi_1 {
-                    w1.weight = w.weight.narrow(0, f, f)?;
-                }
+                w.unstack_into(&mut [&mut self.wi, w1])?;
             }
-            None => {
+            (_, w1) => {
                 self.wi.transpose_for_inference()?;
-                if let Some(w1) = &mut self.wi_1 {
+                if let Some(w1) = w1 {
                     w1.transpose_for_inference()?;
                 }
             }
@@ -172,7 +223,7 @@ impl Ffn {
             Some(w1) => ops::gated_act(&a, &w1.forward(x, mode)?, act)?,
             None => ops::act(&a, act)?,
         };
-        let h = ops::model_dropout(&h, mode)?;
+        let h = ops::dropout(&h, mode.activation_dropout_rate(), mode)?;
         self.wo.forward(&h, mode)
     }
 }
@@ -230,6 +281,7 @@ mod tests {
         let b = Var::new(&[[1f32], [0.], [-1.]], &dev).unwrap(); // out=3, r=1
         let lin = Linear {
             weight: w,
+            bias: None,
             lora: Some(Lora {
                 a,
                 b,

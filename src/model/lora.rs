@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use super::config::ModelConfig;
 use super::layers::Lora;
-use super::t5::T5;
-use super::weights::{save_safetensors, Weights};
+use super::seq2seq::Seq2Seq;
+use super::weights::{save_safetensors, ModelFiles, Weights};
 use crate::error::{Error, Result};
 use crate::hub::{looks_like_repo_id, Hub, RepoId};
 use crate::rng::Rng;
@@ -21,7 +22,8 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 const KEY_PREFIX: &str = "base_model.model.";
 
-/// LoRA hyper-parameters for a new adapter (PEFT's names; its defaults for T5: r 8, alpha 8, q and v).
+/// LoRA hyper-parameters for a new adapter (PEFT's names; its defaults: r 8, alpha 8, and the
+/// family's targets: q and v for T5, q_proj and v_proj for BART).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LoraSettings {
@@ -31,9 +33,11 @@ pub struct LoraSettings {
     pub alpha: f64,
     #[serde(default)]
     pub dropout: f64,
-    /// Target module names (the last component of a Linear's path: q, k, v, o, wi, wi_0, wi_1, wo).
-    #[serde(default = "default_targets")]
-    pub targets: Vec<String>,
+    /// Target module names (the last component of a Linear's path: q, k, v, o, wi, wi_0, wi_1, wo
+    /// in T5; q_proj, k_proj, v_proj, out_proj, fc1, fc2 in BART). Unset: PEFT's default for the
+    /// model's family.
+    #[serde(default)]
+    pub targets: Option<Vec<String>>,
     /// rsLoRA: scale alpha / sqrt(r) instead of alpha / r.
     #[serde(default)]
     pub rslora: bool,
@@ -45,7 +49,7 @@ impl Default for LoraSettings {
             r: default_r(),
             alpha: default_alpha(),
             dropout: 0.0,
-            targets: default_targets(),
+            targets: None,
             rslora: false,
         }
     }
@@ -57,8 +61,36 @@ fn default_r() -> usize {
 fn default_alpha() -> f64 {
     8.0
 }
-fn default_targets() -> Vec<String> {
-    vec!["q".to_string(), "v".to_string()]
+
+impl LoraSettings {
+    /// The target modules for a model of `cfg`: as set, else PEFT's default for its family.
+    pub fn targets_for(&self, cfg: &ModelConfig) -> Vec<String> {
+        match &self.targets {
+            Some(t) => t.clone(),
+            None => cfg.lora_targets.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    /// An error naming the targets that match no linear layer of a model of `cfg`.
+    pub fn check_targets(&self, cfg: &ModelConfig) -> Result<()> {
+        let names = TargetModules::Names(self.targets_for(cfg));
+        let modules = cfg.linears();
+        let mut hits = 0;
+        for m in &modules {
+            if names.matches(&m.name)? {
+                hits += 1;
+            }
+        }
+        if hits == 0 {
+            return Err(Error::model(format!(
+                "LoRA targets {:?} match no module of this {} model (its modules: {})",
+                self.targets_for(cfg),
+                cfg.model_type,
+                cfg.lora_modules
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The part of PEFT's `adapter_config.json` that defines a LoRA adapter.
@@ -113,14 +145,14 @@ impl TargetModules {
 }
 
 impl AdapterConfig {
-    /// The config of a new adapter with `settings` for the base model `base`.
-    pub fn new(spec: &LoraSettings, base: &str) -> Self {
+    /// The config of a new adapter with `settings` for the base model `base` of config `cfg`.
+    pub fn new(spec: &LoraSettings, base: &str, cfg: &ModelConfig) -> Self {
         AdapterConfig {
             peft_type: Some("LORA".into()),
             r: spec.r,
             lora_alpha: spec.alpha,
             lora_dropout: spec.dropout,
-            target_modules: TargetModules::Names(spec.targets.clone()),
+            target_modules: TargetModules::Names(spec.targets_for(cfg)),
             use_rslora: spec.rslora,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
@@ -157,7 +189,7 @@ impl AdapterConfig {
         }
         if self.bias.as_deref().is_some_and(|b| b != "none") {
             return Err(Error::model(format!(
-                "{origin}: LoRA bias `{}` is not supported (T5 has no biases)",
+                "{origin}: LoRA bias `{}` is not supported (only `none`: the adapter trains no biases)",
                 self.bias.as_deref().unwrap_or("")
             )));
         }
@@ -180,7 +212,13 @@ impl AdapterConfig {
 
 /// Attach fresh trainable adapters to the target modules (PEFT's init: A kaiming-uniform, B zero).
 /// Returns the LoRA variables by their PEFT key.
-pub fn attach_new(model: &mut T5, cfg: &AdapterConfig, seed: u64) -> Result<Vec<(String, Var)>> {
+pub fn attach_new(
+    model: &mut dyn Seq2Seq,
+    cfg: &AdapterConfig,
+    seed: u64,
+) -> Result<Vec<(String, Var)>> {
+    let modules = model.config().lora_modules;
+    let model_type = model.config().model_type.clone();
     cfg.check("lora settings")?;
     let mut rng = Rng::new(seed);
     let mut vars = vec![];
@@ -214,7 +252,7 @@ pub fn attach_new(model: &mut T5, cfg: &AdapterConfig, seed: u64) -> Result<Vec<
     }
     if hits == 0 {
         return Err(Error::model(format!(
-            "LoRA targets {:?} match no module (T5 modules: q, k, v, o, wi, wi_0, wi_1, wo)",
+            "LoRA targets {:?} match no module of this {model_type} model (its modules: {modules})",
             cfg.target_modules
         )));
     }
@@ -270,11 +308,11 @@ impl AdapterFiles {
     }
 
     /// Load the adapter's A/B into the model's target modules (as variables, so they can keep training).
-    pub fn apply(&self, model: &mut T5) -> Result<Vec<(String, Var)>> {
+    pub fn apply(&self, model: &mut dyn Seq2Seq) -> Result<Vec<(String, Var)>> {
         let w = Weights::open(
             std::slice::from_ref(&self.weights),
             &self.dir,
-            &model.device,
+            model.device(),
             DType::F32,
         )?;
         let r = self.config.r;
@@ -331,7 +369,7 @@ impl AdapterFiles {
 }
 
 /// Write the model's adapters in PEFT's format.
-pub fn save_adapter(model: &mut T5, cfg: &AdapterConfig, dir: &Path) -> Result<()> {
+pub fn save_adapter(model: &mut dyn Seq2Seq, cfg: &AdapterConfig, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
     let mut tensors = BTreeMap::new();
     for (name, lin) in model.linears_mut() {
@@ -356,27 +394,23 @@ pub fn save_adapter(model: &mut T5, cfg: &AdapterConfig, dir: &Path) -> Result<(
     std::fs::write(&p, json).map_err(|e| Error::io(p.display(), e))
 }
 
-/// Write the model (adapters folded in) as a plain HF checkpoint folder: config.json,
-/// model.safetensors, and tokenizer.json when given.
-pub fn save_merged(
-    model: &mut T5,
-    config_json: &serde_json::Value,
-    tokenizer: Option<&Path>,
-    out: &Path,
-) -> Result<()> {
+/// Write the model (adapters folded in) as a plain HF checkpoint folder: `model.safetensors`, and the
+/// base model's config.json, generation_config.json and tokenizer beside it.
+pub fn save_merged(model: &mut dyn Seq2Seq, base: &ModelFiles, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out.display(), e))?;
-    let mut sd = model.state_dict()?;
-    if model.lm_head.is_none() {
-        sd.remove("lm_head.weight");
-    }
+    let sd = model.state_dict()?;
     save_safetensors(&sd, &out.join(super::weights::SAFETENSORS))?;
-    let cfg = out.join(super::weights::CONFIG);
-    let text =
-        serde_json::to_string_pretty(config_json).map_err(|e| Error::model(e.to_string()))?;
-    std::fs::write(&cfg, text).map_err(|e| Error::io(cfg.display(), e))?;
-    if let Some(t) = tokenizer {
-        let dst = out.join(super::weights::TOKENIZER);
-        std::fs::copy(t, &dst).map_err(|e| Error::io(dst.display(), e))?;
+    let copy = |from: &Path, name: &str| -> Result<()> {
+        let dst = out.join(name);
+        std::fs::copy(from, &dst).map_err(|e| Error::io(dst.display(), e))?;
+        Ok(())
+    };
+    copy(&base.config, super::weights::CONFIG)?;
+    if let Some(g) = &base.generation_config {
+        copy(g, super::weights::GENERATION_CONFIG)?;
+    }
+    if let Some(t) = &base.tokenizer {
+        copy(t, super::weights::TOKENIZER)?;
     }
     Ok(())
 }
@@ -418,6 +452,16 @@ mod tests {
                 ..Default::default()
             },
             "base",
+            &crate::model::init::config(
+                crate::model::init::Family::FlanT5,
+                crate::model::init::Size::Tiny,
+                100,
+            )
+            .model_config(),
+        );
+        assert_eq!(
+            c.target_modules,
+            TargetModules::Names(vec!["q".into(), "v".into()])
         );
         assert_eq!(c.scale(), 2.0);
         c.use_rslora = true;

@@ -4,7 +4,8 @@
 
 use candle_core::DType;
 
-use super::config::T5Config;
+use super::config::{ModelConfig, Role};
+use super::lora::{LoraSettings, TargetModules};
 
 /// Input-token budget of a decoding batch on the CPU (and with `batch_tokens: auto` where free memory
 /// cannot be read): large enough to keep the cores busy, small enough to keep caches warm.
@@ -28,14 +29,15 @@ struct Dims {
 }
 
 impl Dims {
-    fn of(cfg: &T5Config) -> Dims {
+    fn of(cfg: &ModelConfig) -> Dims {
+        let s = &cfg.shape;
         Dims {
-            d: cfg.d_model as u64,
-            inner: cfg.inner_dim() as u64,
-            ff: cfg.d_ff as u64,
-            heads: cfg.num_heads as u64,
+            d: s.d_model as u64,
+            inner: s.inner_dim() as u64,
+            ff: s.d_ff as u64,
+            heads: s.heads as u64,
             vocab: cfg.vocab_size as u64,
-            gated: cfg.feed_forward().map(|ff| ff.gated).unwrap_or(false),
+            gated: s.gated,
         }
     }
 }
@@ -56,7 +58,7 @@ pub struct DecodeFootprint {
 
 impl DecodeFootprint {
     pub fn new(
-        cfg: &T5Config,
+        cfg: &ModelConfig,
         dtype: DType,
         max_new_tokens: usize,
         num_beams: usize,
@@ -71,7 +73,7 @@ impl DecodeFootprint {
             vocab,
             ..
         } = Dims::of(cfg);
-        let layers = cfg.decoder_layers() as u64;
+        let layers = cfg.shape.decoder_layers as u64;
         let per_input_token = (d + 2 * layers * inner) * b;
         let cache = 2 * layers * inner * (max_new_tokens as u64 + 1) * b;
         let logits = 2 * vocab * 4;
@@ -158,9 +160,9 @@ impl TrainFootprint {
     /// lives until the backward pass is done (see the counts below; checked against measured peaks by
     /// `conala bench memory`).
     pub fn new(
-        cfg: &T5Config,
+        cfg: &ModelConfig,
         dtype: DType,
-        lora: Option<&crate::model::lora::LoraSettings>,
+        lora: Option<&LoraSettings>,
         shape: TrainShape,
         checkpointing: bool,
     ) -> TrainFootprint {
@@ -178,31 +180,48 @@ impl TrainFootprint {
             vocab,
             gated,
         } = Dims::of(cfg);
-        let (enc_layers, dec_layers) = (cfg.num_layers as u64, cfg.decoder_layers() as u64);
-        let params = parameter_count(cfg);
+        let (enc_layers, dec_layers) = (
+            cfg.shape.encoder_layers as u64,
+            cfg.shape.decoder_layers as u64,
+        );
+        let params = cfg.parameter_count();
         // Which projections carry an adapter, and its rank.
-        let targets = |name: &str| lora.is_some_and(|l| l.targets.iter().any(|x| x == name));
+        let modules = lora.map(|l| TargetModules::Names(l.targets_for(cfg)));
+        let adapted: Vec<Role> = cfg
+            .linears()
+            .into_iter()
+            .filter(|l| {
+                modules
+                    .as_ref()
+                    .is_some_and(|m| m.matches(&l.name).unwrap_or(false))
+            })
+            .map(|l| l.role)
+            .collect();
+        let targets = |role: Role| adapted.contains(&role);
         let r = lora.map_or(0, |l| l.r as u64);
-        let adapter_params = lora.map_or(0, |_| adapter_parameter_count(cfg, &targets, r));
+        let adapter_params = match &modules {
+            Some(m) => adapter_parameter_count(cfg, m, r),
+            None => 0,
+        };
 
         // One attention sublayer: `q` query tokens over `kv` key tokens in `b` rows of `ql` x `kl`.
         let attention = |q: u64, kv: u64, ql: u64, kl: u64| -> u64 {
             let norm = 3 * q * d * 4;
-            let proj = |name: &str, tokens: u64| {
+            let proj = |role: Role, tokens: u64| {
                 tokens * inner * e
-                    + if targets(name) {
+                    + if targets(role) {
                         3 * tokens * inner * 4 + tokens * r * 4
                     } else {
                         0
                     }
             };
-            let projections = proj("q", q) + proj("k", kv) + proj("v", kv);
+            let projections = proj(Role::Query, q) + proj(Role::Key, kv) + proj(Role::Value, kv);
             // Split into heads: contiguous copies.
             let heads = (q + 2 * kv) * inner * e;
             // q k^T, + bias, softmax, dropout (its mask and the product), in the model's dtype.
             let scores = 5 * b * h * ql * kl * e;
             // The weighted values, copied back out of heads; the output projection.
-            let lora_o = if targets("o") {
+            let lora_o = if targets(Role::Output) {
                 3 * q * d * 4 + q * r * 4
             } else {
                 0
@@ -223,9 +242,15 @@ impl TrainFootprint {
         // The output layer: logits (f32), their gradient while the loss backpropagates.
         let head = 3 * b * t * vocab * 4;
         let embeddings = 2 * (b * s + b * t) * d * e;
-        // The attention biases, made once per stack: the encoder's per row (positions + padding),
-        // the decoder's self-attention one for all rows (positions + causal).
-        let biases = (b * s * s + t * t) * h * e;
+        // The attention biases, made once per stack (T5: per layer in umT5, but each is freed with its
+        // layer's graph only at the end, like the activations): the encoder's per row (positions +
+        // padding), the decoder's self-attention one for all rows (positions + causal). Without
+        // position biases (BART) the masks are (b, 1, 1, s) and (1, 1, t, t).
+        let biases = if cfg.shape.position_bias {
+            (b * s * s + t * t) * h * e
+        } else {
+            (b * s + t * t) * e
+        };
         let activations = if checkpointing {
             // Each block's input (and its copy as a variable), one block's activations at a time.
             let inputs = 2 * (enc_layers * b * s + dec_layers * b * t) * d * e;
@@ -250,72 +275,31 @@ impl TrainFootprint {
 }
 
 /// `247.6 M parameters`, `19.46 B parameters`.
-pub fn parameters_text(cfg: &T5Config) -> String {
-    match parameter_count(cfg) as f64 {
+pub fn parameters_text(cfg: &ModelConfig) -> String {
+    match cfg.parameter_count() as f64 {
         n if n >= 1e9 => format!("{:.2} B parameters", n / 1e9),
         n => format!("{:.1} M parameters", n / 1e6),
     }
 }
 
-/// Parameters of a T5 model of `cfg` (embeddings once; the output layer when untied).
-pub fn parameter_count(cfg: &T5Config) -> u64 {
-    let Dims {
-        d,
-        inner,
-        ff: f,
-        heads,
-        vocab: v,
-        gated,
-    } = Dims::of(cfg);
-    let attn = 4 * d * inner;
-    let ffn = (if gated { 3 } else { 2 }) * d * f;
-    let bias = cfg.relative_attention_num_buckets as u64 * heads;
-    let enc = cfg.num_layers as u64 * (attn + ffn + 2 * d) + bias + d;
-    let dec = cfg.decoder_layers() as u64 * (2 * attn + ffn + 3 * d) + bias + d;
-    let head = if cfg.tie_word_embeddings { 0 } else { v * d };
-    v * d + enc + dec + head
-}
-
-/// Parameters of a LoRA adapter of rank `r` on the projections `targets` names.
-fn adapter_parameter_count(cfg: &T5Config, targets: &dyn Fn(&str) -> bool, r: u64) -> u64 {
-    let Dims {
-        d,
-        inner,
-        ff: f,
-        gated,
-        ..
-    } = Dims::of(cfg);
-    // (rank x in) + (out x rank) per adapted projection.
-    let per = |inp: u64, out: u64| r * (inp + out);
-    let mut attn = 0;
-    for (name, inp, out) in [
-        ("q", d, inner),
-        ("k", d, inner),
-        ("v", d, inner),
-        ("o", inner, d),
-    ] {
-        if targets(name) {
-            attn += per(inp, out);
-        }
-    }
-    let mut ffn = 0;
-    for (name, inp, out) in [
-        (if gated { "wi_0" } else { "wi" }, d, f),
-        ("wi_1", d, f),
-        ("wo", f, d),
-    ] {
-        if (name != "wi_1" || gated) && (targets(name) || (name.starts_with("wi") && targets("wi")))
-        {
-            ffn += per(inp, out);
-        }
-    }
-    cfg.num_layers as u64 * (attn + ffn) + cfg.decoder_layers() as u64 * (2 * attn + ffn)
+/// Parameters of a LoRA adapter of rank `r` on the linear layers `targets` matches: (rank x in) +
+/// (out x rank) each.
+fn adapter_parameter_count(cfg: &ModelConfig, targets: &TargetModules, r: u64) -> u64 {
+    cfg.linears()
+        .iter()
+        .filter(|l| targets.matches(&l.name).unwrap_or(false))
+        .map(|l| r * (l.inputs + l.outputs) as u64)
+        .sum()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::init::{config, Family, Size};
+    use crate::model::init::{Family, Size};
+
+    fn config(family: Family, size: Size, vocab: usize) -> ModelConfig {
+        crate::model::init::config(family, size, vocab).model_config()
+    }
 
     #[test]
     fn footprint_counts_caches_logits_and_the_encoder() {
@@ -360,17 +344,17 @@ mod tests {
     fn parameter_counts_match_hugging_face() {
         // As transformers' num_parameters() and PEFT's print_trainable_parameters() report them.
         let base = config(Family::FlanT5, Size::Base, 32128);
-        assert_eq!(parameter_count(&base), 247_577_856);
+        assert_eq!(base.parameter_count(), 247_577_856);
         let small = config(Family::T5, Size::Small, 32128);
-        assert_eq!(parameter_count(&small), 60_506_624);
-        let qv = |n: &str| n == "q" || n == "v";
+        assert_eq!(small.parameter_count(), 60_506_624);
+        let qv = TargetModules::Names(vec!["q".into(), "v".into()]);
         assert_eq!(adapter_parameter_count(&base, &qv, 8), 884_736);
     }
 
     #[test]
     fn checkpointing_keeps_block_inputs_not_activations() {
         let cfg = config(Family::FlanT5, Size::Base, 32128);
-        let lora = crate::model::lora::LoraSettings::default();
+        let lora = LoraSettings::default();
         let shape = TrainShape {
             batch: 8,
             input_len: 512,
@@ -404,7 +388,7 @@ mod tests {
         assert_eq!(bf16.optimizer, plain.optimizer); // AdamW state stays f32
                                                      // Full fine-tuning: f32 master weights, every weight trained.
         let full = TrainFootprint::new(&cfg, DType::F32, None, shape, false);
-        assert_eq!(full.gradients, parameter_count(&cfg) * 4);
+        assert_eq!(full.gradients, cfg.parameter_count() * 4);
         assert_eq!(full.optimizer, 2 * full.gradients);
     }
 }

@@ -1,18 +1,28 @@
-//! The project's own T5 on candle (see DESIGN: the stock candle-transformers T5 has no padding masks,
-//! no cross-attention cache, no way to drop rows, last-position logits only, no backward through its
-//! softmax, private Linear layers, and differs from HF in logit scaling and decoder position buckets).
+//! The project's own seq2seq models on candle (see DESIGN: the stock candle-transformers T5 has no
+//! padding masks, no cross-attention cache, no way to drop rows, last-position logits only, no
+//! backward through its softmax, private Linear layers, and differs from HF in logit scaling and
+//! decoder position buckets).
 //!
-//! - [`config`]: HF `config.json` (t5 / t5 v1.1 / flan-t5 / UL2 feed-forward variants).
-//! - [`t5`], [`attention`], [`layers`], [`position_bias`]: the network, written as plain tensor math;
-//!   every kernel is behind [`ops`], which picks the fused CPU kernel or candle's composed path.
-//! - [`kv_cache`], [`decoding`]: decoding state, and greedy / sampled / beam decoding.
+//! - [`seq2seq`]: the seam. [`Seq2Seq`] is what decoding, training, merging and the benchmarks use;
+//!   each family is a folder behind it ([`t5`], [`bart`]), chosen by `model_type` in [`registry`].
+//! - [`config`]: what every family's config says that conala needs (tokens, sizes, dropout).
+//! - [`attention`], [`layers`], [`position_bias`]: the modules families share, written as plain
+//!   tensor math; every kernel is behind [`ops`], which picks the fused CPU kernel or candle's
+//!   composed path.
+//! - [`checkpointing`]: gradients of a step, with or without recomputing activations.
+//! - [`kv_cache`], [`decode_state`], [`decoding`]: decoding state, and greedy / sampled / beam
+//!   decoding.
 //! - [`weights`]: locating and reading checkpoints (folders, the Hub, sharded safetensors).
 //! - [`lora`]: LoRA adapters in PEFT's format, and merging.
 //! - [`init`]: new models written as HF folders (random, or the copy prior).
 //! - [`device`], [`mode`]: where a model runs and in what precision; inference or training.
 
+pub mod activation;
 pub mod attention;
+pub mod bart;
+pub mod checkpointing;
 pub mod config;
+pub mod decode_state;
 pub mod decoding;
 pub mod device;
 pub mod init;
@@ -23,14 +33,18 @@ pub mod memory;
 pub mod mode;
 pub mod ops;
 pub mod position_bias;
+pub mod registry;
+pub mod seq2seq;
 pub mod t5;
 pub mod weights;
 
 use std::path::Path;
 
-pub use config::T5Config;
+pub use config::ModelConfig;
+pub use decode_state::DecodeState;
 pub use device::{DTypeChoice, DeviceChoice};
-pub use t5::{DecodeState, T5};
+pub use seq2seq::Seq2Seq;
+pub use t5::{T5Config, T5};
 
 use crate::error::{Error, Result};
 use crate::hub::Hub;
@@ -66,7 +80,7 @@ impl ModelSource {
 
 /// A model ready to run: the network, its tokenizer, and its identity for manifests.
 pub struct LoadedModel {
-    pub model: T5,
+    pub model: Box<dyn Seq2Seq>,
     pub tokenizer: Option<tokenizers::Tokenizer>,
     pub files: weights::ModelFiles,
     /// Content hash of the base weights.
@@ -79,8 +93,18 @@ pub struct LoadedModel {
 pub async fn load_config(
     source: &ModelSource,
     hub: &Hub,
-) -> Result<(weights::ModelFiles, T5Config)> {
+) -> Result<(weights::ModelFiles, ModelConfig)> {
     locate(source, hub, weights::Fetch::Metadata).await
+}
+
+/// The config of a model's files: config.json read by its family, generation_config.json on top.
+pub fn read_config(files: &weights::ModelFiles) -> Result<ModelConfig> {
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p.display(), e));
+    let cfg = ModelConfig::from_json(&read(&files.config)?, &files.config.display().to_string())?;
+    match &files.generation_config {
+        Some(g) => cfg.with_generation_config(&read(g)?, &g.display().to_string()),
+        None => Ok(cfg),
+    }
 }
 
 /// The model's files (what `fetch` asks for) and its parsed config.
@@ -88,20 +112,18 @@ async fn locate(
     source: &ModelSource,
     hub: &Hub,
     fetch: weights::Fetch,
-) -> Result<(weights::ModelFiles, T5Config)> {
+) -> Result<(weights::ModelFiles, ModelConfig)> {
     if let Some(new) = &source.init {
         new.materialize(Path::new(&source.path))?;
     }
     let files = weights::locate(&source.path, source.revision.as_deref(), hub, fetch).await?;
-    let text =
-        std::fs::read_to_string(&files.config).map_err(|e| Error::io(files.config.display(), e))?;
-    let cfg = T5Config::from_json(&text, &files.config.display().to_string())?;
+    let cfg = read_config(&files)?;
     Ok((files, cfg))
 }
 
 /// The model alone on `source.device` (another replica of a model already loaded, hashed and
 /// checked): weights and adapter, no tokenizer, no hashing.
-pub async fn load_replica(source: &ModelSource, hub: &Hub) -> Result<T5> {
+pub async fn load_replica(source: &ModelSource, hub: &Hub) -> Result<Box<dyn Seq2Seq>> {
     let (files, cfg) = locate(source, hub, weights::Fetch::All).await?;
     Ok(build(source, hub, &files, &cfg).await?.0)
 }
@@ -111,19 +133,19 @@ async fn build(
     source: &ModelSource,
     hub: &Hub,
     files: &weights::ModelFiles,
-    cfg: &T5Config,
-) -> Result<(T5, Option<String>)> {
+    cfg: &ModelConfig,
+) -> Result<(Box<dyn Seq2Seq>, Option<String>)> {
     let device = source.device.resolve()?;
     let dtype = source.dtype.resolve(&device);
     let w = weights::Weights::open(&files.weights, &files.origin, &device, dtype)?;
-    let mut model = T5::load(cfg, &w)?;
+    let mut model = cfg.build(&w)?;
     let mut adapter_hash = None;
     if let Some(a) = &source.adapter {
         let adapter = lora::AdapterFiles::locate(a, hub).await?;
         adapter_hash = Some(weights::content_hash(std::slice::from_ref(
             &adapter.weights,
         ))?);
-        adapter.apply(&mut model)?;
+        adapter.apply(model.as_mut())?;
     }
     Ok((model, adapter_hash))
 }

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::hub::{looks_like_repo_id, Hub, RepoId};
 
 pub const CONFIG: &str = "config.json";
+pub const GENERATION_CONFIG: &str = "generation_config.json";
 pub const SAFETENSORS: &str = "model.safetensors";
 pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 pub const TOKENIZER: &str = "tokenizer.json";
@@ -25,6 +26,8 @@ pub struct ModelFiles {
     /// What the user named (folder or Hub id), for messages.
     pub origin: String,
     pub config: PathBuf,
+    /// HF's generation defaults (the token ids `generate` uses), when the model has them.
+    pub generation_config: Option<PathBuf>,
     /// Empty for a Hub model located for its metadata only ([`Fetch::Metadata`]).
     pub weights: Vec<PathBuf>,
     pub tokenizer: Option<PathBuf>,
@@ -95,9 +98,11 @@ pub async fn locate(
             )));
         };
         let tok = dir.join(TOKENIZER);
+        let generation = dir.join(GENERATION_CONFIG);
         return Ok(ModelFiles {
             origin: path.to_string(),
             config,
+            generation_config: generation.is_file().then_some(generation),
             weights,
             tokenizer: tok.is_file().then_some(tok),
         });
@@ -118,9 +123,11 @@ pub async fn locate(
         Fetch::All => fetch_weights(hub, &repo, rev).await?,
     };
     let tokenizer = hub.fetch(&repo, rev, TOKENIZER).await.ok();
+    let generation_config = hub.fetch(&repo, rev, GENERATION_CONFIG).await.ok();
     Ok(ModelFiles {
         origin: path.to_string(),
         config,
+        generation_config,
         weights,
         tokenizer,
     })
@@ -173,6 +180,11 @@ impl Weights {
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// What the user named (folder or Hub id), for messages.
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     pub fn contains(&self, name: &str) -> bool {

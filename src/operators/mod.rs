@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use crate::context::Context;
 use crate::error::{closest, Result};
 use crate::model::weights::ModelFiles;
-use crate::model::{DeviceChoice, ModelSource, T5Config};
+use crate::model::{DeviceChoice, ModelConfig, ModelSource};
 use crate::reports::RunStats;
 use crate::row_ids::RowIdSet;
 use crate::training::TrainSummary;
@@ -168,9 +168,12 @@ pub fn at_most(key: &str, value: usize, limit: usize) -> StepResult<()> {
     Ok(())
 }
 
-/// The model a step uses must exist and be a T5 when the plan is built, not after rows were read: its
-/// files and config.
-pub async fn check_model(model: &ModelSource, ctx: &Context) -> StepResult<(ModelFiles, T5Config)> {
+/// The model a step uses must exist and be of a family conala runs when the plan is built, not after
+/// rows were read: its files and config.
+pub async fn check_model(
+    model: &ModelSource,
+    ctx: &Context,
+) -> StepResult<(ModelFiles, ModelConfig)> {
     crate::model::load_config(model, &ctx.hub)
         .await
         .map_err(|e| StepError::general(format!("model: {e}")))

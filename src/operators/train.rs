@@ -18,7 +18,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::model::memory::{parameters_text, TrainFootprint, TrainShape};
-use crate::model::{ops, DTypeChoice, ModelSource, T5Config};
+use crate::model::{ops, DTypeChoice, ModelConfig, ModelSource};
 use crate::plans::spec::{ModelSpec, TrainSpec};
 use crate::training::checkpoint;
 use crate::training::examples::{collect_rows, LabelledRows, TextColumns};
@@ -50,7 +50,7 @@ pub struct Train {
     model: ModelSource,
     /// The model on each training device (one replica each; the first is the primary).
     sources: Vec<ModelSource>,
-    cfg: T5Config,
+    cfg: ModelConfig,
     lengths: Option<(usize, usize)>,
     hub: Arc<Hub>,
     eval: Option<EvalRows>,
@@ -107,7 +107,7 @@ impl Train {
             return Err(StepError::at("learning_rate", "must be a positive number"));
         }
         if let Some(l) = &spec.lora {
-            if l.r == 0 || l.targets.is_empty() {
+            if l.r == 0 || l.targets.as_ref().is_some_and(|t| t.is_empty()) {
                 return Err(StepError::at(
                     "lora",
                     "r must be at least 1 and targets non-empty",
@@ -122,6 +122,10 @@ impl Train {
             model.dtype = DTypeChoice::F32; // full fine-tuning keeps f32 master weights
         }
         let (_, cfg) = check_model(&model, ctx).await?;
+        if let Some(l) = &spec.lora {
+            l.check_targets(&cfg)
+                .map_err(|e| StepError::at("lora.targets", e))?;
+        }
         let sources = match &spec.devices {
             None => vec![model.clone()],
             Some(d) => d
@@ -212,8 +216,7 @@ impl Train {
         }
         let files = TrainFiles {
             output: out,
-            config: loaded.files.config.clone(),
-            tokenizer: loaded.files.tokenizer.clone(),
+            base: loaded.files.clone(),
             base_name: self.model.path.clone(),
         };
         let (spec, resume, bars) = (self.spec.clone(), self.resume, exec.progress_bars);
@@ -260,7 +263,7 @@ impl Sink for Train {
         let ck = self.spec.gradient_checkpointing;
         let f = at(ck);
         let training = match lora {
-            Some(l) => format!("LoRA r {} on {}", l.r, l.targets.join(", ")),
+            Some(l) => format!("LoRA r {} on {}", l.r, l.targets_for(&self.cfg).join(", ")),
             None => "full fine-tuning".into(),
         };
         Some(MemoryEstimate {

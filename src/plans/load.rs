@@ -530,7 +530,8 @@ steps:
         let Step::Train(tr) = &load(t, &[]).unwrap().steps[1] else {
             panic!()
         };
-        assert_eq!(tr.lora.as_ref().unwrap().targets, vec!["q", "v"]);
+        // Targets unset: the model family's PEFT default (q, v for T5) is taken when the model is known.
+        assert_eq!(tr.lora.as_ref().unwrap().targets, None);
     }
 
     #[test]

@@ -13,13 +13,13 @@ use crate::error::{Error, Result};
 use crate::metrics::{Scorer, Scores};
 use crate::model::decoding::{generate, DecodeOptions};
 use crate::model::mode::Mode;
-use crate::model::{ops, T5};
+use crate::model::{ops, Seq2Seq};
 
 /// Rows per evaluation batch.
 const EVAL_BATCH: usize = 32;
 
 /// Mean token loss over examples (no dropout), in length-sorted batches.
-pub fn eval_loss(model: &T5, examples: &[Example]) -> Result<f64> {
+pub fn eval_loss(model: &dyn Seq2Seq, examples: &[Example]) -> Result<f64> {
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].input.len());
     let (mut sum, mut n) = (0f64, 0f64);
@@ -39,7 +39,7 @@ pub fn eval_loss(model: &T5, examples: &[Example]) -> Result<f64> {
 /// Generations for the first `rows` eval rows (all when 0) decoded with `options`, scored against
 /// their references; returns the scores and the predictions in row order.
 pub fn score_generations(
-    model: &T5,
+    model: &dyn Seq2Seq,
     tok: &tokenizers::Tokenizer,
     eval: &LabelledRows,
     rows: usize,

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use super::batching::Example;
 use crate::error::{from_stream_error, Error, Result};
 use crate::model::decoding::pad_batch;
-use crate::model::T5;
+use crate::model::Seq2Seq;
 use crate::operators::tokenize::{ERROR, INPUT_IDS, LABELS};
 
 /// The rows of a labelled stream: examples plus, when asked, reference and baseline texts and row ids.
@@ -105,7 +105,8 @@ pub async fn collect_rows(
     Ok(rows)
 }
 
-/// A batch's tensors: encoder ids and mask, decoder inputs (start + labels[:-1]), labels, label mask.
+/// A batch's tensors: encoder ids and mask, decoder inputs (the family's shift of the labels: start +
+/// labels[:-1]), labels, label mask.
 pub struct BatchTensors {
     pub ids: Tensor,
     pub mask: Tensor,
@@ -116,23 +117,16 @@ pub struct BatchTensors {
 
 impl BatchTensors {
     /// Right-padded tensors for `batch` on the model's device.
-    pub fn new(model: &T5, batch: &[&Example]) -> Result<BatchTensors> {
-        let dev = &model.device;
+    pub fn new(model: &dyn Seq2Seq, batch: &[&Example]) -> Result<BatchTensors> {
+        let dev = model.device();
+        let cfg = model.config();
         let inputs: Vec<&[u32]> = batch.iter().map(|e| e.input.as_slice()).collect();
-        let (ids, mask) = pad_batch(&inputs, model.cfg.pad_token_id, dev)?;
+        let (ids, mask) = pad_batch(&inputs, cfg.tokens.pad, dev)?;
         let t = batch.iter().map(|e| e.labels.len()).max().unwrap_or(1);
-        let start = model.cfg.decoder_start();
         let (mut dec, mut lab, mut lmask) = (vec![], vec![], vec![]);
         for e in batch {
+            dec.extend(cfg.decoder_inputs(&e.labels, t));
             for j in 0..t {
-                dec.push(if j == 0 {
-                    start
-                } else {
-                    e.labels
-                        .get(j - 1)
-                        .copied()
-                        .unwrap_or(model.cfg.pad_token_id)
-                });
                 lab.push(e.labels.get(j).copied().unwrap_or(0));
                 lmask.push(if j < e.labels.len() { 1f32 } else { 0.0 });
             }

@@ -15,7 +15,7 @@ use super::batching::Example;
 use super::examples::BatchTensors;
 use crate::error::{Error, Result};
 use crate::model::mode::{Mode, TrainState};
-use crate::model::{ops, T5};
+use crate::model::{ops, Seq2Seq};
 use crate::rng::Rng;
 
 /// A replica's share of a batch's loss and its gradients, in the variables' order.
@@ -23,7 +23,7 @@ type Share = (f64, Vec<Tensor>);
 
 /// One model on one device.
 pub struct Replica {
-    pub model: T5,
+    pub model: Box<dyn Seq2Seq>,
     /// Its trainable variables, in the primary's order.
     pub vars: Vec<Var>,
     /// Its dropout rate and generator.
@@ -46,7 +46,7 @@ impl Replica {
             return Ok(None);
         }
         let batch: Vec<&Example> = idx.iter().map(|&i| &step.examples[i]).collect();
-        let t = BatchTensors::new(&self.model, &batch)?;
+        let t = BatchTensors::new(self.model.as_ref(), &batch)?;
         let mode = Mode {
             train: Some(&self.dropout),
         };
@@ -55,7 +55,7 @@ impl Replica {
             &mode,
             &self.vars,
             step.checkpointing,
-            |logits| {
+            &|logits| {
                 let (sum, _) =
                     ops::cross_entropy(logits, &t.labels, &t.label_mask, step.labels_smoothing)?;
                 Ok((sum / step.total_tokens as f64)?)
@@ -95,7 +95,7 @@ impl Replicas {
         let n = self.list.len();
         let per = idx.len().div_ceil(n);
         let mut results: Vec<Result<Option<Share>>> = (0..n).map(|_| Ok(None)).collect();
-        let all_cpu = self.list.iter().all(|r| r.model.device.is_cpu());
+        let all_cpu = self.list.iter().all(|r| r.model.device().is_cpu());
         let shards = idx
             .chunks(per.max(1))
             .map(Some)
@@ -135,7 +135,7 @@ impl Replicas {
                     .collect::<candle_core::Result<_>>()?,
             });
         }
-        let device = self.list[0].model.device.clone();
+        let device = self.list[0].model.device().clone();
         let grads = sum
             .ok_or_else(|| Error::model("train: an empty batch"))?
             .iter()
@@ -149,7 +149,7 @@ impl Replicas {
         let (primary, others) = self.list.split_first().expect("at least one replica");
         for r in others {
             for (v, p) in r.vars.iter().zip(&primary.vars) {
-                v.set(&p.as_tensor().to_device(&r.model.device)?)?;
+                v.set(&p.as_tensor().to_device(r.model.device())?)?;
             }
         }
         Ok(())

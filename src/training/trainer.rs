@@ -9,7 +9,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,8 +29,9 @@ use crate::error::{Error, Result};
 use crate::metrics::Scores;
 use crate::model::decoding::DecodeOptions;
 use crate::model::lora::{attach_new, save_adapter, save_merged, AdapterConfig};
-use crate::model::mode::TrainState;
-use crate::model::T5;
+use crate::model::mode::{Dropout, TrainState};
+use crate::model::weights::ModelFiles;
+use crate::model::Seq2Seq;
 use crate::plans::spec::TrainSpec;
 use crate::progress::Progress;
 use crate::rng::Rng;
@@ -57,9 +58,9 @@ pub struct TrainSummary {
 pub struct TrainFiles {
     /// The output folder.
     pub output: PathBuf,
-    /// The base model's config.json (copied into `model/` and checkpoints of full fine-tuning).
-    pub config: PathBuf,
-    pub tokenizer: Option<PathBuf>,
+    /// The base model's files (its config, generation config and tokenizer are copied into `model/`
+    /// and checkpoints of full fine-tuning).
+    pub base: ModelFiles,
     /// The base model's name, recorded in the adapter config.
     pub base_name: String,
 }
@@ -123,8 +124,11 @@ fn decays(name: &str) -> bool {
     !(name.contains("layer_norm") || name.ends_with(".bias"))
 }
 
+/// Trainable variables by name (PEFT keys for LoRA, HF names for full fine-tuning).
+type NamedVars = Vec<(String, Var)>;
+
 /// The model's LoRA variables by PEFT key (an adapter loaded with the model keeps training).
-fn lora_vars(model: &mut T5) -> Vec<(String, Var)> {
+fn lora_vars(model: &mut dyn Seq2Seq) -> Vec<(String, Var)> {
     let mut out = vec![];
     for (name, lin) in model.linears_mut() {
         if let Some(l) = &lin.lora {
@@ -141,32 +145,31 @@ fn lora_vars(model: &mut T5) -> Vec<(String, Var)> {
     out
 }
 
-fn read_json(p: &Path) -> Result<serde_json::Value> {
-    let t = std::fs::read_to_string(p).map_err(|e| Error::io(p.display(), e))?;
-    serde_json::from_str(&t).map_err(|e| Error::json(p.display(), e))
-}
-
 impl<'a> Trainer<'a> {
     /// Set up the trainable variables and the optimizer, and resume from the output's last
     /// checkpoint when `resume`.
     pub fn start(
         spec: &'a TrainSpec,
         files: TrainFiles,
-        models: Vec<T5>,
+        models: Vec<Box<dyn Seq2Seq>>,
         resume: bool,
     ) -> Result<Trainer<'a>> {
+        let model_config = models
+            .first()
+            .map(|m| m.config().clone())
+            .ok_or_else(|| Error::model("train: no model"))?;
         let adapter = spec
             .lora
             .as_ref()
-            .map(|l| AdapterConfig::new(l, &files.base_name));
+            .map(|l| AdapterConfig::new(l, &files.base_name, &model_config));
         // Trainable variables on every replica: new (or loaded) LoRA adapters, or every weight.
-        let mut per_model: Vec<(T5, Vec<(String, Var)>)> = vec![];
+        let mut per_model: Vec<(Box<dyn Seq2Seq>, NamedVars)> = vec![];
         for mut model in models {
             let vars = match &adapter {
                 Some(cfg) => {
-                    let existing = lora_vars(&mut model);
+                    let existing = lora_vars(model.as_mut());
                     if existing.is_empty() {
-                        attach_new(&mut model, cfg, spec.seed)?
+                        attach_new(model.as_mut(), cfg, spec.seed)?
                     } else {
                         existing
                     }
@@ -200,7 +203,7 @@ impl<'a> Trainer<'a> {
             train_seconds: 0.0,
             replica_rngs: vec![],
         };
-        let device = per_model[0].0.device.clone();
+        let device = per_model[0].0.device().clone();
         let latest = if resume {
             checkpoint::load_latest(&files.output, &device)?
         } else {
@@ -230,7 +233,8 @@ impl<'a> Trainer<'a> {
             None if !resume => metrics.clear()?,
             None => {}
         }
-        let rate = spec.dropout.unwrap_or(per_model[0].0.cfg.dropout_rate);
+        // The plan's rate replaces every one of the checkpoint's (BART has three).
+        let rates = spec.dropout.map_or(model_config.dropout, Dropout::uniform);
         let list = per_model
             .into_iter()
             .enumerate()
@@ -246,7 +250,7 @@ impl<'a> Trainer<'a> {
                 Replica {
                     model,
                     vars: vars.into_iter().map(|(_, v)| v).collect(),
-                    dropout: RefCell::new(TrainState { dropout: rate, rng }),
+                    dropout: RefCell::new(TrainState::new(rates, rng)),
                 }
             })
             .collect();
@@ -449,7 +453,7 @@ impl<'a> Trainer<'a> {
     /// `finish` scores).
     fn evaluate(&mut self, data: &TrainData, progress_bars: bool) -> Result<()> {
         let spec = self.spec;
-        let el = eval_loss(&self.replicas.primary().model, &data.eval.examples)?;
+        let el = eval_loss(self.replicas.primary().model.as_ref(), &data.eval.examples)?;
         self.evals_done += 1;
         self.last_eval_loss = Some(el);
         let mut line = serde_json::json!({ "step": self.state.step, "eval_loss": el });
@@ -459,7 +463,7 @@ impl<'a> Trainer<'a> {
         {
             if let Some(tok) = data.tokenizer {
                 let (s, _) = score_generations(
-                    &self.replicas.primary().model,
+                    self.replicas.primary().model.as_ref(),
                     tok,
                     data.eval,
                     spec.eval_generate_rows,
@@ -528,11 +532,10 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        let cfg_json = read_json(&self.files.config)?;
-        let (model, adapter, tokenizer) = (
+        let (model, adapter, base) = (
             &mut self.replicas.primary_mut().model,
             &self.adapter,
-            self.files.tokenizer.as_deref(),
+            &self.files.base,
         );
         checkpoint::save(
             &self.files.output,
@@ -540,8 +543,8 @@ impl<'a> Trainer<'a> {
             &trainable,
             &self.opt.state(),
             |dir| match adapter {
-                Some(cfg) => save_adapter(model, cfg, dir),
-                None => save_merged(model, &cfg_json, tokenizer, dir),
+                Some(cfg) => save_adapter(model.as_mut(), cfg, dir),
+                None => save_merged(model.as_mut(), base, dir),
             },
         )?;
         checkpoint::prune(
@@ -555,23 +558,17 @@ impl<'a> Trainer<'a> {
     fn finish(mut self, data: &TrainData, loop_seconds: f64) -> Result<TrainSummary> {
         let out = &self.files.output;
         let train_seconds = self.seconds_before + self.started.elapsed().as_secs_f64();
-        let cfg_json = read_json(&self.files.config)?;
-        let model = &mut self.replicas.primary_mut().model;
+        let model = self.replicas.primary_mut().model.as_mut();
         if let Some(cfg) = &self.adapter {
             save_adapter(model, cfg, &out.join("adapter"))?;
         }
         let model_dir = out.join("model");
-        save_merged(
-            model,
-            &cfg_json,
-            self.files.tokenizer.as_deref(),
-            &model_dir,
-        )?;
+        save_merged(model, &self.files.base, &model_dir)?;
         let (mut eval_scores, mut baseline) = (None, None);
         if !data.eval.examples.is_empty() {
             if let Some(tok) = data.tokenizer {
                 let (scores, predictions) = score_generations(
-                    &self.replicas.primary().model,
+                    self.replicas.primary().model.as_ref(),
                     tok,
                     data.eval,
                     self.spec.eval_generate_rows,

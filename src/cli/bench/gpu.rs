@@ -35,7 +35,7 @@ use conala::model::decoding::{generate as decode, DecodeOptions};
 use conala::model::init::{Family, NewModel, Prior, Size};
 use conala::model::mode::Mode;
 use conala::model::weights::Weights;
-use conala::model::{DTypeChoice, DeviceChoice, T5Config, T5};
+use conala::model::{DTypeChoice, DeviceChoice, ModelConfig, Seq2Seq};
 
 /// Rows of CoNaLa mined, for the projection.
 const MINED_ROWS: f64 = 593_891.0;
@@ -240,13 +240,13 @@ fn machine(device: &Device) -> serde_json::Value {
 }
 
 /// A fixture model on `device` in `dtype`.
-fn fixture_model(family: &str, device: &Device, dtype: DType) -> Result<T5> {
+fn fixture_model(family: &str, device: &Device, dtype: DType) -> Result<Box<dyn Seq2Seq>> {
     let dir = Path::new("tests/fixtures/parity").join(family);
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(cfg_path.display(), e))?;
-    let cfg = T5Config::from_json(&text, family)?;
+    let cfg = ModelConfig::from_json(&text, family)?;
     let w = Weights::open(&[dir.join("model.safetensors")], family, device, dtype)?;
-    T5::load(&cfg, &w)
+    cfg.build(&w)
 }
 
 fn load_fixture(family: &str, file: &str) -> Result<HashMap<String, Tensor>> {
@@ -291,7 +291,7 @@ fn hf_tokens(t: &Tensor) -> Result<Vec<Vec<u32>>> {
         .collect())
 }
 
-fn greedy(model: &T5, rows: &[Vec<u32>], new_tokens: usize) -> Result<Vec<Vec<u32>>> {
+fn greedy(model: &dyn Seq2Seq, rows: &[Vec<u32>], new_tokens: usize) -> Result<Vec<Vec<u32>>> {
     let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
     let o = DecodeOptions {
         max_new_tokens: new_tokens,
@@ -307,7 +307,7 @@ fn check_parity(family: &str, device: &Device) -> Result<Parity> {
     let io = load_fixture(family, "io.safetensors")?;
     let bf = load_fixture(family, "bf16.safetensors")?;
     let on = |t: &Tensor, d: &Device, dt: DType| t.to_dtype(dt).and_then(|t| t.to_device(d));
-    let logits = |m: &T5, d: &Device| -> Result<Tensor> {
+    let logits = |m: &dyn Seq2Seq, d: &Device| -> Result<Tensor> {
         let l = m.forward(
             &on(&io["input_ids"], d, DType::U32)?,
             &on(&io["attention_mask"], d, DType::U8)?,
@@ -320,7 +320,10 @@ fn check_parity(family: &str, device: &Device) -> Result<Parity> {
         fixture_model(family, &Device::Cpu, DType::F32)?,
         fixture_model(family, device, DType::F32)?,
     );
-    let (lc, ld) = (logits(&cpu, &Device::Cpu)?, logits(&dev, device)?);
+    let (lc, ld) = (
+        logits(cpu.as_ref(), &Device::Cpu)?,
+        logits(dev.as_ref(), device)?,
+    );
     let max_logit_diff = (&lc - &ld)?
         .abs()?
         .flatten_all()?
@@ -330,11 +333,11 @@ fn check_parity(family: &str, device: &Device) -> Result<Parity> {
     cpu.prepare_for_inference()?;
     dev.prepare_for_inference()?;
     let rows = unpadded(&io["input_ids"], &io["attention_mask"])?;
-    let greedy_identical = greedy(&cpu, &rows, 32)? == greedy(&dev, &rows, 32)?;
+    let greedy_identical = greedy(cpu.as_ref(), &rows, 32)? == greedy(dev.as_ref(), &rows, 32)?;
     let mut bf16 = fixture_model(family, device, DType::BF16)?;
     bf16.prepare_for_inference()?;
     let bf_rows = unpadded(&bf["rows_input_ids"], &bf["rows_mask"])?;
-    let ours = greedy(&bf16, &bf_rows, 16)?;
+    let ours = greedy(bf16.as_ref(), &bf_rows, 16)?;
     let (hf_f32, hf_bf16) = (
         hf_tokens(&bf["greedy_f32"])?,
         hf_tokens(&bf["greedy_bf16"])?,

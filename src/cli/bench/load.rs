@@ -79,12 +79,12 @@ pub async fn run(args: &LoadArgs, ctx: &Context) -> Result<()> {
         "{}: {:.0} MB of safetensors on disk, loaded as {:?} on {}",
         dir.display(),
         files as f64 / MB,
-        loaded.model.dtype,
+        loaded.model.dtype(),
         args.device
     );
     out!(
         "  weights in {:?}: {:.0} MB; RssAnon before {:.0} MB, peak {:.0} MB, after {:.0} MB",
-        loaded.model.dtype,
+        loaded.model.dtype(),
         weights as f64 / MB,
         base as f64 / MB,
         peak as f64 / MB,

@@ -15,9 +15,9 @@ use conala::error::{Error, Result};
 use conala::model::init::{config, random_weights, Family, Size};
 use conala::model::lora::{attach_new, AdapterConfig, LoraSettings};
 use conala::model::memory::{TrainFootprint, TrainShape};
-use conala::model::mode::{Mode, TrainState};
+use conala::model::mode::{Dropout, Mode, TrainState};
 use conala::model::weights::{save_safetensors, Weights};
-use conala::model::{ops, T5};
+use conala::model::{ops, Seq2Seq, T5};
 use conala::rng::Rng;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -183,11 +183,12 @@ fn measure_here(shape: &str, checkpointing: bool, steps: usize) -> Result<Measur
         &Device::Cpu,
         DType::F32,
     )?;
-    let mut model = T5::load(&cfg, &w)?;
+    let mut model = T5::load(&cfg, &cfg.model_config(), &w)?;
     drop(w);
     let _cleanup = std::fs::remove_dir_all(&dir);
     let lora = LoraSettings::default();
-    let vars: Vec<Var> = attach_new(&mut model, &AdapterConfig::new(&lora, "bench"), 0)?
+    let adapter = AdapterConfig::new(&lora, "bench", &cfg.model_config());
+    let vars: Vec<Var> = attach_new(&mut model, &adapter, 0)?
         .into_iter()
         .map(|(_, v)| v)
         .collect();
@@ -213,16 +214,13 @@ fn measure_here(shape: &str, checkpointing: bool, steps: usize) -> Result<Measur
     crate::cli::memory::reset_peak();
     // On the compute pool, as the trainer runs.
     let (peak, seconds) = ops::on_compute_pool(|| -> Result<(u64, Vec<f64>)> {
-        let state = std::cell::RefCell::new(TrainState {
-            dropout: 0.1,
-            rng: Rng::new(2),
-        });
+        let state = std::cell::RefCell::new(TrainState::new(Dropout::uniform(0.1), Rng::new(2)));
         let step = || -> Result<()> {
             let mode = Mode {
                 train: Some(&state),
             };
             let (loss, grads) =
-                model.gradients((&input, &mask, &dec), &mode, &vars, checkpointing, |l| {
+                model.gradients((&input, &mask, &dec), &mode, &vars, checkpointing, &|l| {
                     let (sum, n) = ops::cross_entropy(l, &labels, &label_mask, 0.0)?;
                     Ok((sum / n)?)
                 })?;
@@ -247,7 +245,13 @@ fn measure_here(shape: &str, checkpointing: bool, steps: usize) -> Result<Measur
     } else {
         &seconds[..]
     };
-    let f = TrainFootprint::new(&cfg, DType::F32, Some(&lora), s, checkpointing);
+    let f = TrainFootprint::new(
+        &cfg.model_config(),
+        DType::F32,
+        Some(&lora),
+        s,
+        checkpointing,
+    );
     Ok(Measured {
         shape: shape.to_string(),
         checkpointing,

@@ -14,8 +14,8 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 use conala::error::{Error, Result};
-use conala::model::config::T5Config;
 use conala::model::init::{Family, Size};
+use conala::model::T5Config;
 
 pub use generate::GenerateArgs;
 pub use gpu::GpuArgs;

@@ -5,12 +5,16 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::model::mode::Mode;
-use crate::model::t5::T5;
+use crate::model::seq2seq::Seq2Seq;
 
 /// Encode rows in chunks of about `budget` padded tokens (rows in the order given; sort them by
 /// length for little padding) and stack the results, padded to the longest row: (rows, len, d) hidden
 /// states and their (rows, len) mask.
-pub fn encode_rows(model: &T5, rows: &[&[u32]], budget: usize) -> Result<(Tensor, Tensor)> {
+pub fn encode_rows(
+    model: &dyn Seq2Seq,
+    rows: &[&[u32]],
+    budget: usize,
+) -> Result<(Tensor, Tensor)> {
     let width = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
     let mut hidden = vec![];
     let mut masks = vec![];
@@ -22,7 +26,7 @@ pub fn encode_rows(model: &T5, rows: &[&[u32]], budget: usize) -> Result<(Tensor
             longest = longest.max(rows[j].len());
             j += 1;
         }
-        let (ids, mask) = pad_batch(&rows[i..j], model.cfg.pad_token_id, &model.device)?;
+        let (ids, mask) = pad_batch(&rows[i..j], model.config().tokens.pad, model.device())?;
         let h = model.encode(&ids, &mask, &Mode::INFER)?;
         let (b, s, d) = h.dims3()?;
         if s < width {

@@ -9,7 +9,7 @@ use super::batch::encode_rows;
 use super::options::{DecodeOptions, Finish, Generated};
 use super::processors::process;
 use crate::error::Result;
-use crate::model::t5::T5;
+use crate::model::seq2seq::Seq2Seq;
 
 const NEG: f32 = -1.0e9;
 
@@ -48,9 +48,13 @@ fn top_k(xs: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec<Generated>> {
-    let cfg = &model.cfg;
-    let (eos, start) = (cfg.eos_token_id, cfg.decoder_start());
+pub fn beam_search(
+    model: &dyn Seq2Seq,
+    rows: &[&[u32]],
+    o: &DecodeOptions,
+) -> Result<Vec<Generated>> {
+    let tokens = model.config().tokens;
+    let (eos, start) = (tokens.eos, tokens.decoder_start);
     let nb = o.num_beams;
     let keep_k = 2 * nb; // max(2, 1 + number of eos tokens) * num_beams, with one eos token
     let (enc, mask) = encode_rows(model, rows, o.encoder_batch_tokens)?;
@@ -100,7 +104,7 @@ pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec
                     .map(|h| *h.tokens.last().expect("start"))
             })
             .collect();
-        let logits = model.decode_step(&mut state, &Tensor::new(last, &model.device)?)?;
+        let logits = model.decode_step(&mut state, &Tensor::new(last, model.device())?)?;
         let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         let vocab = logits.first().map_or(0, |l| l.len());
         let gen_len = step + 1; // generated tokens including this step's
@@ -113,7 +117,7 @@ pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec
             for (b, hyp) in st.running.iter().enumerate() {
                 let mut lpb = logits[slot * nb + b].clone();
                 log_softmax(&mut lpb);
-                process(&mut lpb, &hyp.tokens, step, eos, o);
+                process(&mut lpb, &hyp.tokens, step, &tokens, o);
                 acc.extend(lpb.iter().map(|x| x + hyp.score));
             }
             let top = top_k(&acc, keep_k);
@@ -209,13 +213,17 @@ pub fn beam_search(model: &T5, rows: &[&[u32]], o: &DecodeOptions) -> Result<Vec
                 .next()
                 .map(|(h, _)| h.tokens)
                 .unwrap_or_default();
-            let tokens: Vec<u32> = best.into_iter().skip(1).collect();
-            let finish = if tokens.last() == Some(&eos) {
+            let out: Vec<u32> = best.into_iter().skip(1).collect();
+            let forced_end = tokens.forced_eos.is_some() && out.len() == o.max_new_tokens;
+            let finish = if out.last() == Some(&eos) && !forced_end {
                 Finish::Eos
             } else {
                 Finish::Length
             };
-            Generated { tokens, finish }
+            Generated {
+                tokens: out,
+                finish,
+            }
         })
         .collect())
 }

@@ -7,19 +7,19 @@ use super::batch::encode_rows;
 use super::options::{DecodeOptions, Finish, Generated};
 use super::processors::next_tokens;
 use crate::error::Result;
-use crate::model::t5::T5;
+use crate::model::seq2seq::Seq2Seq;
 use crate::rng::Rng;
 
 /// Greedy or sampled decoding of a batch of rows, one token per row and step. `seeds` (one per row)
 /// make sampling independent of batching.
 pub fn greedy_or_sampled(
-    model: &T5,
+    model: &dyn Seq2Seq,
     rows: &[&[u32]],
     seeds: &[u64],
     o: &DecodeOptions,
 ) -> Result<Vec<Generated>> {
-    let cfg = &model.cfg;
-    let (eos, start) = (cfg.eos_token_id, cfg.decoder_start());
+    let special = model.config().tokens;
+    let (eos, start) = (special.eos, special.decoder_start);
     let t0 = std::time::Instant::now();
     let (enc, mask) = encode_rows(model, rows, o.encoder_batch_tokens)?;
     let t_enc = t0.elapsed();
@@ -37,18 +37,21 @@ pub fn greedy_or_sampled(
             .iter()
             .map(|&r| *seqs[r].last().expect("start token"))
             .collect();
-        let tokens = Tensor::new(last, &model.device)?;
+        let tokens = Tensor::new(last, model.device())?;
         let logits = model
             .decode_step(&mut state, &tokens)?
             .to_dtype(DType::F32)?;
-        let next = next_tokens(&logits, &active, &seqs, &mut rngs, step, eos, o)?;
+        let next = next_tokens(&logits, &active, &seqs, &mut rngs, step, &special, o)?;
+        // A forced last token ends the row at the length limit, not by the model's choice.
+        let last_step = step + 1 == o.max_new_tokens;
+        let forced_end = last_step && special.forced_eos.is_some();
         let mut keep: Vec<u32> = vec![];
         let mut still: Vec<usize> = vec![];
         for (slot, (&r, next)) in active.iter().zip(next).enumerate() {
             seqs[r].push(next);
-            if next == eos {
+            if next == eos && !forced_end {
                 done[r] = Some(Finish::Eos);
-            } else if step + 1 == o.max_new_tokens {
+            } else if last_step {
                 done[r] = Some(Finish::Length);
             } else {
                 keep.push(slot as u32);

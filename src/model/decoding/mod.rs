@@ -1,4 +1,4 @@
-//! Decoding a batch of rows with the T5: greedy, sampling (temperature, top-k, top-p, per-row seeds) and
+//! Decoding a batch of rows with any [`Seq2Seq`] model: greedy, sampling (temperature, top-k, top-p, per-row seeds) and
 //! beam search, with HF's logits processors (repetition penalty, no-repeat n-grams, min new tokens).
 //!
 //! Every row leaves the running batch (and every cache) at the step it finishes, so no work is spent on
@@ -21,12 +21,12 @@ pub use options::{DecodeOptions, Finish, Generated};
 pub use processors::process;
 
 use crate::error::{Error, Result};
-use crate::model::t5::T5;
+use crate::model::seq2seq::Seq2Seq;
 
 /// Generate for a batch of rows: beam search when `num_beams > 1`, else greedy or sampled. `seeds`
 /// (one per row) make sampling independent of batching.
 pub fn generate(
-    model: &T5,
+    model: &dyn Seq2Seq,
     rows: &[&[u32]],
     seeds: &[u64],
     o: &DecodeOptions,

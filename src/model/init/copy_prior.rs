@@ -31,8 +31,8 @@ use candle_core::{Device, Tensor};
 use super::random::{normal, random_weights};
 use super::shapes::{config as family_config, Family, Size};
 use crate::error::{Error, Result};
-use crate::model::config::T5Config;
 use crate::model::position_bias::bucket;
+use crate::model::T5Config;
 use crate::rng::Rng;
 
 /// Width of one subspace; d_model is four of them.
@@ -341,7 +341,7 @@ mod tests {
             candle_core::DType::F32,
         )
         .unwrap();
-        let model = T5::load(&cfg, &w).unwrap();
+        let model = T5::load(&cfg, &cfg.model_config(), &w).unwrap();
         let ids: Vec<Vec<u32>> = texts
             .iter()
             .map(|t| tok.encode(*t, true).unwrap().get_ids().to_vec())

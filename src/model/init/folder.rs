@@ -8,8 +8,8 @@ use candle_core::Tensor;
 
 use super::shapes::config_json;
 use crate::error::{Error, Result};
-use crate::model::config::T5Config;
 use crate::model::weights::{save_safetensors, CONFIG, SAFETENSORS, TOKENIZER};
+use crate::model::T5Config;
 
 /// Write a model folder from weights with HF names: config.json, model.safetensors, tokenizer.json.
 pub fn write_model(

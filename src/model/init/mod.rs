@@ -16,8 +16,8 @@ pub use random::{random_weights, write_random_model};
 pub use shapes::{config, config_json, Family, Size};
 
 use crate::error::Result;
-use crate::model::config::T5Config;
 use crate::model::weights::CONFIG;
+use crate::model::T5Config;
 
 /// How a new model's weights start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

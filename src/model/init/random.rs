@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 
 use super::folder::write_model;
 use crate::error::Result;
-use crate::model::config::T5Config;
+use crate::model::T5Config;
 use crate::rng::Rng;
 
 pub(crate) fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::config::T5Config;
+use crate::model::T5Config;
 
 /// A T5 family, by its feed-forward and output layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

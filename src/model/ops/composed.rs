@@ -4,19 +4,28 @@
 
 use candle_core::{DType, Module, Tensor, D};
 
-use super::dropout::{dropout, model_dropout};
+use super::dropout::dropout;
 use crate::error::Result;
-use crate::model::config::Activation;
+use crate::model::activation::Activation;
 use crate::model::kv_cache::KvIndex;
 use crate::model::mode::Mode;
 
-/// `x2 @ weightᵀ`; `weight_t` is the same weight stored transposed, when the model keeps one.
-pub fn linear(x2: &Tensor, weight: &Tensor, weight_t: Option<&Tensor>) -> Result<Tensor> {
+/// `x2 @ weightᵀ (+ bias)`; `weight_t` is the same weight stored transposed, when the model keeps one.
+pub fn linear(
+    x2: &Tensor,
+    weight: &Tensor,
+    weight_t: Option<&Tensor>,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let wt = match weight_t {
         Some(wt) => wt.clone(),
         None => weight.t()?,
     };
-    Ok(x2.matmul(&wt)?)
+    let y = x2.matmul(&wt)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+        None => y,
+    })
 }
 
 /// T5's RMS norm `x * rsqrt(mean(x^2) + eps) * weight`, computed in f32 as HF does.
@@ -26,6 +35,21 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let y = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
     Ok(y.to_dtype(dtype)?.broadcast_mul(&weight.to_dtype(dtype)?)?)
+}
+
+/// The layer norm `(x - mean) / sqrt(var + eps) * weight + bias` (biased variance, as PyTorch),
+/// computed in f32.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let centered = xf.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = centered.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
+    let y = y
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?;
+    Ok(y.to_dtype(dtype)?)
 }
 
 /// Softmax over the last dimension, computed in f32. `differentiable`: from ops that have a backward
@@ -70,6 +94,10 @@ pub fn gated_act_stacked(y: &Tensor, act: Activation) -> Result<Tensor> {
 /// With an `index`, query row r reads key row `index.rows[r]` (gathered here; padding keys weigh
 /// nothing through the bias, so `index.lens` needs no work). The softmax is [`super::softmax_last_dim`],
 /// which picks its own kernel.
+///
+/// Below f32 (bf16, f16) the scores and their softmax are computed in f32, as PyTorch's SDPA (HF's
+/// default attention) keeps them: rounded to bf16, a score of 10 is off by up to 0.03, and the
+/// weights by as much; on a pre-norm model (mBART) that doubled the logits' error against HF's.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -88,9 +116,16 @@ pub fn attention(
         }
         None => (k.clone(), v.clone()),
     };
-    let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-    let w = super::softmax_last_dim(&scores, mode.is_training())?;
-    let w = model_dropout(&w, mode)?;
+    let dtype = q.dtype();
+    let scores = if dtype == DType::F32 {
+        q.matmul(&k.t()?)?.broadcast_add(bias)?
+    } else {
+        q.to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            .broadcast_add(&bias.to_dtype(DType::F32)?)?
+    };
+    let w = super::softmax_last_dim(&scores, mode.is_training())?.to_dtype(dtype)?;
+    let w = dropout(&w, mode.attention_dropout_rate(), mode)?;
     Ok(w.matmul(&v.contiguous()?)?)
 }
 

@@ -56,7 +56,7 @@ pub fn dropout_mask(n: usize, p: f64, seed: u64) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::mode::TrainState;
+    use crate::model::mode::{Dropout, TrainState};
     use candle_core::{DType, Device};
 
     #[test]
@@ -72,10 +72,7 @@ mod tests {
             32.0
         );
         let draw = |seed: u64, x: &Tensor, p: f64| -> Vec<f32> {
-            let st = std::cell::RefCell::new(TrainState {
-                dropout: p,
-                rng: Rng::new(seed),
-            });
+            let st = std::cell::RefCell::new(TrainState::new(Dropout::uniform(p), Rng::new(seed)));
             dropout(x, p, &Mode { train: Some(&st) })
                 .unwrap()
                 .flatten_all()

@@ -1,7 +1,7 @@
 //! The only door to kernels. The model calls these plain functions; each picks, for its inputs'
 //! device and dtype, a fused CPU kernel ([`cpu`]) or the composed candle path ([`composed`]), which
 //! is also the reference every fused kernel is tested against. A new device plugs in here and nowhere
-//! else: the T5 reads without kernel code.
+//! else: the model families read without kernel code.
 //!
 //! The rule today: f32 tensors on the CPU take the fused kernels (where one exists for that use:
 //! some have no backward pass and serve inference only); everything else is composed, so CUDA and
@@ -17,7 +17,7 @@ use std::cell::Cell;
 use candle_core::{DType, Storage, Tensor, D};
 
 use crate::error::Result;
-use crate::model::config::Activation;
+use crate::model::activation::Activation;
 use crate::model::kv_cache::KvIndex;
 use crate::model::mode::Mode;
 
@@ -59,24 +59,38 @@ pub fn reads_kv_in_place(x: &Tensor) -> bool {
     fused_cpu(x)
 }
 
-/// `x2 (rows, in) @ weightᵀ` for a weight (out, in); `weight_t` is the same weight stored transposed
-/// (in, out), when the model keeps one. On the CPU in f32: without gradients, the gemm straight into
-/// its output; with gradients through `x2` only (a frozen weight), a backward that skips the
-/// weight's gradient.
-pub fn linear(x2: &Tensor, weight: &Tensor, weight_t: Option<&Tensor>) -> Result<Tensor> {
-    if fused_cpu(x2) && fused_cpu(weight) && !weight.track_op() {
+/// `x2 (rows, in) @ weightᵀ (+ bias)` for a weight (out, in); `weight_t` is the same weight stored
+/// transposed (in, out), when the model keeps one. On the CPU in f32: without gradients, the gemm
+/// straight into its output and the bias added in place; with gradients through `x2` only (a frozen
+/// weight), a backward that skips the weight's gradient.
+pub fn linear(
+    x2: &Tensor,
+    weight: &Tensor,
+    weight_t: Option<&Tensor>,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let frozen_bias = bias.is_none_or(|b| fused_cpu(b) && !b.track_op());
+    if fused_cpu(x2) && fused_cpu(weight) && !weight.track_op() && frozen_bias {
         if !x2.track_op() {
             let wt = match weight_t {
                 Some(wt) => wt.clone(),
                 None => weight.t()?,
             };
-            return cpu::matmul::matmul(x2, &wt);
+            let y = cpu::matmul::matmul(x2, &wt)?;
+            if let Some(b) = bias {
+                cpu::matmul::add_bias_in_place(&y, b)?;
+            }
+            return Ok(y);
         }
         if x2.is_contiguous() {
-            return cpu::matmul::frozen_linear(x2, weight);
+            let y = cpu::matmul::frozen_linear(x2, weight)?;
+            return Ok(match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
         }
     }
-    composed::linear(x2, weight, weight_t)
+    composed::linear(x2, weight, weight_t, bias)
 }
 
 /// T5's RMS norm over the last dimension (one fused pass at inference on the CPU).
@@ -85,6 +99,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         return cpu::norm::rms_norm(x, weight, eps);
     }
     composed::rms_norm(x, weight, eps)
+}
+
+/// The classic layer norm over the last dimension (BART), in f32 (one fused pass at inference on the
+/// CPU).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let frozen = !x.track_op() && !weight.track_op() && !bias.track_op();
+    if fused_cpu(x) && fused_cpu(weight) && fused_cpu(bias) && frozen {
+        return cpu::norm::layer_norm(x, weight, bias, eps);
+    }
+    composed::layer_norm(x, weight, bias, eps)
 }
 
 /// Softmax over the last dimension, in f32. `differentiable`: gradients must flow through it
@@ -123,7 +147,7 @@ pub fn gated_act_stacked(y: &Tensor, act: Activation) -> Result<Tensor> {
     composed::gated_act_stacked(y, act)
 }
 
-/// softmax(q kᵀ + bias) v, with dropout on the weights in training: q (rows, heads, queries, d), k and
+/// softmax(scale · q kᵀ + bias) v, with dropout on the weights in training: q (rows, heads, queries, d), k and
 /// v (kv_rows, heads, len, d) (strided views allowed), bias broadcastable to (rows, heads, queries,
 /// len); returns (rows, heads, queries, d). With an `index`, query row r reads key row
 /// `index.rows[r]`. One query per row at inference on the CPU (a decoding step) is the fused kernel;
@@ -133,13 +157,20 @@ pub fn attention(
     k: &Tensor,
     v: &Tensor,
     bias: &Tensor,
+    scale: f64,
     index: Option<&KvIndex>,
     mode: &Mode,
 ) -> Result<Tensor> {
-    if !mode.is_training() && q.dims()[2] == 1 && fused_cpu(q) {
-        return cpu::attention::attention(q, k, v, bias, index);
+    // The scale goes on the queries: (s q)·k, one pass over the smallest operand.
+    let q = if scale == 1.0 {
+        q.clone()
+    } else {
+        (q * scale)?
+    };
+    if !mode.is_training() && q.dims()[2] == 1 && fused_cpu(&q) {
+        return cpu::attention::attention(&q, k, v, bias, index);
     }
-    composed::attention(q, k, v, bias, index, mode)
+    composed::attention(&q, k, v, bias, index, mode)
 }
 
 /// `x + dropout(h)`, the residual connection of every sublayer, at the model's dropout rate (`x + h`
@@ -225,6 +256,8 @@ mod tests {
         let x2 = x.reshape((6, 8)).unwrap();
         let w = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
         let g = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
+        let beta = Tensor::randn(0f32, 0.5, 8, &dev).unwrap();
+        let bias5 = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
         let q = Tensor::randn(0f32, 1.0, (2, 2, 1, 4), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (2, 2, 6, 4), &dev).unwrap();
         let bias = Tensor::randn(0f32, 1.0, (1, 2, 1, 6), &dev).unwrap();
@@ -232,7 +265,21 @@ mod tests {
         let mask = Tensor::new(&[[1f32, 1., 0.], [1., 1., 1.]], &dev).unwrap();
         type Case<'a> = (&'static str, Box<dyn Fn() -> Tensor + 'a>, f32);
         let cases: Vec<Case> = vec![
-            ("linear", Box::new(|| linear(&x2, &w, None).unwrap()), 1e-5),
+            (
+                "linear",
+                Box::new(|| linear(&x2, &w, None, None).unwrap()),
+                1e-5,
+            ),
+            (
+                "linear with bias",
+                Box::new(|| linear(&x2, &w, None, Some(&bias5)).unwrap()),
+                1e-5,
+            ),
+            (
+                "layer_norm",
+                Box::new(|| layer_norm(&x, &g, &beta, 1e-5).unwrap()),
+                1e-5,
+            ),
             (
                 "rms_norm",
                 Box::new(|| rms_norm(&x, &g, 1e-6).unwrap()),
@@ -260,7 +307,7 @@ mod tests {
             ),
             (
                 "attention",
-                Box::new(|| attention(&q, &k, &k, &bias, None, &Mode::INFER).unwrap()),
+                Box::new(|| attention(&q, &k, &k, &bias, 0.5, None, &Mode::INFER).unwrap()),
                 1e-5,
             ),
             (

@@ -1,9 +1,9 @@
 //! Building the T5 from checkpoint tensors (HF names); errors name the missing or misshapen tensor.
 
-use super::{Block, Stack, T5};
+use super::{Block, Stack, T5Config, T5};
 use crate::error::Result;
 use crate::model::attention::Attention;
-use crate::model::config::T5Config;
+use crate::model::config::ModelConfig;
 use crate::model::layers::{Ffn, Linear, RmsNorm};
 use crate::model::position_bias::{BucketTable, PositionBias};
 use crate::model::weights::Weights;
@@ -78,28 +78,48 @@ fn stack(w: &Weights, cfg: &T5Config, decoder: bool) -> Result<Stack> {
             ffn_norm: norm(w, &format!("{p}.{ff_layer}.layer_norm.weight"), cfg)?,
         });
     }
-    let bias_w = w.get(
-        &format!("{name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
-        &[cfg.relative_attention_num_buckets, cfg.num_heads],
-    )?;
+    // T5 and mT5 learn the bias in block 0 and share it; umT5 learns one per block.
+    let owners = if cfg.per_layer_position_bias() {
+        layers
+    } else {
+        let second = format!("{name}.block.1.layer.0.SelfAttention.relative_attention_bias.weight");
+        if w.contains(&second) {
+            return Err(crate::error::Error::model(format!(
+                "{}: `{second}` is a position bias in a later block (umT5 has one per block), but config.json says model_type `{}`; reading only block 0's would be silently wrong",
+                w.origin(),
+                cfg.model_type.as_deref().unwrap_or("t5")
+            )));
+        }
+        1
+    };
+    let biases = (0..owners)
+        .map(|i| {
+            Ok(PositionBias {
+                weight: w.get(
+                    &format!(
+                        "{name}.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"
+                    ),
+                    &[cfg.relative_attention_num_buckets, cfg.num_heads],
+                )?,
+                table: BucketTable::new(
+                    !decoder,
+                    cfg.relative_attention_num_buckets,
+                    cfg.relative_attention_max_distance,
+                    &w.device,
+                )?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(Stack {
         blocks,
         final_norm: norm(w, &format!("{name}.final_layer_norm.weight"), cfg)?,
-        bias: PositionBias {
-            weight: bias_w,
-            table: BucketTable::new(
-                !decoder,
-                cfg.relative_attention_num_buckets,
-                cfg.relative_attention_max_distance,
-                &w.device,
-            )?,
-        },
+        biases,
     })
 }
 
 impl T5 {
     /// Build the model from checkpoint tensors (HF names); errors name the missing or misshapen tensor.
-    pub fn load(cfg: &T5Config, w: &Weights) -> Result<T5> {
+    pub fn load(cfg: &T5Config, config: &ModelConfig, w: &Weights) -> Result<T5> {
         let (v, d) = (cfg.vocab_size, cfg.d_model);
         let shared_name = [
             "shared.weight",
@@ -119,6 +139,7 @@ impl T5 {
         };
         Ok(T5 {
             cfg: cfg.clone(),
+            config: config.clone(),
             shared,
             encoder: stack(w, cfg, false)?,
             decoder: stack(w, cfg, true)?,

@@ -1,23 +1,36 @@
-//! The T5 encoder-decoder: padded batches with per-row masks, logits for every position (training) or
+//! The T5 family (t5, t5 v1.1 / flan-t5, UL2, mT5, umT5): padded batches with per-row masks, logits for every position (training) or
 //! for the newest one (decoding), cross-attention keys/values computed once per sequence, a KV cache
 //! appended in place, and rows that can be dropped (or reordered, for beams) mid-generation.
 
-use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde_json::Value;
 
 use super::attention::{causal_bias, padding_bias, Attention};
-use super::config::T5Config;
+use super::config::ModelConfig;
+use super::decode_state::{stack_cross_kv, DecodeState};
 use super::layers::{Ffn, Linear, RmsNorm};
 use super::mode::Mode;
 use super::ops::{self, model_dropout, residual_dropout};
 use super::position_bias::PositionBias;
-use crate::error::Result;
+use super::seq2seq::{self, Batch, Layers, LossOf, Seq2Seq};
+use crate::error::{Error, Result};
 
+mod config;
 mod decode;
-mod gradients;
 mod load;
 mod params;
 
-pub use decode::DecodeState;
+pub use config::T5Config;
+
+/// The registry's reader of T5-family configs (t5, mt5, umt5).
+pub fn parse_config(v: &Value, origin: &str) -> Result<ModelConfig> {
+    let cfg: T5Config = serde_json::from_value(v.clone())
+        .map_err(|e| Error::model(format!("{origin}: not a T5 config.json: {e}")))?;
+    cfg.validate(origin)?;
+    Ok(cfg.model_config())
+}
 
 #[derive(Clone)]
 pub struct Block {
@@ -69,12 +82,22 @@ impl Block {
 pub struct Stack {
     pub blocks: Vec<Block>,
     pub final_norm: RmsNorm,
-    pub bias: PositionBias,
+    /// The learned relative position bias: one shared by every block (T5, mT5), or one per block
+    /// (umT5).
+    pub biases: Vec<PositionBias>,
+}
+
+impl Stack {
+    /// Each block's share of `per_bias` (one value per [`Stack::biases`] entry).
+    fn of<T>(per_bias: &[T], block: usize) -> &T {
+        &per_bias[block.min(per_bias.len() - 1)]
+    }
 }
 
 #[derive(Clone)]
 pub struct T5 {
     pub cfg: T5Config,
+    pub config: ModelConfig,
     /// (vocab, d_model), shared by both embeddings (and the output layer when tied).
     pub shared: Tensor,
     pub encoder: Stack,
@@ -83,7 +106,7 @@ pub struct T5 {
     pub lm_head: Option<Linear>,
     /// Inference only: every decoder layer's cross-attention k and v weights stacked
     /// (layers x 2 x inner, d), so one matmul projects the encoder output for all of them.
-    pub cross_kv_all: Option<Tensor>,
+    pub cross_kv_all: Option<Linear>,
     /// Inference with a tied output layer, where the kernels prefer transposed weights: the shared
     /// embedding transposed (d, vocab).
     pub tied_head_t: Option<Tensor>,
@@ -100,62 +123,9 @@ impl T5 {
         Ok(e.reshape(shape)?)
     }
 
-    /// The encoder's attention bias: relative positions plus the rows' padding, (b, heads, s, s).
-    fn encoder_bias(&self, s: usize, mask: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .encoder
-            .bias
-            .forward(s, s, 0)?
-            .to_dtype(self.dtype)?
-            .broadcast_add(&padding_bias(mask, self.dtype)?)?)
-    }
-
-    /// The decoder's biases: self-attention (relative positions, causal) and cross-attention (the
-    /// encoder rows' padding).
-    fn decoder_biases(&self, t: usize, enc_mask: &Tensor) -> Result<(Tensor, Tensor)> {
-        let self_bias = self
-            .decoder
-            .bias
-            .forward(t, t, 0)?
-            .to_dtype(self.dtype)?
-            .broadcast_add(&causal_bias(t, self.dtype, &self.device)?)?;
-        Ok((self_bias, padding_bias(enc_mask, self.dtype)?))
-    }
-
-    /// Token embeddings, with dropout in training.
-    fn embed_dropout(&self, ids: &Tensor, mode: &Mode) -> Result<Tensor> {
-        model_dropout(&self.embed(ids)?, mode)
-    }
-
     /// A stack's final norm, with dropout in training.
     fn final_dropout(stack: &Stack, x: &Tensor, mode: &Mode) -> Result<Tensor> {
         model_dropout(&stack.final_norm.forward(x)?, mode)
-    }
-
-    /// Encoder hidden states (b, s, d) for ids (b, s) with a 0/1 mask (b, s).
-    pub fn encode(&self, ids: &Tensor, mask: &Tensor, mode: &Mode) -> Result<Tensor> {
-        let mut x = self.embed_dropout(ids, mode)?;
-        let bias = self.encoder_bias(ids.dims2()?.1, mask)?;
-        for b in &self.encoder.blocks {
-            x = b.encode(&x, &bias, mode)?;
-        }
-        Self::final_dropout(&self.encoder, &x, mode)
-    }
-
-    /// Decoder hidden states for a whole target sequence (teacher forcing), causal.
-    pub fn decode_full(
-        &self,
-        dec_ids: &Tensor,
-        enc: &Tensor,
-        enc_mask: &Tensor,
-        mode: &Mode,
-    ) -> Result<Tensor> {
-        let mut x = self.embed_dropout(dec_ids, mode)?;
-        let (self_bias, cross_bias) = self.decoder_biases(dec_ids.dims2()?.1, enc_mask)?;
-        for b in &self.decoder.blocks {
-            x = b.decode(&x, enc, &self_bias, &cross_bias, mode)?;
-        }
-        Self::final_dropout(&self.decoder, &x, mode)
     }
 
     /// Logits (…, vocab) in f32 from decoder hidden states (…, d).
@@ -168,32 +138,151 @@ impl T5 {
         let l = match (&self.lm_head, &self.tied_head_t) {
             (Some(h), _) => h.forward(&hidden, mode)?,
             (None, Some(wt)) => Linear {
-                weight: wt.t()?,
-                lora: None,
                 weight_t: Some(wt.clone()),
+                ..Linear::new(wt.t()?)
             }
             .forward(&hidden, mode)?,
             (None, None) => Linear::new(self.shared.clone()).forward(&hidden, mode)?,
         };
         Ok(l.to_dtype(DType::F32)?)
     }
+}
 
-    /// Teacher-forced logits for every target position: (b, t, vocab).
-    pub fn forward(
+impl Layers for T5 {
+    /// Per position bias: relative positions plus the rows' padding, (b, heads, s, s).
+    type EncoderBias = Vec<Tensor>;
+    /// Per position bias: self-attention (relative positions, causal); cross-attention (padding).
+    type DecoderBias = (Vec<Tensor>, Tensor);
+
+    fn encoder_bias(&self, ids: &Tensor, mask: &Tensor) -> Result<Vec<Tensor>> {
+        let s = ids.dims2()?.1;
+        let pad = padding_bias(mask, self.dtype)?;
+        self.encoder
+            .biases
+            .iter()
+            .map(|b| {
+                Ok(b.forward(s, s, 0)?
+                    .to_dtype(self.dtype)?
+                    .broadcast_add(&pad)?)
+            })
+            .collect()
+    }
+
+    fn embed_encoder(&self, ids: &Tensor, mode: &Mode) -> Result<Tensor> {
+        model_dropout(&self.embed(ids)?, mode)
+    }
+
+    fn encoder_layers(&self) -> usize {
+        self.encoder.blocks.len()
+    }
+
+    fn encoder_layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        bias: &Vec<Tensor>,
+        mode: &Mode,
+    ) -> Result<Tensor> {
+        self.encoder.blocks[i].encode(x, Stack::of(bias, i), mode)
+    }
+
+    fn finish_encoder(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
+        Self::final_dropout(&self.encoder, x, mode)
+    }
+
+    fn decoder_bias(&self, dec_ids: &Tensor, enc_mask: &Tensor) -> Result<(Vec<Tensor>, Tensor)> {
+        let t = dec_ids.dims2()?.1;
+        let causal = causal_bias(t, self.dtype, &self.device)?;
+        let own = self
+            .decoder
+            .biases
+            .iter()
+            .map(|b| {
+                Ok(b.forward(t, t, 0)?
+                    .to_dtype(self.dtype)?
+                    .broadcast_add(&causal)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((own, padding_bias(enc_mask, self.dtype)?))
+    }
+
+    fn embed_decoder(&self, dec_ids: &Tensor, mode: &Mode) -> Result<Tensor> {
+        model_dropout(&self.embed(dec_ids)?, mode)
+    }
+
+    fn decoder_layers(&self) -> usize {
+        self.decoder.blocks.len()
+    }
+
+    fn decoder_layer(
+        &self,
+        i: usize,
+        y: &Tensor,
+        enc: &Tensor,
+        (own, cross): &(Vec<Tensor>, Tensor),
+        mode: &Mode,
+    ) -> Result<Tensor> {
+        self.decoder.blocks[i].decode(y, enc, Stack::of(own, i), cross, mode)
+    }
+
+    fn head(&self, y: &Tensor, mode: &Mode) -> Result<Tensor> {
+        self.logits(&Self::final_dropout(&self.decoder, y, mode)?, mode)
+    }
+}
+
+impl Seq2Seq for T5 {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn encode(&self, ids: &Tensor, mask: &Tensor, mode: &Mode) -> Result<Tensor> {
+        seq2seq::encode(self, ids, mask, mode)
+    }
+
+    fn forward(
         &self,
         ids: &Tensor,
         mask: &Tensor,
         dec_ids: &Tensor,
         mode: &Mode,
     ) -> Result<Tensor> {
-        let enc = self.encode(ids, mask, mode)?;
-        let h = self.decode_full(dec_ids, &enc, mask, mode)?;
-        self.logits(&h, mode)
+        seq2seq::forward(self, ids, mask, dec_ids, mode)
     }
 
-    /// Ready the model for generation only: fold any LoRA adapters into their weights and stack the
-    /// attention projections (one matmul for q, k, v). The model can no longer be trained after this.
-    pub fn prepare_for_inference(&mut self) -> Result<()> {
+    fn gradients(
+        &self,
+        batch: Batch,
+        mode: &Mode,
+        vars: &[Var],
+        checkpointed: bool,
+        loss: LossOf,
+    ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+        super::checkpointing::gradients(self, batch, mode, vars, checkpointed, loss)
+    }
+
+    fn start_decoding(
+        &self,
+        enc: &Tensor,
+        enc_mask: &Tensor,
+        max_len: usize,
+    ) -> Result<DecodeState> {
+        let attns: Vec<&Attention> = self.cross_attentions().collect();
+        DecodeState::start(&attns, self.cross_kv_all.as_ref(), enc, enc_mask, max_len)
+    }
+
+    fn decode_step(&self, st: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
+        self.step(st, tokens)
+    }
+
+    fn prepare_for_inference(&mut self) -> Result<()> {
         for (_, lin) in self.linears_mut() {
             if lin.lora.is_some() {
                 lin.weight = lin.merged_weight()?;
@@ -209,7 +298,13 @@ impl T5 {
                 b.ffn.fuse()?;
             }
         }
-        self.stack_cross_kv()?;
+        let mut cross: Vec<&mut Attention> = self
+            .decoder
+            .blocks
+            .iter_mut()
+            .filter_map(|b| b.cross.as_mut().map(|(a, _)| a))
+            .collect();
+        self.cross_kv_all = stack_cross_kv(&mut cross)?;
         // The decoder's per-step products see few rows: transposed weights (CPU, f32).
         for b in &mut self.decoder.blocks {
             b.self_attn.transpose_for_decoding()?;
@@ -230,30 +325,31 @@ impl T5 {
         Ok(())
     }
 
-    /// Stack every decoder layer's cross-attention k, v weights into `cross_kv_all`; the layers keep
-    /// views of it (no second copy of the weights).
-    fn stack_cross_kv(&mut self) -> Result<()> {
-        let mut parts = vec![];
-        for b in &self.decoder.blocks {
-            match b.cross.as_ref().and_then(|(ca, _)| ca.kv.as_ref()) {
-                Some(w) => parts.push(w.weight.clone()),
-                None => return Ok(()), // an unmerged adapter: keep the per-layer path
-            }
-        }
-        if parts.is_empty() {
-            return Ok(());
-        }
-        let all = Tensor::cat(&parts, 0)?;
-        let rows = parts[0].dims()[0];
-        for (l, b) in self.decoder.blocks.iter_mut().enumerate() {
-            if let Some((ca, _)) = &mut b.cross {
-                let w = all.narrow(0, l * rows, rows)?;
-                ca.k.weight = w.narrow(0, 0, rows / 2)?;
-                ca.v.weight = w.narrow(0, rows / 2, rows / 2)?;
-                ca.kv = Some(Linear::new(w));
-            }
-        }
-        self.cross_kv_all = Some(all);
-        Ok(())
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.named_linears()
+    }
+
+    fn state_dict(&mut self) -> Result<BTreeMap<String, Tensor>> {
+        self.weights_by_name()
+    }
+
+    fn make_all_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        self.trainable_weights()
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Seq2Seq> {
+        Box::new(self.clone())
+    }
+}
+
+impl T5 {
+    /// The decoder layers' cross-attention, in order.
+    fn cross_attentions(&self) -> impl Iterator<Item = &Attention> {
+        self.decoder.blocks.iter().map(|b| {
+            &b.cross
+                .as_ref()
+                .expect("decoder blocks have cross-attention")
+                .0
+        })
     }
 }

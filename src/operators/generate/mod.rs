@@ -31,8 +31,8 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::hub::Hub;
 use crate::model::decoding::DecodeOptions;
-use crate::model::memory::{parameter_count, parameters_text, DecodeFootprint, CPU_BATCH_TOKENS};
-use crate::model::{DeviceChoice, ModelSource, T5Config};
+use crate::model::memory::{parameters_text, DecodeFootprint, CPU_BATCH_TOKENS};
+use crate::model::{DeviceChoice, ModelConfig, ModelSource};
 use crate::plans::spec::{BatchTokens, GenerateSpec, ModelSpec};
 
 pub use options::decode_options;
@@ -45,7 +45,7 @@ pub struct Generate {
     model: ModelSource,
     options: DecodeOptions,
     hub: Arc<Hub>,
-    cfg: T5Config,
+    cfg: ModelConfig,
     input_schema: SchemaRef,
     schema: SchemaRef,
     row_id: String,
@@ -103,7 +103,12 @@ impl Generate {
                 suggestion: None,
             })?;
         }
-        log::debug!("generate: {} ({} layers)", files.origin, cfg.num_layers);
+        log::debug!(
+            "generate: {} ({}, {} layers)",
+            files.origin,
+            cfg.model_type,
+            cfg.shape.encoder_layers
+        );
         let mut fields: Vec<Arc<Field>> = input.fields().iter().cloned().collect();
         fields.push(Arc::new(Field::new(&spec.output, DataType::Utf8, true)));
         fields.push(Arc::new(ids_field(&ids_col)));
@@ -164,7 +169,7 @@ impl Operator for Generate {
             o.encoder_batch_tokens,
         );
         let rows = self.spec.max_batch_rows.min(tokens).max(1);
-        let weights = parameter_count(&self.cfg) * dtype.size_in_bytes() as u64;
+        let weights = self.cfg.parameter_count() * dtype.size_in_bytes() as u64;
         let batch = f.bytes(tokens, rows);
         Some(MemoryEstimate {
             dtype,

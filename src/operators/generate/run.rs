@@ -20,7 +20,7 @@ use crate::hub::Hub;
 use crate::model::decoding::{generate, DecodeOptions};
 use crate::model::device::free_memory;
 use crate::model::memory::{DecodeFootprint, CPU_BATCH_TOKENS};
-use crate::model::{ops, LoadedModel, ModelSource, T5};
+use crate::model::{ops, LoadedModel, ModelSource, Seq2Seq};
 use crate::operators::runtime::{self, Emitter};
 use crate::operators::Exec;
 use crate::plans::spec::{BatchTokens, GenerateSpec};
@@ -50,10 +50,13 @@ impl Run {
             adapter_hash,
         } = crate::model::load(&self.model, &self.hub).await?;
         model.prepare_for_inference()?;
-        let batch_tokens = self.batch_tokens(&model);
+        let batch_tokens = self.batch_tokens(model.as_ref());
         let tokenizer = tokenizer
             .ok_or_else(|| Error::model(format!("{}: no tokenizer.json", files.origin)))?;
-        let (dtype, device) = (format!("{:?}", model.dtype), format!("{:?}", model.device));
+        let (dtype, device) = (
+            format!("{:?}", model.dtype()),
+            format!("{:?}", model.device()),
+        );
         let counters = Arc::new(Counters::default());
         let c = counters.clone();
         let progress = Progress::start(
@@ -73,7 +76,7 @@ impl Run {
         let (done_tx, done_rx) = mpsc::channel::<Done>(2);
         let worker = runtime::spawn_worker({
             let options = self.options.clone();
-            move || work(&model, &options, job_rx, done_tx)
+            move || work(model.as_ref(), &options, job_rx, done_tx)
         });
         let assembler = tokio::spawn(
             Assembler {
@@ -124,15 +127,15 @@ impl Run {
     }
 
     /// The batches' token budget: as set, or from the device's free memory and the model's shape.
-    fn batch_tokens(&self, model: &T5) -> usize {
+    fn batch_tokens(&self, model: &dyn Seq2Seq) -> usize {
         let BatchTokens::Fixed(n) = self.spec.batch_tokens else {
-            let Some(free) = free_memory(&model.device) else {
+            let Some(free) = free_memory(model.device()) else {
                 return CPU_BATCH_TOKENS;
             };
             let o = &self.options;
             let footprint = DecodeFootprint::new(
-                &model.cfg,
-                model.dtype,
+                model.config(),
+                model.dtype(),
                 o.max_new_tokens,
                 o.num_beams,
                 o.encoder_batch_tokens,
@@ -244,7 +247,7 @@ impl Assembler {
 
 /// The model worker: jobs in, results out, in order, on the compute pool.
 fn work(
-    model: &T5,
+    model: &dyn Seq2Seq,
     options: &DecodeOptions,
     mut jobs: mpsc::Receiver<Job>,
     done: mpsc::Sender<Done>,

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::{contiguous_f32, par_map2};
 use crate::error::Result;
-use crate::model::config::Activation;
+use crate::model::activation::Activation;
 
 /// Elements per parallel task: big enough that a task outweighs its scheduling.
 const CHUNK: usize = 8192;

@@ -8,6 +8,7 @@
 //!   gradient. candle's matmul backward always computes the weight's gradient too (as costly as the
 //!   forward) and accumulates it into a fresh zero tensor; in LoRA training every base weight is
 //!   frozen, so that is a large share of a step's matmul work thrown away.
+//! - [`add_bias_in_place`]: a bias added to every row of a fresh product, with no second tensor.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
@@ -102,6 +103,50 @@ impl CustomOp2 for CpuMatmul {
 /// `a (m, k) @ b (k, n)` (any strides) without gradients.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(a.apply_op2_no_bwd(b, &CpuMatmul)?)
+}
+
+struct AddBias;
+
+impl candle_core::InplaceOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &mut CpuStorage,
+        yl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<()> {
+        let n = *yl.dims().last().unwrap_or(&1);
+        let b = super::contiguous_f32(b, bl, self.name())?;
+        if b.len() != n || !yl.is_contiguous() {
+            candle_core::bail!("add-bias: a bias of {} for contiguous rows of {n}", b.len());
+        }
+        let (start, end) = yl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("add-bias: not contiguous".into()))?;
+        let CpuStorage::F32(y) = y else {
+            candle_core::bail!("add-bias: f32 only");
+        };
+        use rayon::prelude::*;
+        y[start..end]
+            .par_chunks_mut(n.max(1) * 64)
+            .for_each(|rows| {
+                for row in rows.chunks_mut(n) {
+                    for (v, c) in row.iter_mut().zip(b) {
+                        *v += c;
+                    }
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `y[r] += bias` for every row of a fresh, contiguous product `y` (inference: no gradient).
+pub fn add_bias_in_place(y: &Tensor, bias: &Tensor) -> Result<()> {
+    Ok(y.inplace_op2(&bias.contiguous()?, &AddBias)?)
 }
 
 struct FrozenMatmul {

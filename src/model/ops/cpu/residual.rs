@@ -113,7 +113,7 @@ impl candle_core::CustomOp1 for MaskGrad {
 #[cfg(test)]
 mod tests {
     use crate::model::max_abs_diff;
-    use crate::model::mode::{Mode, TrainState};
+    use crate::model::mode::{Dropout, Mode, TrainState};
     use crate::model::ops::{self, composed};
     use crate::rng::Rng;
     use candle_core::{Device, Tensor, Var};
@@ -125,12 +125,8 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 50, 40), &dev).unwrap()).unwrap();
         let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 50, 40), &dev).unwrap()).unwrap();
         let w = Tensor::randn(0f32, 1.0, (3, 50, 40), &dev).unwrap();
-        let state = |seed| {
-            std::cell::RefCell::new(TrainState {
-                dropout: 0.25,
-                rng: Rng::new(seed),
-            })
-        };
+        let state =
+            |seed| std::cell::RefCell::new(TrainState::new(Dropout::uniform(0.25), Rng::new(seed)));
         let (s1, s2) = (state(7), state(7));
         let fused = ops::residual_dropout(&x, &h, &Mode { train: Some(&s1) }).unwrap();
         let composed = composed::residual_dropout(&x, &h, &Mode { train: Some(&s2) }).unwrap();
