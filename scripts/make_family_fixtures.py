@@ -309,7 +309,24 @@ def bin_fixture(root):
     torch.save({"view": big[1:3, 2:6], "whole": big, "half": big.to(torch.float16), "bf": big.to(torch.bfloat16)},
                os.path.join(out, "views.bin"))
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "io.safetensors"))
+    bad_bin_fixtures(os.path.join(out, "bad"))
     print("t5-bin greedy:", tensors["greedy"][:2].tolist())
+
+
+class Pwned:
+    """Unpickling this runs a shell command: what a malicious .bin does. conala must refuse it unread."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/conala-pwned",))
+
+
+def bad_bin_fixtures(out):
+    """.bin files conala must refuse, naming the file: code in the pickle, a checkpoint that is not a plain
+    state dict, and the legacy (pre-zip) format."""
+    os.makedirs(out, exist_ok=True)
+    torch.save({"shared.weight": torch.zeros(2, 2), "x": Pwned()}, os.path.join(out, "code.bin"))
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, os.path.join(out, "nested.bin"))
+    torch.save({"w": torch.zeros(2)}, os.path.join(out, "legacy.bin"), _use_new_zipfile_serialization=False)
 
 
 def peft_bart_fixture(root):

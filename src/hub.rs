@@ -165,6 +165,39 @@ impl Hub {
         .map_err(|(e, n)| self.explain(repo, revision, Some(file), e, n))
     }
 
+    /// Like [`Hub::fetch`] for a file the repository may not have: `None` when the Hub answers 404
+    /// (or, offline, when the cache does not hold it); any other failure (access denied, the Hub
+    /// down) is an error, never taken for a missing file.
+    pub async fn fetch_optional(
+        &self,
+        repo: &RepoId,
+        revision: &str,
+        file: &str,
+    ) -> Result<Option<PathBuf>> {
+        let cached = Cache::new(self.config.cache_dir.clone())
+            .repo(repo.repo(revision))
+            .get(file);
+        if let Some(p) = cached {
+            return Ok(Some(p));
+        }
+        let Some(api) = &self.api else {
+            return Ok(None);
+        };
+        let what = format!("{} ({revision}): `{file}`", repo.display());
+        match with_retries(&what, || {
+            let r = api.repo(repo.repo(revision));
+            async move { r.download(file).await }
+        })
+        .await
+        {
+            Ok(p) => Ok(Some(p)),
+            Err((ApiError::RequestError(r), _)) if r.status().map(|s| s.as_u16()) == Some(404) => {
+                Ok(None)
+            }
+            Err((e, n)) => Err(self.explain(repo, revision, Some(file), e, n)),
+        }
+    }
+
     /// The parquet files of one configuration and split of a dataset, and the revision they are at:
     /// parquet files in the repo itself when it has them, else the Hub's conversion.
     pub async fn dataset_split_files(

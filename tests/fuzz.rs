@@ -1,5 +1,6 @@
 //! Fuzzing, bounded: mutated shipped plans and `--set` values, and random or truncated bytes in place
-//! of parquet, JSON and JSON-lines inputs, safetensors, tokenizer.json, config.json and adapter files.
+//! of parquet, JSON and JSON-lines inputs, safetensors, PyTorch .bin, tokenizer.json, config.json and
+//! adapter files.
 //! Never a panic; every error names the file it is about.
 //!
 //! `CONALA_FUZZ_CASES` (default 3000) sets the number of cases, `CONALA_FUZZ_SECONDS` runs for that
@@ -357,9 +358,12 @@ fn corrupt_model_files_fail_naming_the_file() {
     let fixtures = repo_root().join("tests/fixtures/parity/peft");
     let model = tmp.path().join("model");
     let adapter = tmp.path().join("adapter");
-    std::fs::create_dir_all(&model).unwrap();
-    std::fs::create_dir_all(&adapter).unwrap();
-    let files: Vec<(PathBuf, Vec<u8>)> = vec![
+    let bin = tmp.path().join("bin");
+    for d in [&model, &adapter, &bin] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let bin_fixture = repo_root().join("tests/fixtures/parity/t5-bin");
+    let mut files: Vec<(PathBuf, Vec<u8>)> = vec![
         (
             model.join("config.json"),
             std::fs::read(fixtures.join("base/config.json")).unwrap(),
@@ -381,6 +385,10 @@ fn corrupt_model_files_fail_naming_the_file() {
             std::fs::read(fixtures.join("adapter_trained/adapter_model.safetensors")).unwrap(),
         ),
     ];
+    // A PyTorch checkpoint: its zip and pickle.
+    for f in ["config.json", "pytorch_model.bin"] {
+        files.push((bin.join(f), std::fs::read(bin_fixture.join(f)).unwrap()));
+    }
     let restore = || {
         for (p, b) in &files {
             std::fs::write(p, b).unwrap();
@@ -397,8 +405,10 @@ fn corrupt_model_files_fail_naming_the_file() {
     .unwrap();
     let mut source = ModelSource::at(model.to_str().unwrap(), DeviceChoice::Cpu, DTypeChoice::F32);
     source.adapter = Some(adapter.display().to_string());
+    let bin_source = ModelSource::at(bin.to_str().unwrap(), DeviceChoice::Cpu, DTypeChoice::F32);
     // The untouched files load.
     rt.block_on(conala::model::load(&source, &hub)).unwrap();
+    rt.block_on(conala::model::load(&bin_source, &hub)).unwrap();
     let (mut cases, mut failures) = (0, vec![]);
     while budget.more(cases, 25) {
         let (path, data) = &files[rng.below(files.len())];
@@ -407,8 +417,13 @@ fn corrupt_model_files_fail_naming_the_file() {
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
         let folder = path.parent().unwrap().display().to_string();
         let what = format!("case {cases} {file} ({how})");
+        let source = if path.starts_with(&bin) {
+            &bin_source
+        } else {
+            &source
+        };
         if let Some(f) = check(&what, &file, Some(&folder), || {
-            rt.block_on(conala::model::load(&source, &hub))
+            rt.block_on(conala::model::load(source, &hub))
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         }) {

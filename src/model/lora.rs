@@ -395,7 +395,7 @@ pub fn save_adapter(model: &mut dyn Seq2Seq, cfg: &AdapterConfig, dir: &Path) ->
 }
 
 /// Write the model (adapters folded in) as a plain HF checkpoint folder: `model.safetensors`, and the
-/// base model's config.json, generation_config.json and tokenizer beside it.
+/// base model's config.json, generation_config.json and tokenizer files (as they were) beside it.
 pub fn save_merged(model: &mut dyn Seq2Seq, base: &ModelFiles, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out.display(), e))?;
     let sd = model.state_dict()?;
@@ -410,7 +410,9 @@ pub fn save_merged(model: &mut dyn Seq2Seq, base: &ModelFiles, out: &Path) -> Re
         copy(g, super::weights::GENERATION_CONFIG)?;
     }
     if let Some(t) = &base.tokenizer {
-        copy(t, super::weights::TOKENIZER)?;
+        for (path, name) in t.files() {
+            copy(path, name)?;
+        }
     }
     Ok(())
 }

@@ -36,6 +36,7 @@ pub mod position_bias;
 pub mod registry;
 pub mod seq2seq;
 pub mod t5;
+pub mod torch_bin;
 pub mod weights;
 
 use std::path::Path;
@@ -156,7 +157,7 @@ pub async fn load(source: &ModelSource, hub: &Hub) -> Result<LoadedModel> {
     let (files, cfg) = locate(source, hub, weights::Fetch::All).await?;
     let (model, adapter_hash) = build(source, hub, &files, &cfg).await?;
     let tokenizer = match &files.tokenizer {
-        Some(p) => Some(crate::tokenizer::load(p)?),
+        Some(t) => Some(t.load()?),
         None => None,
     };
     let weight_files = files.weights.clone();

@@ -1,6 +1,6 @@
 //! Checkpoint files: finding a model's files (a local folder or a Hub model id), reading safetensors
-//! (single or sharded with an index) with errors that name the tensor, and hashing content for
-//! provenance.
+//! and PyTorch `.bin` checkpoints (single or sharded with an index, mapped and read tensor by tensor)
+//! with errors that name the tensor, and hashing content for provenance.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -8,16 +8,19 @@ use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::TensorView;
 use sha2::{Digest, Sha256};
 
+use super::torch_bin::TorchBin;
 use crate::error::{Error, Result};
 use crate::hub::{looks_like_repo_id, Hub, RepoId};
+use crate::tokenizer::TokenizerFiles;
 
 pub const CONFIG: &str = "config.json";
 pub const GENERATION_CONFIG: &str = "generation_config.json";
 pub const SAFETENSORS: &str = "model.safetensors";
 pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+pub const TORCH_BIN: &str = "pytorch_model.bin";
+pub const TORCH_BIN_INDEX: &str = "pytorch_model.bin.index.json";
 pub const TOKENIZER: &str = "tokenizer.json";
 
 /// The files of one model checkpoint on local disk.
@@ -30,7 +33,7 @@ pub struct ModelFiles {
     pub generation_config: Option<PathBuf>,
     /// Empty for a Hub model located for its metadata only ([`Fetch::Metadata`]).
     pub weights: Vec<PathBuf>,
-    pub tokenizer: Option<PathBuf>,
+    pub tokenizer: Option<TokenizerFiles>,
 }
 
 fn shard_names(index: &Path) -> Result<Vec<String>> {
@@ -76,35 +79,14 @@ pub async fn locate(
         if !config.is_file() {
             return Err(Error::model(format!("{path}: missing file {CONFIG}")));
         }
-        let weights = if dir.join(SAFETENSORS).is_file() {
-            vec![dir.join(SAFETENSORS)]
-        } else if dir.join(SAFETENSORS_INDEX).is_file() {
-            let names = shard_names(&dir.join(SAFETENSORS_INDEX))?;
-            let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
-            if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-                return Err(Error::model(format!(
-                    "{path}: missing shard {} named in {SAFETENSORS_INDEX}",
-                    missing.display()
-                )));
-            }
-            files
-        } else if dir.join("pytorch_model.bin").is_file() {
-            return Err(Error::model(format!(
-                "{path}: only pytorch_model.bin found; conala reads safetensors (convert with `model.save_pretrained(dir, safe_serialization=True)`)"
-            )));
-        } else {
-            return Err(Error::model(format!(
-                "{path}: missing file {SAFETENSORS} (or {SAFETENSORS_INDEX})"
-            )));
-        };
-        let tok = dir.join(TOKENIZER);
+        let weights = local_weights(dir, path)?;
         let generation = dir.join(GENERATION_CONFIG);
         return Ok(ModelFiles {
             origin: path.to_string(),
             config,
             generation_config: generation.is_file().then_some(generation),
             weights,
-            tokenizer: tok.is_file().then_some(tok),
+            tokenizer: TokenizerFiles::in_folder(dir)?,
         });
     }
     if dir.exists() {
@@ -122,8 +104,8 @@ pub async fn locate(
         Fetch::Metadata => vec![],
         Fetch::All => fetch_weights(hub, &repo, rev).await?,
     };
-    let tokenizer = hub.fetch(&repo, rev, TOKENIZER).await.ok();
-    let generation_config = hub.fetch(&repo, rev, GENERATION_CONFIG).await.ok();
+    let tokenizer = TokenizerFiles::from_hub(&repo, rev, hub).await?;
+    let generation_config = hub.fetch_optional(&repo, rev, GENERATION_CONFIG).await?;
     Ok(ModelFiles {
         origin: path.to_string(),
         config,
@@ -133,48 +115,115 @@ pub async fn locate(
     })
 }
 
-/// A Hub model's safetensors: one file, else the shards its index names.
-async fn fetch_weights(hub: &Hub, repo: &RepoId, rev: &str) -> Result<Vec<PathBuf>> {
-    Ok(match hub.fetch(repo, rev, SAFETENSORS).await {
-        Ok(p) => vec![p],
-        Err(single_err) => match hub.fetch(repo, rev, SAFETENSORS_INDEX).await {
-            Ok(index) => {
-                let mut out = vec![];
-                for n in shard_names(&index)? {
-                    out.push(hub.fetch(repo, rev, &n).await?);
-                }
-                out
+/// The checkpoint files of a model folder: safetensors (one file, or the shards its index names),
+/// else PyTorch `.bin` (likewise).
+fn local_weights(dir: &Path, path: &str) -> Result<Vec<PathBuf>> {
+    for (single, index) in [
+        (SAFETENSORS, SAFETENSORS_INDEX),
+        (TORCH_BIN, TORCH_BIN_INDEX),
+    ] {
+        if dir.join(single).is_file() {
+            return Ok(vec![dir.join(single)]);
+        }
+        if dir.join(index).is_file() {
+            let files: Vec<PathBuf> = shard_names(&dir.join(index))?
+                .iter()
+                .map(|n| dir.join(n))
+                .collect();
+            if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+                return Err(Error::model(format!(
+                    "{path}: missing shard {} named in {index}",
+                    missing.display()
+                )));
             }
-            Err(_) => return Err(single_err),
-        },
-    })
+            return Ok(files);
+        }
+    }
+    Err(Error::model(format!(
+        "{path}: no weights: missing {SAFETENSORS} (or {SAFETENSORS_INDEX}, {TORCH_BIN}, {TORCH_BIN_INDEX})"
+    )))
+}
+
+/// A Hub model's weights: safetensors (one file, else the shards its index names), else PyTorch
+/// `.bin` likewise. The first error is the one reported when the repo has none of them.
+async fn fetch_weights(hub: &Hub, repo: &RepoId, rev: &str) -> Result<Vec<PathBuf>> {
+    for (single, index) in [
+        (SAFETENSORS, SAFETENSORS_INDEX),
+        (TORCH_BIN, TORCH_BIN_INDEX),
+    ] {
+        if let Some(p) = hub.fetch_optional(repo, rev, single).await? {
+            return Ok(vec![p]);
+        }
+        if let Some(index) = hub.fetch_optional(repo, rev, index).await? {
+            let mut out = vec![];
+            for n in shard_names(&index)? {
+                out.push(hub.fetch(repo, rev, &n).await?);
+            }
+            return Ok(out);
+        }
+    }
+    // Nothing found: the error the Hub gives for the usual file (offline: not in the cache).
+    hub.fetch(repo, rev, SAFETENSORS).await.map(|p| vec![p])
 }
 
 /// Tensors of a checkpoint, read on demand and converted to the model's dtype and device.
 pub struct Weights {
-    st: MmapedSafetensors,
+    /// The safetensors files, mapped together (None when the checkpoint is `.bin` only).
+    st: Option<MmapedSafetensors>,
+    bins: Vec<TorchBin>,
     origin: String,
-    names: BTreeMap<String, Vec<usize>>,
+    names: BTreeMap<String, (Stored, Vec<usize>)>,
     pub device: Device,
     pub dtype: DType,
 }
 
+/// Which file holds a tensor.
+#[derive(Debug, Clone, Copy)]
+enum Stored {
+    Safetensors,
+    /// The index into [`Weights::bins`].
+    Bin(usize),
+}
+
+/// Whether `path` is a PyTorch checkpoint (`.bin`, `.pt`, `.pth`) rather than safetensors.
+fn is_torch_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("bin" | "pt" | "pth")
+    )
+}
+
 impl Weights {
     pub fn open(files: &[PathBuf], origin: &str, device: &Device, dtype: DType) -> Result<Weights> {
-        for f in files {
+        let (bin_files, st_files): (Vec<&PathBuf>, Vec<&PathBuf>) =
+            files.iter().partition(|f| is_torch_file(f));
+        for f in &st_files {
             check_safetensors_header(f)?;
         }
-        // SAFETY: the files are memory-mapped read-only; conala does not modify checkpoints while a
-        // model is loaded from them.
-        let st = unsafe { MmapedSafetensors::multi(files) }
-            .map_err(|e| Error::model(format!("{origin}: corrupt safetensors: {e}")))?;
-        let names = st
-            .tensors()
-            .into_iter()
-            .map(|(n, v)| (n, v.shape().to_vec()))
-            .collect();
+        let mut names = BTreeMap::new();
+        let st = if st_files.is_empty() {
+            None
+        } else {
+            // SAFETY: the files are memory-mapped read-only; conala does not modify checkpoints
+            // while a model is loaded from them.
+            let st = unsafe { MmapedSafetensors::multi(&st_files) }
+                .map_err(|e| Error::model(format!("{origin}: corrupt safetensors: {e}")))?;
+            for (n, v) in st.tensors() {
+                names.insert(n, (Stored::Safetensors, v.shape().to_vec()));
+            }
+            Some(st)
+        };
+        let mut bins = vec![];
+        for f in bin_files {
+            let b = TorchBin::open(f)?;
+            for (n, shape) in b.names() {
+                names.insert(n.clone(), (Stored::Bin(bins.len()), shape.to_vec()));
+            }
+            bins.push(b);
+        }
         Ok(Weights {
             st,
+            bins,
             origin: origin.to_string(),
             names,
             device: device.clone(),
@@ -197,7 +246,7 @@ impl Weights {
 
     /// The tensor `name` with exactly `shape`, in the model's dtype and device.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let Some(found) = self.names.get(name) else {
+        let Some((stored, found)) = self.names.get(name) else {
             return Err(Error::model(format!(
                 "{}: missing tensor `{name}`",
                 self.origin
@@ -209,29 +258,43 @@ impl Weights {
                 self.origin
             )));
         }
-        let view = self
-            .st
-            .get(name)
-            .map_err(|e| Error::tensors(format!("{}: reading `{name}`", self.origin), e))?;
-        let host = host_tensor(&view, self.dtype)
-            .map_err(|e| Error::tensors(format!("{}: reading `{name}`", self.origin), e))?;
+        let reading = |e| Error::tensors(format!("{}: reading `{name}`", self.origin), e);
+        let host = match stored {
+            Stored::Safetensors => {
+                let st = self
+                    .st
+                    .as_ref()
+                    .expect("safetensors tensors come from a mapped file");
+                let view = st.get(name).map_err(reading)?;
+                host_tensor(view.dtype(), view.shape(), view.data(), self.dtype).map_err(reading)?
+            }
+            Stored::Bin(i) => {
+                let (dtype, shape, bytes) = self.bins[*i].bytes(name)?;
+                host_tensor(dtype, shape, &bytes, self.dtype).map_err(reading)?
+            }
+        };
         Ok(host.to_device(&self.device)?)
     }
 }
 
-/// The tensor `view` holds, in `dtype`, on the host: converted element by element straight from the
-/// file's bytes (which are mapped, not read into memory), so the result is the only allocation. A
-/// checkpoint is read tensor by tensor this way: loading an f32 checkpoint as bf16 never holds an f32
-/// copy of a tensor, let alone of the model. Conversions round as candle's `to_dtype` does.
-fn host_tensor(view: &TensorView<'_>, dtype: DType) -> candle_core::Result<Tensor> {
+/// The tensor of `shape` whose elements of `stored` type are `data`, in `dtype`, on the host:
+/// converted element by element straight from the file's bytes (which are mapped, not read into
+/// memory), so the result is the only allocation. A checkpoint is read tensor by tensor this way:
+/// loading an f32 checkpoint as bf16 never holds an f32 copy of a tensor, let alone of the model.
+/// Conversions round as candle's `to_dtype` does.
+fn host_tensor(
+    stored: safetensors::Dtype,
+    shape: &[usize],
+    data: &[u8],
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
     use half::{bf16, f16};
     use safetensors::Dtype as D;
-    let (shape, data) = (view.shape(), view.data());
     let cpu = &Device::Cpu;
     let f32_of = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     let bf16_of = |b: &[u8]| bf16::from_le_bytes([b[0], b[1]]);
     let f16_of = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
-    match (view.dtype(), dtype) {
+    match (stored, dtype) {
         (src, dst) if DType::try_from(src).ok() == Some(dst) => {
             Tensor::from_raw_buffer(data, dst, shape, cpu)
         }

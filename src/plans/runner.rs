@@ -172,10 +172,10 @@ async fn load_step_tokenizer(
         (None, Some(m)) => (m.path.clone(), m.revision.clone()),
         (None, None) => return Err(StepError::at("tokenizer", "no tokenizer: set `tokenizer:` (a tokenizer.json, a model folder or a Hub id) or give the plan a `model`")),
     };
-    let file = crate::tokenizer::resolve_tokenizer_file(&spec, revision.as_deref(), &ctx.hub)
+    let files = crate::tokenizer::resolve_tokenizer(&spec, revision.as_deref(), &ctx.hub)
         .await
         .map_err(|e| StepError::at("tokenizer", e))?;
-    crate::tokenizer::load(&file).map_err(|e| StepError::at("tokenizer", e))
+    files.load().map_err(|e| StepError::at("tokenizer", e))
 }
 
 /// Validate a plan completely and build its operators.

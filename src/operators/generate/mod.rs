@@ -92,7 +92,7 @@ impl Generate {
         let (files, cfg) = check_model(&model, ctx).await?;
         if files.tokenizer.is_none() {
             return Err(StepError::general(format!(
-                "model {}: no tokenizer.json to decode the output with",
+                "model {}: no tokenizer (tokenizer.json, vocab.json + merges.txt, or spiece.model) to decode the output with",
                 files.origin
             )));
         }
