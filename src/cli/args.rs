@@ -153,13 +153,13 @@ pub struct TokenizerTrainArgs {
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
-    /// Write a randomly initialised T5-family model as a Hugging Face folder.
+    /// Write a randomly initialised model (T5 family or BART) as a Hugging Face folder.
     Init(ModelInitArgs),
 }
 
 #[derive(Args)]
 pub struct ModelInitArgs {
-    /// t5, flan-t5 or ul2.
+    /// t5, flan-t5, ul2 or bart.
     #[arg(long)]
     pub family: Family,
     /// tiny, mini, small or base.

@@ -92,8 +92,8 @@ pub async fn model_init(a: ModelInitArgs) -> Result<()> {
         new.prior.describe(a.size),
         a.family,
         cfg.vocab_size,
-        cfg.d_model,
-        cfg.num_layers,
+        cfg.shape.d_model,
+        cfg.shape.encoder_layers,
         a.out.display()
     );
     Ok(())

@@ -11,9 +11,20 @@ use crate::error::{Error, Result};
 use crate::model::weights::{save_safetensors, CONFIG, SAFETENSORS, TOKENIZER};
 use crate::model::T5Config;
 
-/// Write a model folder from weights with HF names: config.json, model.safetensors, tokenizer.json.
+/// Write a T5 model folder from weights with HF names: config.json, model.safetensors,
+/// tokenizer.json.
 pub fn write_model(
     cfg: &T5Config,
+    weights: &BTreeMap<String, Tensor>,
+    tokenizer_json: &Path,
+    out: &Path,
+) -> Result<()> {
+    write_folder(&config_json(cfg), weights, tokenizer_json, out)
+}
+
+/// Write a model folder of any family: its config.json as given, the weights, the tokenizer.
+pub fn write_folder(
+    config_json: &serde_json::Value,
     weights: &BTreeMap<String, Tensor>,
     tokenizer_json: &Path,
     out: &Path,
@@ -21,7 +32,7 @@ pub fn write_model(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out.display(), e))?;
     save_safetensors(weights, &out.join(SAFETENSORS))?;
     let text =
-        serde_json::to_string_pretty(&config_json(cfg)).map_err(|e| Error::model(e.to_string()))?;
+        serde_json::to_string_pretty(config_json).map_err(|e| Error::model(e.to_string()))?;
     std::fs::write(out.join(CONFIG), text).map_err(|e| Error::io(out.join(CONFIG).display(), e))?;
     std::fs::copy(tokenizer_json, out.join(TOKENIZER))
         .map_err(|e| Error::io(tokenizer_json.display(), e))?;

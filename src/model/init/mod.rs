@@ -2,6 +2,7 @@
 //! transformers loads as they are: random ones in a family's shape (`conala model init`, tests,
 //! benchmarks), or the copy prior the offline default fine-tunes ([`copy_prior`]).
 
+pub mod bart;
 mod copy_prior;
 mod folder;
 mod random;
@@ -11,19 +12,19 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use folder::{write_model, write_tokenizer_config};
+pub use folder::{write_folder, write_model, write_tokenizer_config};
 pub use random::{random_weights, write_random_model};
 pub use shapes::{config, config_json, Family, Size};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::weights::CONFIG;
-use crate::model::T5Config;
+use crate::model::ModelConfig;
 
 /// How a new model's weights start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Prior {
-    /// transformers' T5 initialisation, in the family's shape at the given size.
+    /// transformers' initialisation of the family, in its shape at the given size.
     Random,
     /// Hand-set weights that copy the input ([`copy_prior`]), in the prior's own shape.
     Copy,
@@ -54,8 +55,28 @@ pub struct NewModel {
 
 impl NewModel {
     /// Write the model folder at `out`; returns its config.
-    pub fn write(&self, out: &Path) -> Result<T5Config> {
-        let vocab = crate::tokenizer::load(&self.tokenizer)?.get_vocab_size(true);
+    pub fn write(&self, out: &Path) -> Result<ModelConfig> {
+        let tok = crate::tokenizer::load(&self.tokenizer)?;
+        let vocab = tok.get_vocab_size(true);
+        if self.family == Family::Bart {
+            if self.prior == Prior::Copy {
+                return Err(Error::model(
+                    "model.init.prior copy is a T5 circuit: use family flan-t5 or ul2 (a BART starts random)",
+                ));
+            }
+            let id = |t: &str| {
+                tok.token_to_id(t).ok_or_else(|| {
+                    Error::model(format!(
+                        "{}: no `{t}` token, which a new BART needs",
+                        self.tokenizer.display()
+                    ))
+                })
+            };
+            let cfg = bart::config_json(self.size, vocab, id("<pad>")?, id("</s>")?);
+            let w = bart::random_weights(&cfg, self.seed)?;
+            write_folder(&cfg, &w, &self.tokenizer, out)?;
+            return ModelConfig::from_json(&cfg.to_string(), &out.display().to_string());
+        }
         let (cfg, weights) = match self.prior {
             Prior::Random => {
                 let cfg = config(self.family, self.size, vocab);
@@ -69,7 +90,7 @@ impl NewModel {
             }
         };
         write_model(&cfg, &weights, &self.tokenizer, out)?;
-        Ok(cfg)
+        Ok(cfg.model_config())
     }
 
     /// Make the model at `path` unless a model is already there.

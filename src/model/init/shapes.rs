@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::T5Config;
 
-/// A T5 family, by its feed-forward and output layer.
+/// A family of new models: T5's by their feed-forward and output layer, and BART.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Family {
     /// Original T5: ReLU feed-forward, tied embeddings.
@@ -16,6 +16,9 @@ pub enum Family {
     /// UL2-style: gated-SiLU, untied output layer.
     #[serde(rename = "ul2")]
     Ul2,
+    /// BART (facebook/bart-base's layout; random only, see [`super::bart`]).
+    #[serde(rename = "bart")]
+    Bart,
 }
 crate::named_setting!(Family);
 
@@ -32,7 +35,8 @@ pub enum Size {
 }
 crate::named_setting!(Size);
 
-/// The config of a family at a size, with the vocabulary size of its tokenizer.
+/// The config of a T5 family at a size, with the vocabulary size of its tokenizer (BART's is
+/// [`super::bart::config_json`]; asked here, it gets flan-t5's).
 pub fn config(family: Family, size: Size, vocab_size: usize) -> T5Config {
     // (d_model, d_kv, d_ff, layers, heads)
     let (d_model, d_kv, d_ff, layers, heads) = match (family, size) {
@@ -45,7 +49,7 @@ pub fn config(family: Family, size: Size, vocab_size: usize) -> T5Config {
     };
     let (ff, tied) = match family {
         Family::T5 => ("relu", true),
-        Family::FlanT5 => ("gated-gelu", false),
+        Family::FlanT5 | Family::Bart => ("gated-gelu", false),
         Family::Ul2 => ("gated-silu", false),
     };
     T5Config {
