@@ -1207,3 +1207,57 @@ fn read_column(dir: &Path, column: &str) -> Vec<Vec<i32>> {
     rows.sort();
     rows.into_iter().map(|(_, v)| v).collect()
 }
+
+/// Validation catches what would fail (or be silently wrong) later: LoRA targets of another family,
+/// and lengths past a BART's learned positions.
+#[tokio::test]
+async fn family_mismatches_fail_at_validation_naming_the_key() {
+    use conala::model::init::{Family, NewModel, Prior, Size};
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = context(None, tmp.path(), true);
+    let t5 = tiny(tmp.path(), Family::FlanT5, Size::Tiny);
+    let bart = tmp.path().join("bart");
+    NewModel {
+        family: Family::Bart,
+        size: Size::Tiny,
+        prior: Prior::Random,
+        tokenizer: tokenizer_path(),
+        seed: 1,
+    }
+    .write(&bart)
+    .unwrap();
+    let ctx = &ctx;
+    let check = |yaml: String| async move {
+        let plan = plans::load_str(&yaml, "train.yaml", &[]).unwrap();
+        plans::build(&plan, ctx).await.err().unwrap().to_string()
+    };
+    let e = check(train_plan(
+        &t5,
+        &tmp.path().join("o1"),
+        "lora: { targets: [q_proj, v_proj] }",
+    ))
+    .await;
+    assert!(
+        e.contains("lora.targets")
+            && e.contains("match no module")
+            && e.contains("q, k, v, o, wi_0, wi_1, wo"),
+        "{e}"
+    );
+    let e = check(train_plan(
+        &bart,
+        &tmp.path().join("o2"),
+        "lora: { targets: [q, v] }",
+    ))
+    .await;
+    assert!(
+        e.contains("q_proj, k_proj, v_proj, out_proj, fc1, fc2"),
+        "{e}"
+    );
+    let long = train_plan(&bart, &tmp.path().join("o3"), "max_steps: 1")
+        .replace("max_input_tokens: 48", "max_input_tokens: 2048");
+    let e = check(long).await;
+    assert!(
+        e.contains("max_position_embeddings 1024") && e.contains("max_input_tokens 2048"),
+        "{e}"
+    );
+}

@@ -126,6 +126,16 @@ impl Train {
             l.check_targets(&cfg)
                 .map_err(|e| StepError::at("lora.targets", e))?;
         }
+        if let (Some(max), Some((input, target))) = (cfg.max_positions, plan.lengths) {
+            // The decoder reads the labels shifted by one: target_len positions, as the encoder
+            // reads input_len.
+            if input.max(target) > max {
+                return Err(StepError::general(format!(
+                    "the tokenized rows reach {} tokens (max_input_tokens {input}, max_target_tokens {target}), more than the model's max_position_embeddings {max}: lower them in `tokenize`",
+                    input.max(target)
+                )));
+            }
+        }
         let sources = match &spec.devices {
             None => vec![model.clone()],
             Some(d) => d

@@ -90,6 +90,18 @@ impl Generate {
         }
         let model = model.source();
         let (files, cfg) = check_model(&model, ctx).await?;
+        if let Some(max) = cfg.max_positions {
+            // The decoder reads the start token and every generated token but the last.
+            if options.max_new_tokens > max {
+                return Err(StepError::at(
+                    "max_new_tokens",
+                    format!(
+                        "{} is more than the model's max_position_embeddings {max}",
+                        options.max_new_tokens
+                    ),
+                ));
+            }
+        }
         if files.tokenizer.is_none() {
             return Err(StepError::general(format!(
                 "model {}: no tokenizer (tokenizer.json, vocab.json + merges.txt, or spiece.model) to decode the output with",
