@@ -56,9 +56,23 @@ def ct2(model_dir, inputs, new_tokens, natural, device, dtype, batch_size):
     from tokenizers import Tokenizer
 
     out_dir = tempfile.mkdtemp(prefix="ct2-")
+    import transformers
+
+    # CTranslate2's BART loader reads fairseq-era config keys that transformers 5's BartConfig no
+    # longer has; BART's values of them.
+    for key, value in {"normalize_before": False, "add_final_layer_norm": False}.items():
+        if not hasattr(transformers.BartConfig, key):
+            setattr(transformers.BartConfig, key, value)
     conv = ctranslate2.converters.TransformersConverter(model_dir)
     compute = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[dtype]
     conv.convert(out_dir, quantization=compute, force=True)
+    # A tokenizer without `<s>` (the shipped one, which conala's BARTs are made for) leaves CT2's
+    # bos_token null, which it refuses to load; BART's decoder starts from `</s>` anyway.
+    cfg_path = os.path.join(out_dir, "config.json")
+    cfg = json.load(open(cfg_path))
+    if cfg.get("bos_token") is None:
+        cfg["bos_token"] = cfg.get("decoder_start_token") or cfg.get("eos_token")
+        json.dump(cfg, open(cfg_path, "w"))
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     kind, _, index = device.partition(":")
     translator = ctranslate2.Translator(

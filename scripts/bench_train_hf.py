@@ -1,6 +1,7 @@
 """HF transformers + PEFT anchor for `conala bench train` (run by it; prints one JSON line).
 
-Trains the same model folder with LoRA (r=8, alpha=32, dropout=0.05 on q and v; AdamW lr 5e-5, no weight
+Trains the same model folder with LoRA (r=8, alpha=32, dropout=0.05 on PEFT's default targets for the
+family; AdamW lr 5e-5, no weight
 decay on the LoRA weights' schedule aside; grad-norm clipping 1.0) on the exact batches conala drew, in the
 same order (on the CPU with 2 threads by default). The first WARMUP steps are run but not timed. With
 --dtype bf16 the base model is bfloat16 and PEFT keeps the LoRA weights in float32 (its default
@@ -35,7 +36,8 @@ torch.manual_seed(0)
 dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
 model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=dtype).to(device)
 model = get_peft_model(
-    model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    # PEFT's default targets for the model's family (T5: q, v; BART: q_proj, v_proj), as conala's default.
+    model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="SEQ_2_SEQ_LM")
 )
 model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.01)
@@ -51,7 +53,7 @@ sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 batches = []
 for b in json.load(open(batches_path)):
-    ids = pad(b["input_ids"], 0)
+    ids = pad(b["input_ids"], model.config.pad_token_id)
     mask = (pad([[1] * len(r) for r in b["input_ids"]], 0)).long()
     labels = pad(b["labels"], -100)
     batches.append((ids, mask, labels))

@@ -27,7 +27,11 @@ pub struct GenerateReport {
     /// Distinct inputs the model generated for.
     pub generated_rows: u64,
     pub generated_tokens: u64,
+    /// The step's time, from its start: loading, hashing and preparing the model included.
     pub seconds: f64,
+    /// Of `seconds`, loading, hashing and preparing the model for generation.
+    #[serde(default)]
+    pub load_seconds: f64,
     pub rows_per_second: f64,
     pub tokens_per_second: f64,
     pub finish_reason: FinishCounts,

@@ -46,11 +46,21 @@ impl Attention {
         }
     }
 
-    /// Stack the projections for inference (adapters must be merged first). `self_attention` stacks
-    /// q, k, v; otherwise k, v (cross-attention projects queries and memory separately).
+    /// Stack the projections for inference (adapters must be merged first), with the score scale
+    /// folded into q. `self_attention` stacks q, k, v; otherwise k, v (cross-attention projects
+    /// queries and memory separately).
     pub fn fuse(&mut self, self_attention: bool) -> Result<()> {
         if self.q.lora.is_some() || self.k.lora.is_some() || self.v.lora.is_some() {
             return Ok(());
+        }
+        // The score scale folded into the query projection: (s W) x + s b is s (W x + b), and every
+        // attention call saves a pass over its queries.
+        if self.scale != 1.0 {
+            self.q.weight = (&self.q.weight * self.scale)?;
+            if let Some(b) = &self.q.bias {
+                self.q.bias = Some((b * self.scale)?);
+            }
+            self.scale = 1.0;
         }
         if self_attention {
             let w = Linear::stacked(&[&self.q, &self.k, &self.v])?;

@@ -14,8 +14,8 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 use conala::error::{Error, Result};
-use conala::model::init::{Family, Size};
-use conala::model::T5Config;
+use conala::model::init::{Family, NewModel, Prior, Size};
+use conala::model::ModelConfig;
 
 pub use generate::GenerateArgs;
 pub use gpu::GpuArgs;
@@ -72,12 +72,15 @@ pub const SHIPPED_TOKENIZER: &str = "data/tokenizer/conala-unigram-8k.json";
 
 /// A random model of `family` and `size` for the shipped tokenizer, written to `dir` as an HF folder
 /// (the same weights load on both sides of a benchmark).
-pub fn random_model(family: Family, size: Size, dir: &Path) -> Result<T5Config> {
-    let tokenizer = Path::new(SHIPPED_TOKENIZER);
-    let vocab = conala::tokenizer::load(tokenizer)?.get_vocab_size(true);
-    let cfg = conala::model::init::config(family, size, vocab);
-    conala::model::init::write_random_model(&cfg, 0, tokenizer, dir)?;
-    Ok(cfg)
+pub fn random_model(family: Family, size: Size, dir: &Path) -> Result<ModelConfig> {
+    NewModel {
+        family,
+        size,
+        prior: Prior::Random,
+        tokenizer: PathBuf::from(SHIPPED_TOKENIZER),
+        seed: 0,
+    }
+    .write(dir)
 }
 
 /// The last line a failed Python anchor wrote to stderr (its exception), for the "skipped" line.

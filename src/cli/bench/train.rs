@@ -148,7 +148,7 @@ model: {{ path: "{model}", dtype: {dtype}, device: "{device}" }}
 steps:
   - source: {{ uri: "{data}", row_id: rid }}
   - train:
-      lora: {{ r: 8, alpha: 32, dropout: 0.05, targets: [q, v] }}
+      lora: {{ r: 8, alpha: 32, dropout: 0.05 }}
       max_steps: {total}
       batch_size: {bs}
       learning_rate: 5.0e-5
@@ -192,7 +192,7 @@ steps:
     }
     let label = format!(
         "LoRA r=8 (q, v) training, {} {} shape (d_model {}, {} layers, vocab {vocab}), batch {}, inputs <= 128, labels <= 64, {} on {}; {} steps after {} warm-up steps",
-        args.family, args.size, cfg.d_model, cfg.num_layers, args.batch_size, args.dtype, args.device, args.steps, args.warmup_steps
+        args.family, args.size, cfg.shape.d_model, cfg.shape.encoder_layers, args.batch_size, args.dtype, args.device, args.steps, args.warmup_steps
     );
     let ours = EngineRun {
         engine: "conala".into(),

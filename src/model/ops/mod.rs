@@ -83,11 +83,7 @@ pub fn linear(
             return Ok(y);
         }
         if x2.is_contiguous() {
-            let y = cpu::matmul::frozen_linear(x2, weight)?;
-            return Ok(match bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            });
+            return cpu::matmul::frozen_linear(x2, weight, bias);
         }
     }
     composed::linear(x2, weight, weight_t, bias)
@@ -101,11 +97,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     composed::rms_norm(x, weight, eps)
 }
 
-/// The classic layer norm over the last dimension (BART), in f32 (one fused pass at inference on the
-/// CPU).
+/// The classic layer norm over the last dimension (BART), in f32 (on the CPU one fused pass, and
+/// one for its backward).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let frozen = !x.track_op() && !weight.track_op() && !bias.track_op();
-    if fused_cpu(x) && fused_cpu(weight) && fused_cpu(bias) && frozen {
+    if fused_cpu(x) && fused_cpu(weight) && fused_cpu(bias) {
         return cpu::norm::layer_norm(x, weight, bias, eps);
     }
     composed::layer_norm(x, weight, bias, eps)

@@ -50,6 +50,7 @@ impl Run {
             adapter_hash,
         } = crate::model::load(&self.model, &self.hub).await?;
         model.prepare_for_inference()?;
+        let load_seconds = started.elapsed().as_secs_f64();
         let batch_tokens = self.batch_tokens(model.as_ref());
         let tokenizer = tokenizer
             .ok_or_else(|| Error::model(format!("{}: no tokenizer.json", files.origin)))?;
@@ -118,6 +119,7 @@ impl Run {
             generated_rows: counters.generated_rows.load(Ordering::Relaxed),
             generated_tokens: tokens,
             seconds: secs,
+            load_seconds,
             rows_per_second: rows as f64 / secs,
             tokens_per_second: tokens as f64 / secs,
             finish_reason: counters.finish_counts(),

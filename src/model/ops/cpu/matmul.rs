@@ -152,6 +152,8 @@ pub fn add_bias_in_place(y: &Tensor, bias: &Tensor) -> Result<()> {
 struct FrozenMatmul {
     /// The frozen weight, `[out, in]`.
     weight: Tensor,
+    /// A frozen bias `[out]`, added in the same pass.
+    bias: Option<Tensor>,
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -177,13 +179,28 @@ impl CustomOp1 for FrozenMatmul {
         // Straight into the output (candle's matmul would zero-fill it first and this op then copied
         // it out); Wᵀ is W with its strides swapped.
         let (sx, sw) = (layout.stride(), wl.stride());
-        let y = gemm_f32(
+        let mut y = gemm_f32(
             (m, k, n),
             &data[layout.start_offset()..],
             (sx[0], sx[1]),
             w,
             (sw[1], sw[0]),
         );
+        if let Some(b) = &self.bias {
+            let (bs, bl) = b.storage_and_layout();
+            let candle_core::Storage::Cpu(bs) = &*bs else {
+                candle_core::bail!("frozen-matmul: the bias must be on the CPU");
+            };
+            let b = super::contiguous_f32(bs, bl, "frozen-matmul")?;
+            if b.len() != n {
+                candle_core::bail!("frozen-matmul: a bias of {} for {n} outputs", b.len());
+            }
+            for row in y.chunks_mut(n.max(1)) {
+                for (v, c) in row.iter_mut().zip(b) {
+                    *v += c;
+                }
+            }
+        }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -197,10 +214,12 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
-/// `x2 @ weightᵀ` for a frozen weight, with only `x2`'s gradient in the backward pass.
-pub fn frozen_linear(x2: &Tensor, weight: &Tensor) -> Result<Tensor> {
+/// `x2 @ weightᵀ (+ bias)` for a frozen weight and bias, with only `x2`'s gradient in the backward
+/// pass.
+pub fn frozen_linear(x2: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(x2.apply_op1(FrozenMatmul {
         weight: weight.clone(),
+        bias: bias.map(|b| b.contiguous()).transpose()?,
     })?)
 }
 
@@ -246,7 +265,7 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
         let x = Var::randn(0f32, 1.0, (4, 3), &dev).unwrap();
         let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
-        let frozen = frozen_linear(x.as_tensor(), &w).unwrap();
+        let frozen = frozen_linear(x.as_tensor(), &w, None).unwrap();
         let diff = max_abs_diff(&plain, &frozen);
         assert!(diff < 1e-6, "{diff}");
         let target = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
@@ -270,5 +289,36 @@ mod tests {
         assert!(diff < 1e-5, "{diff}");
         // The weight gets no gradient at all.
         assert!(g_frozen.get(&w).is_none());
+    }
+
+    #[test]
+    fn frozen_linear_adds_its_bias_and_passes_the_input_gradient() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        let x = Var::randn(0f32, 1.0, (4, 3), &dev).unwrap();
+        let plain = x
+            .as_tensor()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let frozen = frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap();
+        assert!(max_abs_diff(&plain, &frozen) < 1e-6);
+        let target = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
+        let g = |y: Tensor| {
+            (y * &target)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (gp, gf) = (g(plain), g(frozen));
+        let d = max_abs_diff(
+            gp.get(x.as_tensor()).unwrap(),
+            gf.get(x.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-5, "{d}");
     }
 }
