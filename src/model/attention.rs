@@ -149,9 +149,18 @@ impl Attention {
             return self.attend(&qkv[0], &qkv[1], &qkv[2], bias, mode, None);
         }
         let src = memory.unwrap_or(x);
-        let q = self.split_heads(&self.q.forward(x, mode)?)?;
-        let k = self.split_heads(&self.k.forward(src, mode)?)?;
-        let v = self.split_heads(&self.v.forward(src, mode)?)?;
+        // The fused training kernel reads heads in place; other paths want contiguous copies.
+        let split = |y: Tensor| -> Result<Tensor> {
+            if ops::reads_heads_in_place(&y, mode) {
+                let (b, t, _) = y.dims3()?;
+                Ok(y.reshape((b, t, self.heads, self.d_kv))?.transpose(1, 2)?)
+            } else {
+                self.split_heads(&y)
+            }
+        };
+        let q = split(self.q.forward(x, mode)?)?;
+        let k = split(self.k.forward(src, mode)?)?;
+        let v = split(self.v.forward(src, mode)?)?;
         self.attend(&q, &k, &v, bias, mode, None)
     }
 

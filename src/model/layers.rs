@@ -84,26 +84,32 @@ impl Linear {
         let (lead, k) = dims.split_at(dims.len() - 1);
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, k[0]))?;
-        let mut y = ops::linear(
+        let y = ops::linear(
             &x2,
             &self.weight,
             self.weight_t.as_ref(),
             self.bias.as_ref(),
         )?;
-        if let Some(l) = &self.lora {
-            // As PEFT does (its `autocast_adapter_dtype`): the adapter keeps its own dtype (f32 for
-            // a bf16 base) and its path runs in it; the base output is cast up for the sum, and the
-            // sum back to the model's dtype.
-            let ad = l.a.dtype();
-            let xd = ops::dropout(&x2.to_dtype(ad)?, l.dropout, mode)?;
-            let delta = xd
-                .matmul(&l.a.as_tensor().t()?)?
-                .matmul(&l.b.as_tensor().t()?)?;
-            y = (y.to_dtype(ad)? + (delta * l.scale)?)?.to_dtype(x.dtype())?;
-        }
+        let y = self.add_adapter(y, &x2, mode)?;
         let mut out_shape = lead.to_vec();
         out_shape.push(self.out_dim());
         Ok(y.reshape(out_shape)?)
+    }
+
+    /// The base layer's output `y` (rows, out) for inputs `x2` (rows, in) with the adapter's path
+    /// added, when there is an adapter. As PEFT does (its `autocast_adapter_dtype`): the adapter keeps
+    /// its own dtype (f32 for a bf16 base) and its path runs in it; the base output is cast up for
+    /// the sum, and the sum back to the inputs' dtype.
+    pub fn add_adapter(&self, y: Tensor, x2: &Tensor, mode: &Mode) -> Result<Tensor> {
+        let Some(l) = &self.lora else {
+            return Ok(y);
+        };
+        let ad = l.a.dtype();
+        let xd = ops::dropout(&x2.to_dtype(ad)?, l.dropout, mode)?;
+        let delta = xd
+            .matmul(&l.a.as_tensor().t()?)?
+            .matmul(&l.b.as_tensor().t()?)?;
+        Ok((y.to_dtype(ad)? + (delta * l.scale)?)?.to_dtype(x2.dtype())?)
     }
 
     /// Store the weight transposed for inference where the kernels prefer it (no-op elsewhere, or

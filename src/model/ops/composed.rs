@@ -114,8 +114,9 @@ pub fn attention(
                 v.contiguous()?.index_select(&rows, 0)?,
             )
         }
-        None => (k.clone(), v.clone()),
+        None => (k.contiguous()?, v.clone()),
     };
+    let q = q.contiguous()?;
     let dtype = q.dtype();
     let scores = if dtype == DType::F32 {
         q.matmul(&k.t()?)?.broadcast_add(bias)?

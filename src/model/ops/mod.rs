@@ -59,6 +59,12 @@ pub fn reads_kv_in_place(x: &Tensor) -> bool {
     fused_cpu(x)
 }
 
+/// Whether attention in `mode` on `x`'s device and dtype reads (rows, heads, len, d) views of the
+/// projections in place (the fused CPU training kernel), so the heads need no contiguous copies.
+pub fn reads_heads_in_place(x: &Tensor, mode: &Mode) -> bool {
+    mode.is_training() && fused_cpu(x)
+}
+
 /// `x2 (rows, in) @ weightᵀ (+ bias)` for a weight (out, in); `weight_t` is the same weight stored
 /// transposed (in, out), when the model keeps one. On the CPU in f32: without gradients, the gemm
 /// straight into its output and the bias added in place; with gradients through `x2` only (a frozen
@@ -145,8 +151,9 @@ pub fn gated_act_stacked(y: &Tensor, act: Activation) -> Result<Tensor> {
 /// softmax(scale · q kᵀ + bias) v, with dropout on the weights in training: q (rows, heads, queries, d), k and
 /// v (kv_rows, heads, len, d) (strided views allowed), bias broadcastable to (rows, heads, queries,
 /// len); returns (rows, heads, queries, d). With an `index`, query row r reads key row
-/// `index.rows[r]`. One query per row at inference on the CPU (a decoding step) is the fused kernel;
-/// longer queries (the encoder, training) are faster as batched matmuls.
+/// `index.rows[r]`. One query per row at inference on the CPU (a decoding step) is the fused
+/// decoding kernel; training on the CPU with a constant bias is the fused training kernel (its own
+/// backward); the encoder at inference is faster as batched matmuls.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -156,6 +163,17 @@ pub fn attention(
     index: Option<&KvIndex>,
     mode: &Mode,
 ) -> Result<Tensor> {
+    let constant_bias = !bias.track_op() && index.is_none();
+    if mode.is_training() && constant_bias && fused_cpu(q) && fused_cpu(k) && fused_cpu(v) {
+        // Dropout on the weights with the composed path's mask (the same draw of the generator).
+        let p = mode.attention_dropout_rate();
+        let n = q.dims()[0] * q.dims()[1] * q.dims()[2] * k.dims()[2];
+        let mask = (p > 0.0)
+            .then(|| mode.next_seed())
+            .flatten()
+            .map(|seed| dropout_mask(n, p, seed));
+        return cpu::attention_train::attention(q, k, v, bias, scale, mask);
+    }
     // The scale goes on the queries: (s q)·k, one pass over the smallest operand.
     let q = if scale == 1.0 {
         q.clone()

@@ -72,6 +72,67 @@ pub fn gemm_f32(
     out
 }
 
+/// `dst = scale * a @ b` on the calling thread, for the many small products of a kernel that is
+/// already parallel over its rows: `a` (m, k) and `b` (k, n) as in [`gemm_f32`], `dst` (m, n) with
+/// row stride `dst_rs` (overwritten).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    scale: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len(),
+        "gemm_into: dst too short"
+    );
+    if k == 0 {
+        for r in 0..m {
+            dst[r * dst_rs..][..n].fill(0.0);
+        }
+        return;
+    }
+    assert!(
+        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+        "gemm_into: lhs too short"
+    );
+    assert!(
+        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
+        "gemm_into: rhs too short"
+    );
+    // SAFETY: every element the strides reach exists (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 struct CpuMatmul;
 
 impl CustomOp2 for CpuMatmul {
