@@ -154,7 +154,9 @@ impl TrainFootprint {
     }
 
     /// The footprint of a step of `shape` for `cfg` in `dtype`, with LoRA `lora` (`None`: full
-    /// fine-tuning) and with or without gradient checkpointing.
+    /// fine-tuning) and with or without gradient checkpointing. `fused_attention`: the step runs
+    /// the fused training attention (CPU, f32; [`crate::model::ops::fused_training_attention`]),
+    /// which keeps no score tensors and reads the heads in place.
     ///
     /// Activations are counted tensor by tensor as candle's autograd keeps them: each op's output
     /// lives until the backward pass is done (see the counts below; checked against measured peaks by
@@ -165,6 +167,7 @@ impl TrainFootprint {
         lora: Option<&LoraSettings>,
         shape: TrainShape,
         checkpointing: bool,
+        fused_attention: bool,
     ) -> TrainFootprint {
         let e = dtype.size_in_bytes() as u64;
         let (b, s, t) = (
@@ -216,10 +219,15 @@ impl TrainFootprint {
                     }
             };
             let projections = proj(Role::Query, q) + proj(Role::Key, kv) + proj(Role::Value, kv);
-            // Split into heads: contiguous copies.
-            let heads = (q + 2 * kv) * inner * e;
-            // q k^T, + bias, softmax, dropout (its mask and the product), in the model's dtype.
-            let scores = 5 * b * h * ql * kl * e;
+            let (heads, scores) = if fused_attention {
+                // Heads read in place; only the dropout mask over the weights (f32) is kept (the
+                // backward recomputes the weights from q and k).
+                (0, b * h * ql * kl * 4)
+            } else {
+                // Split into heads: contiguous copies; q k^T, + bias, softmax, dropout (its mask
+                // and the product), in the model's dtype.
+                ((q + 2 * kv) * inner * e, 5 * b * h * ql * kl * e)
+            };
             // The weighted values, copied back out of heads; the output projection.
             let lora_o = if targets(Role::Output) {
                 3 * q * d * 4 + q * r * 4
@@ -360,8 +368,8 @@ mod tests {
             input_len: 512,
             target_len: 128,
         };
-        let plain = TrainFootprint::new(&cfg, DType::F32, Some(&lora), shape, false);
-        let ck = TrainFootprint::new(&cfg, DType::F32, Some(&lora), shape, true);
+        let plain = TrainFootprint::new(&cfg, DType::F32, Some(&lora), shape, false, false);
+        let ck = TrainFootprint::new(&cfg, DType::F32, Some(&lora), shape, true, false);
         // Same weights, adapter, optimizer and gradients; far fewer activations.
         assert_eq!((plain.weights, plain.lora), (ck.weights, ck.lora));
         assert_eq!(
@@ -381,13 +389,23 @@ mod tests {
             Some(&lora),
             TrainShape { batch: 16, ..shape },
             false,
+            false,
         );
         assert!(twice.activations > 19 * plain.activations / 10 && twice.weights == plain.weights);
-        let bf16 = TrainFootprint::new(&cfg, DType::BF16, Some(&lora), shape, false);
+        let bf16 = TrainFootprint::new(&cfg, DType::BF16, Some(&lora), shape, false, false);
         assert_eq!(bf16.weights * 2, plain.weights);
         assert_eq!(bf16.optimizer, plain.optimizer); // AdamW state stays f32
                                                      // Full fine-tuning: f32 master weights, every weight trained.
-        let full = TrainFootprint::new(&cfg, DType::F32, None, shape, false);
+                                                     // The fused CPU attention keeps no score tensors: fewer activations, the rest the same.
+        let fused = TrainFootprint::new(&cfg, DType::F32, Some(&lora), shape, false, true);
+        let scores = 5 * 8 * 12 * (512 * 512 + 128 * 128 + 128 * 512) * 4 * 12;
+        let masks = scores / 5;
+        assert!(plain.activations - fused.activations >= scores - masks);
+        assert_eq!(
+            (fused.weights, fused.gradients),
+            (plain.weights, plain.gradients)
+        );
+        let full = TrainFootprint::new(&cfg, DType::F32, None, shape, false, false);
         assert_eq!(full.gradients, cfg.parameter_count() * 4);
         assert_eq!(full.optimizer, 2 * full.gradients);
     }

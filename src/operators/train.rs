@@ -269,7 +269,8 @@ impl Sink for Train {
             target_len,
         };
         let lora = self.spec.lora.as_ref();
-        let at = |ck: bool| TrainFootprint::new(&self.cfg, dtype, lora, shape, ck);
+        let fused = ops::fused_training_attention(self.sources[0].device, dtype);
+        let at = |ck: bool| TrainFootprint::new(&self.cfg, dtype, lora, shape, ck, fused);
         let ck = self.spec.gradient_checkpointing;
         let f = at(ck);
         let training = match lora {

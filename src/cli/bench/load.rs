@@ -15,8 +15,8 @@ use conala::model::{DTypeChoice, DeviceChoice, ModelSource};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
-    /// The checkpoint (default: a random f32 flan-t5-base-shaped one, made first by `conala model
-    /// init` in another process so its memory does not count here).
+    /// The checkpoint, safetensors or PyTorch `.bin` (default: a random f32 flan-t5-base-shaped
+    /// one, made first by `conala model init` in another process so its memory does not count here).
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[arg(long, default_value = "bf16")]
@@ -56,7 +56,10 @@ pub async fn run(args: &LoadArgs, ctx: &Context) -> Result<()> {
     let files: u64 = std::fs::read_dir(&dir)
         .map_err(|e| Error::io(dir.display(), e))?
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.ends_with(".safetensors") || name.ends_with(".bin")
+        })
         .filter_map(|e| e.metadata().ok().map(|m| m.len()))
         .sum();
     let source = ModelSource::at(&dir.display().to_string(), args.device, args.dtype);
@@ -76,7 +79,7 @@ pub async fn run(args: &LoadArgs, ctx: &Context) -> Result<()> {
         .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
         .sum();
     out!(
-        "{}: {:.0} MB of safetensors on disk, loaded as {:?} on {}",
+        "{}: {:.0} MB of checkpoint files (.safetensors, .bin) on disk, loaded as {:?} on {}",
         dir.display(),
         files as f64 / MB,
         loaded.model.dtype(),

@@ -12,12 +12,12 @@ use serde::{Deserialize, Serialize};
 
 use super::rss::{peak_during, rss_anon};
 use conala::error::{Error, Result};
-use conala::model::init::{config, random_weights, Family, Size};
+use conala::model::init::{Family, Size};
 use conala::model::lora::{attach_new, AdapterConfig, LoraSettings};
 use conala::model::memory::{TrainFootprint, TrainShape};
 use conala::model::mode::{Dropout, Mode, TrainState};
-use conala::model::weights::{save_safetensors, Weights};
-use conala::model::{ops, Seq2Seq, T5};
+use conala::model::ops;
+use conala::model::weights::Weights;
 use conala::rng::Rng;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -170,25 +170,18 @@ pub fn run(args: &MemoryArgs) -> Result<()> {
 /// One shape's step(s) in this process.
 fn measure_here(shape: &str, checkpointing: bool, steps: usize) -> Result<Measured> {
     let (family, size, s) = parse_shape(shape)?;
-    let cfg = config(family, size, 8000);
-    // The weights go through a file and load as a run loads them (mapped, converted tensor by
-    // tensor), so the process holds what a run would.
+    // The weights go through a folder `model init` writes and load as a run loads them (mapped,
+    // converted tensor by tensor), so the process holds what a run would.
     let dir = std::env::temp_dir().join(format!("conala-bench-memory-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
-    let file = dir.join("model.safetensors");
-    save_safetensors(&random_weights(&cfg, 0)?, &file)?;
-    let w = Weights::open(
-        std::slice::from_ref(&file),
-        "bench",
-        &Device::Cpu,
-        DType::F32,
-    )?;
-    let mut model = T5::load(&cfg, &cfg.model_config(), &w)?;
+    let cfg = super::random_model(family, size, &dir)?;
+    let files = [dir.join("model.safetensors")];
+    let w = Weights::open(&files, "bench", &Device::Cpu, DType::F32)?;
+    let mut model = cfg.build(&w)?;
     drop(w);
     let _cleanup = std::fs::remove_dir_all(&dir);
     let lora = LoraSettings::default();
-    let adapter = AdapterConfig::new(&lora, "bench", &cfg.model_config());
-    let vars: Vec<Var> = attach_new(&mut model, &adapter, 0)?
+    let adapter = AdapterConfig::new(&lora, "bench", &cfg);
+    let vars: Vec<Var> = attach_new(model.as_mut(), &adapter, 0)?
         .into_iter()
         .map(|(_, v)| v)
         .collect();
@@ -246,11 +239,12 @@ fn measure_here(shape: &str, checkpointing: bool, steps: usize) -> Result<Measur
         &seconds[..]
     };
     let f = TrainFootprint::new(
-        &cfg.model_config(),
+        &cfg,
         DType::F32,
         Some(&lora),
         s,
         checkpointing,
+        ops::fused_training_attention(conala::model::DeviceChoice::Cpu, DType::F32),
     );
     Ok(Measured {
         shape: shape.to_string(),

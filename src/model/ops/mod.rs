@@ -18,6 +18,7 @@ use candle_core::{DType, Storage, Tensor, D};
 
 use crate::error::Result;
 use crate::model::activation::Activation;
+use crate::model::device::DeviceChoice;
 use crate::model::kv_cache::KvIndex;
 use crate::model::mode::Mode;
 
@@ -61,6 +62,12 @@ pub fn reads_kv_in_place(x: &Tensor) -> bool {
 
 /// Whether attention in `mode` on `x`'s device and dtype reads (rows, heads, len, d) views of the
 /// projections in place (the fused CPU training kernel), so the heads need no contiguous copies.
+/// Whether training on `device` in `dtype` runs the fused training attention (what the memory
+/// estimate needs to know before any tensor exists).
+pub fn fused_training_attention(device: DeviceChoice, dtype: DType) -> bool {
+    !device.is_cuda() && device != DeviceChoice::Metal && dtype == DType::F32
+}
+
 pub fn reads_heads_in_place(x: &Tensor, mode: &Mode) -> bool {
     mode.is_training() && fused_cpu(x)
 }
