@@ -80,6 +80,16 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
+        if let Some(l) = &self.lora {
+            let adapter = (l.a.as_tensor(), l.b.as_tensor());
+            let (w, bias) = (&self.weight, self.bias.as_ref());
+            if let Some(y) = ops::fused_lora_linear(x, w, bias, adapter, l.scale, l.dropout, mode)?
+            {
+                return Ok(y);
+            }
+        } else if let Some(y) = ops::fused_frozen_linear(x, &self.weight, self.bias.as_ref())? {
+            return Ok(y);
+        }
         let dims = x.dims().to_vec();
         let (lead, k) = dims.split_at(dims.len() - 1);
         let rows: usize = lead.iter().product();

@@ -155,6 +155,60 @@ pub fn gated_act_stacked(y: &Tensor, act: Activation) -> Result<Tensor> {
     composed::gated_act_stacked(y, act)
 }
 
+/// A frozen linear layer `x Wᵀ (+ bias)` on inputs that carry gradients, on the CPU in f32, straight
+/// on a contiguous `x` of any rank (no reshape nodes, each of which candle's backward gives a
+/// zero-filled gradient buffer of its own). `None`: it does not apply; the caller reshapes and
+/// calls [`linear`].
+pub fn fused_frozen_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let frozen = |t: &Tensor| fused_cpu(t) && !t.track_op();
+    if fused_cpu(x)
+        && x.track_op()
+        && x.is_contiguous()
+        && frozen(weight)
+        && bias.is_none_or(frozen)
+    {
+        return Ok(Some(cpu::matmul::frozen_linear(x, weight, bias)?));
+    }
+    Ok(None)
+}
+
+/// A linear layer with a LoRA adapter in training, `x Wᵀ (+ bias) + scale · dropout(x) Aᵀ Bᵀ`, as
+/// one op with its own backward where it applies: on the CPU in f32, a frozen weight and bias, a
+/// contiguous `x` of any rank (last dimension `in`), an f32 adapter `a` (r, in), `b` (out, r). The
+/// dropout mask is drawn as the composed path draws it (one seed, only when `dropout` > 0). `None`:
+/// it does not apply, and the caller runs the composed layer.
+pub fn fused_lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    (a, b): (&Tensor, &Tensor),
+    scale: f64,
+    dropout: f64,
+    mode: &Mode,
+) -> Result<Option<Tensor>> {
+    let frozen = |t: &Tensor| fused_cpu(t) && !t.track_op();
+    let applies = mode.is_training()
+        && fused_cpu(x)
+        && x.is_contiguous()
+        && frozen(weight)
+        && bias.is_none_or(frozen)
+        && fused_cpu(a)
+        && fused_cpu(b);
+    if !applies {
+        return Ok(None);
+    }
+    let mask = (dropout > 0.0)
+        .then(|| mode.next_seed())
+        .flatten()
+        .map(|seed| dropout_mask(x.elem_count(), dropout, seed));
+    let y = cpu::lora_linear::lora_linear(x, weight, bias, (a, b), scale, mask)?;
+    Ok(Some(y))
+}
+
 /// softmax(scale · q kᵀ + bias) v, with dropout on the weights in training: q (rows, heads, queries, d), k and
 /// v (kv_rows, heads, len, d) (strided views allowed), bias broadcastable to (rows, heads, queries,
 /// len); returns (rows, heads, queries, d). With an `index`, query row r reads key row

@@ -227,8 +227,11 @@ impl CustomOp1 for FrozenMatmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let data = storage.as_slice::<f32>()?;
-        let ((m, k), (n, k2)) = (layout.shape().dims2()?, self.weight.dims2()?);
+        let data = super::contiguous_f32(storage, layout, "frozen-matmul")?;
+        let dims = layout.dims();
+        let k = *dims.last().unwrap_or(&0);
+        let m = data.len().checked_div(k).unwrap_or(0);
+        let (n, k2) = self.weight.dims2()?;
         if k != k2 {
             candle_core::bail!("frozen-matmul: ({m}, {k}) @ ({n}, {k2})ᵀ");
         }
@@ -239,14 +242,8 @@ impl CustomOp1 for FrozenMatmul {
         let w = &w.as_slice::<f32>()?[wl.start_offset()..];
         // Straight into the output (candle's matmul would zero-fill it first and this op then copied
         // it out); Wᵀ is W with its strides swapped.
-        let (sx, sw) = (layout.stride(), wl.stride());
-        let mut y = gemm_f32(
-            (m, k, n),
-            &data[layout.start_offset()..],
-            (sx[0], sx[1]),
-            w,
-            (sw[1], sw[0]),
-        );
+        let sw = wl.stride();
+        let mut y = gemm_f32((m, k, n), data, (k, 1), w, (sw[1], sw[0]));
         if let Some(b) = &self.bias {
             let (bs, bl) = b.storage_and_layout();
             let candle_core::Storage::Cpu(bs) = &*bs else {
@@ -262,21 +259,28 @@ impl CustomOp1 for FrozenMatmul {
                 }
             }
         }
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        let mut out = dims.to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(out)))
     }
 
     fn bwd(
         &self,
-        _arg: &Tensor,
+        arg: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
+        let n = self.weight.dims2()?.0;
+        let rows = grad.elem_count() / n.max(1);
+        let dx = grad.reshape((rows, n))?.matmul(&self.weight)?;
+        Ok(Some(dx.reshape(arg.shape())?))
     }
 }
 
 /// `x2 @ weightᵀ (+ bias)` for a frozen weight and bias, with only `x2`'s gradient in the backward
-/// pass.
+/// pass. `x2` is contiguous, of any rank (its last dimension `in`; the leading ones are kept).
 pub fn frozen_linear(x2: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(x2.apply_op1(FrozenMatmul {
         weight: weight.clone(),

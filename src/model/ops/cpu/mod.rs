@@ -8,6 +8,7 @@ pub mod attention;
 pub mod attention_train;
 pub mod cross_entropy;
 pub mod denormals;
+pub mod lora_linear;
 pub mod matmul;
 pub mod norm;
 pub mod pool;
