@@ -1,7 +1,8 @@
 //! What conala needs to know of any model, whatever its family: the special tokens decoding and
 //! training use, the sizes memory estimates use, the dropout rates, and the family's own config
-//! (behind [`Architecture`]) that builds the network. Parsed from a Hugging Face `config.json` by the
-//! family [`super::registry`] names for its `model_type`, with `generation_config.json` on top.
+//! (behind [`Architecture`]), from which the family builds the network. Parsed from a Hugging Face
+//! `config.json` by the family the registry names for its `model_type` (`ModelConfig::from_json`
+//! and `ModelConfig::build` live there), with `generation_config.json` on top.
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,15 +10,14 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::mode::Dropout;
-use super::seq2seq::Seq2Seq;
-use super::weights::Weights;
 use crate::error::{Error, Result};
 
-/// A family's own config: what only that family's code reads. It builds the network and answers
-/// the questions plans ask before any weight is loaded.
+/// A family's own config: what only that family's code reads. It answers the questions plans ask
+/// before any weight is loaded; the family's builder (in the registry) reads it back through
+/// [`Architecture::as_any`].
 pub trait Architecture: Send + Sync {
-    /// The network, from checkpoint tensors.
-    fn build(&self, cfg: &ModelConfig, w: &Weights) -> Result<Box<dyn Seq2Seq>>;
+    /// This config, for its family's builder to downcast.
+    fn as_any(&self) -> &dyn std::any::Any;
     /// Parameters as transformers' `num_parameters()` counts them (tied weights once).
     fn parameter_count(&self) -> u64;
     /// Every linear layer by its HF module name, with its shape, but the output layer: what LoRA
@@ -128,13 +128,6 @@ impl fmt::Debug for ModelConfig {
 }
 
 impl ModelConfig {
-    /// Parse a `config.json` with the family its `model_type` names (see [`super::registry`]).
-    pub fn from_json(text: &str, origin: &str) -> Result<ModelConfig> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| Error::model(format!("{origin}: not a JSON config: {e}")))?;
-        super::registry::parse(&v, origin)
-    }
-
     /// Apply a `generation_config.json`: the token ids it sets replace config.json's, as HF's
     /// `generate` reads them (an explicit null switches a forced token off). Decoding settings in it
     /// (`num_beams`, `no_repeat_ngram_size`, ...) are left to the plan.
@@ -158,11 +151,6 @@ impl ModelConfig {
             t.forced_eos = token(&v, "forced_eos_token_id", origin)?;
         }
         Ok(self)
-    }
-
-    /// The network of this config, from checkpoint tensors.
-    pub fn build(&self, w: &Weights) -> Result<Box<dyn Seq2Seq>> {
-        self.arch.build(self, w)
     }
 
     pub fn parameter_count(&self) -> u64 {

@@ -4,21 +4,46 @@
 use serde_json::Value;
 
 use super::config::ModelConfig;
+use super::seq2seq::Seq2Seq;
+use super::weights::Weights;
 use super::{bart, t5};
 use crate::error::{Error, Result};
 
 /// A family's reader of its `config.json`.
 type Parse = fn(&Value, &str) -> Result<ModelConfig>;
+/// A family's network from checkpoint tensors, for a config its reader made.
+type Build = fn(&ModelConfig, &Weights) -> Result<Box<dyn Seq2Seq>>;
 
 /// `model_type` -> the family that implements it.
-const FAMILIES: &[(&str, Parse)] = &[
-    ("t5", t5::parse_config),
-    ("mt5", t5::parse_config),
-    ("umt5", t5::parse_config),
-    ("bart", bart::parse_config),
-    ("mbart", bart::parse_config),
-    ("plbart", bart::parse_config),
+const FAMILIES: &[(&str, Parse, Build)] = &[
+    ("t5", t5::parse_config, t5::build),
+    ("mt5", t5::parse_config, t5::build),
+    ("umt5", t5::parse_config, t5::build),
+    ("bart", bart::parse_config, bart::build),
+    ("mbart", bart::parse_config, bart::build),
+    ("plbart", bart::parse_config, bart::build),
 ];
+
+impl ModelConfig {
+    /// Parse a `config.json` with the family its `model_type` names.
+    pub fn from_json(text: &str, origin: &str) -> Result<ModelConfig> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| Error::model(format!("{origin}: not a JSON config: {e}")))?;
+        parse(&v, origin)
+    }
+
+    /// The network of this config, from checkpoint tensors.
+    pub fn build(&self, w: &Weights) -> Result<Box<dyn Seq2Seq>> {
+        match FAMILIES.iter().find(|(t, _, _)| *t == self.model_type) {
+            Some((_, _, build)) => build(self, w),
+            None => Err(Error::model(format!(
+                "model_type `{}` is not supported; conala runs {}",
+                self.model_type,
+                supported()
+            ))),
+        }
+    }
+}
 
 /// Families people try that conala knows and does not run, with the reason.
 const REFUSED: &[(&str, &str)] = &[
@@ -36,7 +61,7 @@ const REFUSED: &[(&str, &str)] = &[
 pub fn supported() -> String {
     FAMILIES
         .iter()
-        .map(|(t, _)| *t)
+        .map(|(t, _, _)| *t)
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -60,8 +85,8 @@ pub fn parse(v: &Value, origin: &str) -> Result<ModelConfig> {
             supported()
         )));
     }
-    match FAMILIES.iter().find(|(t, _)| *t == model_type) {
-        Some((_, parse)) => parse(v, origin),
+    match FAMILIES.iter().find(|(t, _, _)| *t == model_type) {
+        Some((_, parse, _)) => parse(v, origin),
         None => Err(Error::model(format!(
             "{origin}: model_type `{model_type}` is not supported (an encoder-decoder family conala does not implement, or not a seq2seq model); conala runs {}",
             supported()

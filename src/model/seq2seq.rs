@@ -34,7 +34,7 @@ pub trait Seq2Seq: Send + Sync {
 
     /// The loss of a batch and the gradient of each of `vars` (`None`: the loss does not depend on
     /// it); `checkpointed` recomputes each block's activations in the backward pass instead of
-    /// keeping them (see [`super::checkpointing`]).
+    /// keeping them (see the `checkpointing` module).
     fn gradients(
         &self,
         batch: Batch,

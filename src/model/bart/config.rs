@@ -9,9 +9,7 @@ use serde_json::Value;
 use super::Bart;
 use crate::error::{Error, Result};
 use crate::model::activation::Activation;
-use crate::model::config::{
-    token, Architecture, DecoderInputs, LinearShape, ModelConfig, Shape, Tokens,
-};
+use crate::model::config::{token, DecoderInputs, ModelConfig, Shape, Tokens};
 use crate::model::mode::Dropout;
 use crate::model::seq2seq::Seq2Seq;
 use crate::model::weights::Weights;
@@ -255,16 +253,17 @@ pub fn parse_config(v: &Value, origin: &str) -> Result<ModelConfig> {
     Ok(cfg.model_config())
 }
 
-impl Architecture for BartConfig {
-    fn build(&self, cfg: &ModelConfig, w: &Weights) -> Result<Box<dyn Seq2Seq>> {
-        Ok(Box::new(Bart::load(self, cfg, w)?))
-    }
-
-    fn parameter_count(&self) -> u64 {
-        super::params::parameter_count(self)
-    }
-
-    fn linears(&self) -> Vec<LinearShape> {
-        super::params::linear_shapes(self)
-    }
+/// The registry's builder of BART-family networks.
+pub fn build(cfg: &ModelConfig, w: &Weights) -> Result<Box<dyn Seq2Seq>> {
+    let bart = cfg
+        .arch
+        .as_any()
+        .downcast_ref::<BartConfig>()
+        .ok_or_else(|| {
+            Error::model(format!(
+                "model_type `{}`: not a BART config",
+                cfg.model_type
+            ))
+        })?;
+    Ok(Box::new(Bart::load(bart, cfg, w)?))
 }

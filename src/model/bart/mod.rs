@@ -23,7 +23,7 @@ mod decode;
 mod load;
 mod params;
 
-pub use config::{parse_config, BartConfig, Norms};
+pub use config::{build, parse_config, BartConfig, Norms};
 
 /// One encoder or decoder layer.
 #[derive(Clone)]

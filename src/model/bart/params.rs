@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor, Var};
 use super::config::{BartConfig, Norms};
 use super::Bart;
 use crate::error::Result;
-use crate::model::config::{LinearShape, Role};
+use crate::model::config::{Architecture, LinearShape, Role};
 use crate::model::layers::Linear;
 
 /// Every Linear's HF module name and shape but the output layer's, in the order
@@ -188,5 +188,19 @@ impl Bart {
             }
         }
         Ok(vars)
+    }
+}
+
+impl Architecture for BartConfig {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn parameter_count(&self) -> u64 {
+        parameter_count(self)
+    }
+
+    fn linears(&self) -> Vec<LinearShape> {
+        linear_shapes(self)
     }
 }

@@ -16,7 +16,7 @@ pub enum Family {
     /// UL2-style: gated-SiLU, untied output layer.
     #[serde(rename = "ul2")]
     Ul2,
-    /// BART (facebook/bart-base's layout; random only, see [`super::bart`]).
+    /// BART (facebook/bart-base's layout; random only, see `init/bart.rs`).
     #[serde(rename = "bart")]
     Bart,
 }
@@ -36,7 +36,7 @@ pub enum Size {
 crate::named_setting!(Size);
 
 /// The config of a T5 family at a size, with the vocabulary size of its tokenizer (BART's is
-/// [`super::bart::config_json`]; asked here, it gets flan-t5's).
+/// `init/bart.rs`'s `config_json`; asked here, it gets flan-t5's).
 pub fn config(family: Family, size: Size, vocab_size: usize) -> T5Config {
     // (d_model, d_kv, d_ff, layers, heads)
     let (d_model, d_kv, d_ff, layers, heads) = match (family, size) {

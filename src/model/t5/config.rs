@@ -173,9 +173,19 @@ impl T5Config {
     }
 }
 
+/// The registry's builder of T5-family networks.
+pub fn build(cfg: &ModelConfig, w: &Weights) -> Result<Box<dyn Seq2Seq>> {
+    let t5 = cfg
+        .arch
+        .as_any()
+        .downcast_ref::<T5Config>()
+        .ok_or_else(|| Error::model(format!("model_type `{}`: not a T5 config", cfg.model_type)))?;
+    Ok(Box::new(T5::load(t5, cfg, w)?))
+}
+
 impl Architecture for T5Config {
-    fn build(&self, cfg: &ModelConfig, w: &Weights) -> Result<Box<dyn Seq2Seq>> {
-        Ok(Box::new(T5::load(self, cfg, w)?))
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 
     fn parameter_count(&self) -> u64 {

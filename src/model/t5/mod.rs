@@ -22,7 +22,7 @@ mod decode;
 mod load;
 mod params;
 
-pub use config::T5Config;
+pub use config::{build, T5Config};
 
 /// The registry's reader of T5-family configs (t5, mt5, umt5).
 pub fn parse_config(v: &Value, origin: &str) -> Result<ModelConfig> {
