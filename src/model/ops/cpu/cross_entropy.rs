@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
+use super::{contiguous_f32, storage_f32};
 use crate::error::Result;
 
 /// Sum over rows of `weights[i] * loss(logits[i], labels[i])` for (rows, vocab) f32 logits on the CPU,
@@ -112,10 +112,7 @@ impl candle_core::CustomOp1 for CrossEntropy {
             candle_core::bail!("{}: backward before forward", self.name());
         }
         let (storage, layout) = arg.storage_and_layout();
-        let candle_core::Storage::Cpu(s) = &*storage else {
-            candle_core::bail!("{}: logits must be on the CPU", self.name());
-        };
-        let x = contiguous_f32(s, layout, self.name())?;
+        let x = storage_f32(&storage, layout, self.name())?;
         let (e, uniform) = (self.smoothing, self.smoothing / v as f32);
         let mut dx = vec![0f32; rows * v];
         dx.par_chunks_mut(v)

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::gemm_f32;
-use super::{contiguous_f32, par_map2};
+use super::{contiguous_f32, par_map2, storage_f32};
 use crate::error::Result;
 
 struct LoraLinear {
@@ -25,18 +25,6 @@ struct LoraLinear {
     scale: f32,
     /// The inverted-dropout mask over x's elements, already scaled.
     mask: Option<Vec<f32>>,
-}
-
-/// A tensor's contiguous f32 data on the CPU.
-fn data_of<'a>(
-    guard: &'a candle_core::Storage,
-    layout: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(s) = guard else {
-        candle_core::bail!("{op}: expected a CPU tensor");
-    };
-    contiguous_f32(s, layout, op)
 }
 
 impl LoraLinear {
@@ -81,16 +69,16 @@ impl CustomOp3 for LoraLinear {
             candle_core::bail!("{op}: the dropout mask does not cover x");
         }
         let (ws, wl) = self.weight.storage_and_layout();
-        let w = data_of(&ws, wl, op)?;
+        let w = storage_f32(&ws, wl, op)?;
         // The frozen product (Wᵀ is W with its strides swapped), then the adapter's path.
         let mut y = gemm_f32((m, k, n), x, (k, 1), w, (1, k));
         let xd = self.masked(x);
         let u = gemm_f32((m, k, r), &xd, (k, 1), a, (1, k));
         let v = gemm_f32((m, r, n), &u, (r, 1), b, (1, r));
-        let bias = match &self.bias {
-            Some(t) => {
-                let (bs, blay) = t.storage_and_layout();
-                let bias = data_of(&bs, blay, op)?.to_vec();
+        let bias_storage = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let bias = match &bias_storage {
+            Some((bs, blay)) => {
+                let bias = storage_f32(bs, blay, op)?;
                 if bias.len() != n {
                     candle_core::bail!("{op}: a bias of {} for {n} outputs", bias.len());
                 }
@@ -103,7 +91,7 @@ impl CustomOp3 for LoraLinear {
             .zip(v.par_chunks(n.max(1)))
             .for_each(|(yr, vr)| match &bias {
                 Some(bias) => {
-                    for ((y, v), c) in yr.iter_mut().zip(vr).zip(bias) {
+                    for ((y, v), c) in yr.iter_mut().zip(vr).zip(bias.iter()) {
                         *y += c + s * v;
                     }
                 }
@@ -133,15 +121,15 @@ impl CustomOp3 for LoraLinear {
         let m = x.elem_count() / k.max(1);
         let grad = grad.contiguous()?;
         let (gs, gl) = grad.storage_and_layout();
-        let dy = data_of(&gs, gl, op)?;
+        let dy = storage_f32(&gs, gl, op)?;
         let (xs, xl) = x.storage_and_layout();
-        let xv = data_of(&xs, xl, op)?;
+        let xv = storage_f32(&xs, xl, op)?;
         let (as_, al) = a.storage_and_layout();
-        let av = data_of(&as_, al, op)?;
+        let av = storage_f32(&as_, al, op)?;
         let (bs, bl) = b.storage_and_layout();
-        let bv = data_of(&bs, bl, op)?;
+        let bv = storage_f32(&bs, bl, op)?;
         let (ws, wl) = self.weight.storage_and_layout();
-        let w = data_of(&ws, wl, op)?;
+        let w = storage_f32(&ws, wl, op)?;
         let s = self.scale;
         // g = dy B (m, r); the adapter's input and its projection u = xd Aᵀ (m, r), recomputed.
         let g = gemm_f32((m, n, r), dy, (n, 1), bv, (r, 1));

@@ -246,10 +246,7 @@ impl CustomOp1 for FrozenMatmul {
         let mut y = gemm_f32((m, k, n), data, (k, 1), w, (sw[1], sw[0]));
         if let Some(b) = &self.bias {
             let (bs, bl) = b.storage_and_layout();
-            let candle_core::Storage::Cpu(bs) = &*bs else {
-                candle_core::bail!("frozen-matmul: the bias must be on the CPU");
-            };
-            let b = super::contiguous_f32(bs, bl, "frozen-matmul")?;
+            let b = super::storage_f32(&bs, bl, "frozen-matmul")?;
             if b.len() != n {
                 candle_core::bail!("frozen-matmul: a bias of {} for {n} outputs", b.len());
             }

@@ -30,6 +30,19 @@ pub(crate) fn contiguous_f32<'a>(
     Ok(&s.as_slice::<f32>()?[start..end])
 }
 
+/// The contiguous f32 data of a tensor's storage, which must be on the CPU (what custom ops read of
+/// tensors they hold or are given in backward).
+pub(crate) fn storage_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(s) = storage else {
+        candle_core::bail!("{op}: expected a tensor on the CPU");
+    };
+    contiguous_f32(s, layout, op)
+}
+
 /// Elements per parallel task of [`par_map2`]: big enough that a task outweighs its scheduling.
 const MAP_CHUNK: usize = 8192;
 
