@@ -170,3 +170,49 @@ fn embedding_gradients(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    /// The vendored candle-core stores the first gradient reaching a node as is and adds from the
+    /// second on (vendor/candle-core/PATCHED.md): fan-in, subtraction and a gradient that arrives as
+    /// a strided view must still sum exactly as before.
+    #[test]
+    fn backward_sums_every_path_into_a_node() {
+        let dev = Device::Cpu;
+        let x = Var::from_vec(vec![1f32, -2.0, 3.0, 0.5, 4.0, -1.0], (2, 3), &dev).unwrap();
+        let y = Var::from_vec(vec![2f32, 1.0, -1.0, 3.0, 0.0, 5.0], (2, 3), &dev).unwrap();
+        let (xt, yt) = (x.as_tensor(), y.as_tensor());
+        // d/dx (x*x + x - y + xᵀᵀ*y) = 2x + 1 + y; d/dy = -1 + x.
+        let xtt = xt.t().unwrap().t().unwrap();
+        let f = ((xt * xt).unwrap() + xt).unwrap();
+        let f = (f - yt).unwrap();
+        let f = (f + (xtt * yt).unwrap()).unwrap();
+        let grads = f.sum_all().unwrap().backward().unwrap();
+        let gx = grads.get(xt).unwrap().to_vec2::<f32>().unwrap();
+        let gy = grads.get(yt).unwrap().to_vec2::<f32>().unwrap();
+        let (xv, yv) = (xt.to_vec2::<f32>().unwrap(), yt.to_vec2::<f32>().unwrap());
+        for i in 0..2 {
+            for j in 0..3 {
+                assert_eq!(gx[i][j], 2.0 * xv[i][j] + 1.0 + yv[i][j]);
+                assert_eq!(gy[i][j], -1.0 + xv[i][j]);
+            }
+        }
+        // A gradient that reaches a variable only through a transpose comes back in its shape.
+        let z = Var::from_vec(vec![1f32, 2.0, 3.0, 4.0, 5.0, 6.0], (2, 3), &dev).unwrap();
+        let w = Tensor::new(&[[1f32, 0.0], [0.0, 2.0], [1.0, 1.0]], &dev).unwrap();
+        let g = (z.as_tensor().t().unwrap() * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gz = g.get(z.as_tensor()).unwrap();
+        assert_eq!(gz.dims(), &[2, 3]);
+        assert_eq!(
+            gz.to_vec2::<f32>().unwrap(),
+            vec![vec![1.0, 0.0, 1.0], vec![0.0, 2.0, 1.0]]
+        );
+    }
+}
