@@ -250,11 +250,14 @@ impl CustomOp1 for FrozenMatmul {
             if b.len() != n {
                 candle_core::bail!("frozen-matmul: a bias of {} for {n} outputs", b.len());
             }
-            for row in y.chunks_mut(n.max(1)) {
-                for (v, c) in row.iter_mut().zip(b) {
-                    *v += c;
+            use rayon::prelude::*;
+            y.par_chunks_mut(n.max(1) * 16).for_each(|rows| {
+                for row in rows.chunks_mut(n.max(1)) {
+                    for (v, c) in row.iter_mut().zip(b) {
+                        *v += c;
+                    }
                 }
-            }
+            });
         }
         let mut out = dims.to_vec();
         if let Some(last) = out.last_mut() {
@@ -269,10 +272,47 @@ impl CustomOp1 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let n = self.weight.dims2()?.0;
-        let rows = grad.elem_count() / n.max(1);
-        let dx = grad.reshape((rows, n))?.matmul(&self.weight)?;
+        let dx = grad.contiguous()?.apply_op1_no_bwd(&FrozenMatmulBackward {
+            weight: self.weight.clone(),
+        })?;
         Ok(Some(dx.reshape(arg.shape())?))
+    }
+}
+
+/// The input's gradient of [`FrozenMatmul`], `dy (rows, out) @ W (out, in)`, straight into its
+/// output (candle's matmul zero-fills it first).
+struct FrozenMatmulBackward {
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmulBackward {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dy = super::contiguous_f32(storage, layout, self.name())?;
+        let (n, k) = self.weight.dims2()?;
+        if layout.dims().last() != Some(&n) {
+            candle_core::bail!(
+                "{}: a gradient of {:?} for {n} outputs",
+                self.name(),
+                layout.dims()
+            );
+        }
+        let rows = dy.len().checked_div(n).unwrap_or(0);
+        let (ws, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*ws else {
+            candle_core::bail!("{}: the weight must be on the CPU", self.name());
+        };
+        let w = &w.as_slice::<f32>()?[wl.start_offset()..];
+        let sw = wl.stride();
+        let dx = gemm_f32((rows, n, k), dy, (n, 1), w, (sw[0], sw[1]));
+        Ok((CpuStorage::F32(dx), Shape::from((rows, k))))
     }
 }
 
@@ -351,6 +391,40 @@ mod tests {
         assert!(diff < 1e-5, "{diff}");
         // The weight gets no gradient at all.
         assert!(g_frozen.get(&w).is_none());
+    }
+
+    #[test]
+    fn frozen_linear_backward_takes_3d_inputs_and_strided_weights() {
+        let dev = Device::Cpu;
+        // A weight that is a view: the first 5 of 7 rows of a transposed tensor.
+        let w = Tensor::randn(0f32, 1.0, (3, 7), &dev)
+            .unwrap()
+            .t()
+            .unwrap()
+            .narrow(0, 1, 5)
+            .unwrap();
+        let x = Var::randn(0f32, 1.0, (2, 4, 3), &dev).unwrap();
+        let target = Tensor::randn(0f32, 1.0, (2, 4, 5), &dev).unwrap();
+        let plain = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+        let frozen = frozen_linear(x.as_tensor(), &w, None).unwrap();
+        assert_eq!(frozen.dims(), &[2, 4, 5]);
+        assert!(max_abs_diff(&plain, &frozen) < 1e-5);
+        let g = |y: Tensor| {
+            (y * &target)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (gp, gf) = (g(plain), g(frozen));
+        let (a, b) = (
+            gp.get(x.as_tensor()).unwrap(),
+            gf.get(x.as_tensor()).unwrap(),
+        );
+        assert_eq!(b.dims(), &[2, 4, 3]);
+        let d = max_abs_diff(a, b);
+        assert!(d < 1e-5, "{d}");
     }
 
     #[test]
