@@ -161,10 +161,7 @@ impl candle_core::CustomOp1 for Act {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let a = contiguous_f32(s, l, self.name())?;
-        let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(
-            |(o, a)| per_activation!(self.0, K => simd_map2(o, a, a, |v, _| value(K, v))),
-        );
+        let out = per_activation!(self.0, K => par_map2(a, a, |v, _| value(K, v)));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 

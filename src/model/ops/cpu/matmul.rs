@@ -210,6 +210,26 @@ pub fn add_bias_in_place(y: &Tensor, bias: &Tensor) -> Result<()> {
     Ok(y.inplace_op2(&bias.contiguous()?, &AddBias)?)
 }
 
+/// A frozen 2-d weight read in place, a view included (a transposed or narrowed tensor): its f32
+/// data from the layout's start and its (row, column) strides, for [`gemm_f32`].
+fn strided_weight<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<(&'a [f32], (usize, usize))> {
+    let candle_core::Storage::Cpu(w) = storage else {
+        candle_core::bail!("{op}: the weight must be on the CPU");
+    };
+    let stride = layout.stride();
+    if stride.len() != 2 {
+        candle_core::bail!("{op}: the weight must be 2-d, not {:?}", layout.dims());
+    }
+    Ok((
+        &w.as_slice::<f32>()?[layout.start_offset()..],
+        (stride[0], stride[1]),
+    ))
+}
+
 struct FrozenMatmul {
     /// The frozen weight, `[out, in]`.
     weight: Tensor,
@@ -236,14 +256,10 @@ impl CustomOp1 for FrozenMatmul {
             candle_core::bail!("frozen-matmul: ({m}, {k}) @ ({n}, {k2})ᵀ");
         }
         let (ws, wl) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(w) = &*ws else {
-            candle_core::bail!("frozen-matmul: the weight must be on the CPU");
-        };
-        let w = &w.as_slice::<f32>()?[wl.start_offset()..];
+        let (w, sw) = strided_weight(&ws, wl, self.name())?;
         // Straight into the output (candle's matmul would zero-fill it first and this op then copied
         // it out); Wᵀ is W with its strides swapped.
-        let sw = wl.stride();
-        let mut y = gemm_f32((m, k, n), data, (k, 1), w, (sw[1], sw[0]));
+        let mut y = gemm_f32((m, k, n), data, (k, 1), w, (sw.1, sw.0));
         if let Some(b) = &self.bias {
             let (bs, bl) = b.storage_and_layout();
             let b = super::storage_f32(&bs, bl, "frozen-matmul")?;
@@ -306,12 +322,8 @@ impl CustomOp1 for FrozenMatmulBackward {
         }
         let rows = dy.len().checked_div(n).unwrap_or(0);
         let (ws, wl) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(w) = &*ws else {
-            candle_core::bail!("{}: the weight must be on the CPU", self.name());
-        };
-        let w = &w.as_slice::<f32>()?[wl.start_offset()..];
-        let sw = wl.stride();
-        let dx = gemm_f32((rows, n, k), dy, (n, 1), w, (sw[0], sw[1]));
+        let (w, sw) = strided_weight(&ws, wl, self.name())?;
+        let dx = gemm_f32((rows, n, k), dy, (n, 1), w, sw);
         Ok((CpuStorage::F32(dx), Shape::from((rows, k))))
     }
 }
