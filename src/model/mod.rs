@@ -181,6 +181,18 @@ pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> 
         .expect("comparable f32 tensors")
 }
 
+/// The gradients of `sum(y * weights)`: a loss that weights every output differently, so a test
+/// that compares two ops' gradients checks every entry (unit tests).
+#[cfg(test)]
+pub(crate) fn weighted_sum_grads(
+    y: &candle_core::Tensor,
+    weights: &candle_core::Tensor,
+) -> candle_core::backprop::GradStore {
+    (y * weights)
+        .and_then(|l| l.sum_all()?.backward())
+        .expect("a differentiable f32 tensor")
+}
+
 /// Largest elementwise difference of two tensors, each element divided by `scale` first (unit tests of
 /// approximations whose error grows with the size of their inputs).
 #[cfg(test)]

@@ -186,8 +186,8 @@ pub fn lora_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::max_abs_diff;
     use crate::model::ops::dropout::dropout_mask;
+    use crate::model::{max_abs_diff, weighted_sum_grads};
     use candle_core::{Device, Var};
 
     /// The composed layer, as `Linear` builds it from candle's ops.
@@ -244,18 +244,8 @@ mod tests {
             assert!(max_abs_diff(&ours, &theirs) < 1e-5);
             // A loss that weights every output differently, so each gradient entry is checked.
             let weights = Tensor::randn(0f32, 1.0, (3, 5, n), &dev).unwrap();
-            let go = (ours * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gt = (theirs * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let go = weighted_sum_grads(&ours, &weights);
+            let gt = weighted_sum_grads(&theirs, &weights);
             for v in [x.as_tensor(), a.as_tensor(), b.as_tensor()] {
                 let (o, t) = (go.get(v).unwrap(), gt.get(v).unwrap());
                 assert_eq!(o.dims(), t.dims());

@@ -340,7 +340,7 @@ pub fn frozen_linear(x2: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::max_abs_diff;
+    use crate::model::{max_abs_diff, weighted_sum_grads};
     use candle_core::{DType, Device, Var};
 
     #[test]
@@ -383,18 +383,8 @@ mod tests {
         let diff = max_abs_diff(&plain, &frozen);
         assert!(diff < 1e-6, "{diff}");
         let target = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
-        let g_plain = (plain * &target)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_frozen = (frozen * &target)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_plain = weighted_sum_grads(&plain, &target);
+        let g_frozen = weighted_sum_grads(&frozen, &target);
         let (a, b) = (
             g_plain.get(x.as_tensor()).unwrap(),
             g_frozen.get(x.as_tensor()).unwrap(),
@@ -421,15 +411,10 @@ mod tests {
         let frozen = frozen_linear(x.as_tensor(), &w, None).unwrap();
         assert_eq!(frozen.dims(), &[2, 4, 5]);
         assert!(max_abs_diff(&plain, &frozen) < 1e-5);
-        let g = |y: Tensor| {
-            (y * &target)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
-        let (gp, gf) = (g(plain), g(frozen));
+        let (gp, gf) = (
+            weighted_sum_grads(&plain, &target),
+            weighted_sum_grads(&frozen, &target),
+        );
         let (a, b) = (
             gp.get(x.as_tensor()).unwrap(),
             gf.get(x.as_tensor()).unwrap(),
@@ -454,15 +439,10 @@ mod tests {
         let frozen = frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap();
         assert!(max_abs_diff(&plain, &frozen) < 1e-6);
         let target = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
-        let g = |y: Tensor| {
-            (y * &target)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
-        let (gp, gf) = (g(plain), g(frozen));
+        let (gp, gf) = (
+            weighted_sum_grads(&plain, &target),
+            weighted_sum_grads(&frozen, &target),
+        );
         let d = max_abs_diff(
             gp.get(x.as_tensor()).unwrap(),
             gf.get(x.as_tensor()).unwrap(),

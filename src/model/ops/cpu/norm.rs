@@ -229,8 +229,8 @@ impl CustomOp3 for FusedLayerNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::max_abs_diff;
     use crate::model::ops::composed;
+    use crate::model::{max_abs_diff, weighted_sum_grads};
     use candle_core::Device;
 
     #[test]
@@ -268,14 +268,7 @@ mod tests {
         let w = Var::randn(1f32, 0.3, 24, &dev).unwrap();
         let b = Var::randn(0f32, 0.5, 24, &dev).unwrap();
         let target = Tensor::randn(0f32, 1.0, (3, 50, 24), &dev).unwrap();
-        let grads = |y: Tensor| {
-            (y * &target)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
+        let grads = |y: Tensor| weighted_sum_grads(&y, &target);
         let fused = grads(layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap());
         let composed =
             grads(composed::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap());

@@ -112,9 +112,9 @@ impl candle_core::CustomOp1 for MaskGrad {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::max_abs_diff;
     use crate::model::mode::{Dropout, Mode, TrainState};
     use crate::model::ops::{self, composed};
+    use crate::model::{max_abs_diff, weighted_sum_grads};
     use crate::rng::Rng;
     use candle_core::{Device, Tensor, Var};
 
@@ -136,18 +136,8 @@ mod tests {
             s1.borrow_mut().rng.next_u64(),
             s2.borrow_mut().rng.next_u64()
         );
-        let gf = (&fused * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = weighted_sum_grads(&fused, &w);
+        let gc = weighted_sum_grads(&composed, &w);
         for v in [&x, &h] {
             assert_eq!(max_abs_diff(gf.get(v).unwrap(), gc.get(v).unwrap()), 0.0);
         }
