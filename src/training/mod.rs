@@ -12,6 +12,7 @@ pub mod optimizer;
 pub mod plot;
 pub mod replicas;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use trainer::{TrainData, TrainFiles, TrainSummary, Trainer};
