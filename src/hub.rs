@@ -66,7 +66,7 @@ impl RepoId {
             kind: RepoType::Dataset,
         }
     }
-    fn display(&self) -> String {
+    pub fn display(&self) -> String {
         match self.kind {
             RepoType::Dataset => format!("hf://datasets/{}", self.id),
             RepoType::Space => format!("hf://spaces/{}", self.id),
@@ -96,6 +96,15 @@ pub fn looks_like_repo_id(s: &str) -> bool {
                 && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
+}
+
+/// A repository to push to must be `OWNER/NAME` (conala does not guess the user's namespace).
+pub fn check_push_repo(s: &str) -> std::result::Result<(), String> {
+    if looks_like_repo_id(s) && s.contains('/') {
+        Ok(())
+    } else {
+        Err(format!("`{s}`: not a Hub repository id (OWNER/NAME)"))
+    }
 }
 
 pub struct Hub {
@@ -345,7 +354,7 @@ impl Hub {
 
 /// Attempts at a Hub request that fails for a passing reason (`CONALA_HUB_RETRIES`, default 5), with
 /// backoff from half a second, doubling, at most 8 s apart.
-fn hub_attempts() -> u32 {
+pub(crate) fn hub_attempts() -> u32 {
     std::env::var("CONALA_HUB_RETRIES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -16,6 +16,7 @@ pub mod operators;
 pub mod output;
 pub mod plans;
 pub mod progress;
+pub mod publish;
 pub mod reports;
 pub mod rng;
 pub mod row_ids;

@@ -6,6 +6,20 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// The unit that makes [`Progress`] show sizes and transfer rates (`1.2 GiB/3.4 GiB, 12 MiB/s`).
+pub const BYTES: &str = "bytes";
+
+/// `1.82 GiB`, `312 MiB`, `96 KiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else if bytes < 1 << 20 {
+        format!("{:.0} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
 /// How often plain log lines are printed when stderr is not a terminal.
 const LOG_EVERY: Duration = Duration::from_secs(15);
 
@@ -37,7 +51,9 @@ impl Progress {
                     Some(t) => ProgressBar::new(t),
                     None => ProgressBar::new_spinner(),
                 };
-                let template = if total.is_some() {
+                let template = if unit == BYTES {
+                    "{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}".to_string()
+                } else if total.is_some() {
                     format!("{{prefix}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} {{msg}} ETA {{eta}}")
                 } else {
                     format!("{{prefix}} [{{elapsed_precise}}] {{spinner}} {{pos}} {unit} {{msg}}")
@@ -51,7 +67,11 @@ impl Progress {
                 let done = flag.load(Ordering::Relaxed);
                 let (rows, tokens) = sample();
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
-                let mut msg = format!("{:.1} {unit}/s", rows as f64 / secs);
+                let mut msg = if unit == BYTES {
+                    format!("{}/s", human_bytes((rows as f64 / secs) as u64))
+                } else {
+                    format!("{:.1} {unit}/s", rows as f64 / secs)
+                };
                 if let Some(t) = tokens {
                     msg.push_str(&format!(", {t} tokens, {:.1} tokens/s", t as f64 / secs));
                 }
@@ -70,7 +90,11 @@ impl Progress {
                                 )
                             })
                             .unwrap_or_default();
-                        log::info!("{label}: {rows} {unit}, {msg}{eta}");
+                        if unit == BYTES {
+                            log::info!("{label}: {}, {msg}{eta}", human_bytes(rows));
+                        } else {
+                            log::info!("{label}: {rows} {unit}, {msg}{eta}");
+                        }
                         last_log = Instant::now();
                     }
                     None => {}

@@ -156,6 +156,27 @@ fn hub_errors_mask_secrets_and_blame_a_refused_token() {
         &repo_root(),
     );
     assert!(!ok && err.contains("set HF_TOKEN"), "{err}");
+    // A push through that endpoint with that token: neither appears in what it prints or stores.
+    let (ok, stdout, err) = run_cli(
+        &["push", model.to_str().unwrap(), "org/pushed"],
+        &[
+            ("HF_ENDPOINT", with_password.as_str()),
+            ("HF_HOME", home.to_str().unwrap()),
+            ("HF_TOKEN", "hf_WrongTokenValue12345"),
+        ],
+        &repo_root(),
+    );
+    assert!(ok, "{err}");
+    assert!(stdout.contains("alice:***@"), "{stdout}");
+    for secret in ["Pa55word-Secret", "hf_WrongTokenValue12345"] {
+        assert!(
+            !err.contains(secret) && !stdout.contains(secret),
+            "{stdout}\n{err}"
+        );
+    }
+    let card = tmp.path().join("hub/models/org/pushed/main/README.md");
+    let card = std::fs::read_to_string(&card).expect("the pushed card");
+    assert!(!card.contains("Pa55word-Secret") && !card.contains("hf_WrongTokenValue12345"));
     // An unreachable endpoint with a password: the connection error does not echo it either.
     let (ok, _, err) = run_cli(
         &["validate", plan.to_str().unwrap()],

@@ -299,26 +299,6 @@ async fn adapter_for_another_base_is_refused() {
     );
 }
 
-fn train_plan(model: &Path, out: &Path, train: &str) -> String {
-    format!(
-        r#"name: train
-model: {{ path: "{model}" }}
-steps:
-  - source: {{ uri: "{data}", config: curated, split: train, limit: 300 }}
-  - filter: "intent IS NOT NULL AND rewritten_intent IS NOT NULL"
-  - format: {{ input: "{{intent}}\n{{snippet}}" }}
-  - tokenize: {{ input: input, target: rewritten_intent, max_input_tokens: 48, max_target_tokens: 24 }}
-  - train:
-      eval: {{ source: {{ uri: "{data}", config: curated, split: test, limit: 40 }} }}
-      output: "{out}"
-      {train}
-"#,
-        model = model.display(),
-        data = data_dir().display(),
-        out = out.display()
-    )
-}
-
 /// Load, validate and run a plan given as YAML text.
 async fn run_plan(yaml: &str, ctx: &Context) -> conala::error::Result<plans::RunSummary> {
     let plan = plans::load_str(yaml, "train.yaml", &[])?;

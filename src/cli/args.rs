@@ -34,6 +34,10 @@ pub enum Command {
     Model(ModelCommand),
     /// Fold a LoRA adapter into its base model and write a plain Hugging Face checkpoint.
     Merge(MergeArgs),
+    /// Upload a folder to the Hugging Face Hub in one commit: a conala output as a dataset (its
+    /// committed parts as data/train-*.parquet, a dataset card), a model folder as a model (a model
+    /// card unless it has a README.md). Rerunning an interrupted push sends only what is missing.
+    Push(PushArgs),
     /// Benchmarks against the Python stack (each prints its ratio).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -94,6 +98,29 @@ pub struct RunArgs {
     /// Continue training from the last checkpoint in the train output folder.
     #[arg(long)]
     pub resume: bool,
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    /// The folder: a plan's `write.path` (a dataset), a model folder or a train output (its model/).
+    pub path: PathBuf,
+    /// The repository, OWNER/NAME (created if missing).
+    pub repo_id: String,
+    /// Create the repository private (an existing one keeps its visibility).
+    #[arg(long)]
+    pub private: bool,
+    /// The branch to commit to.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// The commit message.
+    #[arg(long, short = 'm')]
+    pub message: Option<String>,
+    /// Push an output whose shards are not all complete (the parts its manifests commit).
+    #[arg(long)]
+    pub allow_incomplete: bool,
+    /// The card's license (default: the source data's when known, CoNaLa: cc-by-sa-4.0).
+    #[arg(long)]
+    pub license: Option<String>,
 }
 
 #[derive(Args)]

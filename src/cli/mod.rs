@@ -6,6 +6,7 @@ pub mod bench;
 pub mod logging;
 pub mod memory;
 pub mod output;
+mod push;
 mod report;
 mod run;
 pub mod signals;
@@ -27,6 +28,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Tokenizer(TokenizerCommand::Train(a)) => tools::tokenizer_train(a).await,
         Command::Model(ModelCommand::Init(a)) => tools::model_init(a).await,
         Command::Merge(a) => tools::merge(a).await,
+        Command::Push(a) => push::push(a).await,
         Command::Bench(BenchCommand::Prep(a)) => {
             Ok(bench::prep::run(&a, &Context::from_env()?).await?)
         }

@@ -28,6 +28,9 @@ pub fn print_summary(plan: &Plan, summary: &RunSummary) {
                 String::new()
             }
         );
+        if let Some(p) = &w.pushed {
+            print_push(p);
+        }
         let table = summary.plan_name.replace('-', "_");
         out!(
             "  query it: conala sql --table {table}={} \"select count(*) from {table}\"",
@@ -46,6 +49,9 @@ pub fn print_summary(plan: &Plan, summary: &RunSummary) {
                 .map(|l| format!("{l:.3}"))
                 .unwrap_or_else(|| "-".into())
         );
+        if let Some(p) = &t.pushed {
+            print_push(p);
+        }
         if let Some(s) = &t.eval_scores {
             out!(
                 "  eval ({} rows): BLEU {:.2}, CoNaLa BLEU {:.2}, exact match {:.1}%",
@@ -97,4 +103,22 @@ fn baseline_column(plan: &Plan) -> String {
             _ => None,
         })
         .unwrap_or_default()
+}
+
+fn print_push(p: &conala::publish::PushReport) {
+    match &p.commit {
+        Some(c) => out!(
+            "  pushed to {} (commit {c}; {} of {} files changed, {} sent): {}",
+            p.repo,
+            p.files - p.unchanged,
+            p.files,
+            conala::progress::human_bytes(p.bytes_sent),
+            p.url
+        ),
+        None => out!(
+            "  {} already has every file: nothing pushed ({})",
+            p.repo,
+            p.url
+        ),
+    }
 }

@@ -1,6 +1,7 @@
 //! `conala run` and `conala validate`.
 
 use crate::cli::output::out;
+use conala::progress::human_bytes as gib;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
@@ -150,16 +151,5 @@ fn fit_hint(m: &conala::operators::MemoryEstimate, capacity: u64) -> String {
             ": use more devices (train.devices), a smaller batch, or lower max_input_tokens / max_target_tokens{}",
             if m.dtype == candle_core::DType::F32 { ", or bf16" } else { "" }
         ),
-    }
-}
-
-/// `1.82 GiB`, `312 MiB`, `96 KiB`.
-fn gib(bytes: u64) -> String {
-    if bytes >= 1 << 30 {
-        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-    } else if bytes < 1 << 20 {
-        format!("{:.0} KiB", bytes as f64 / 1024.0)
-    } else {
-        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
     }
 }

@@ -117,6 +117,9 @@ impl Train {
         if let Some(b) = &spec.baseline {
             require_text_column(&input, "baseline", b)?;
         }
+        if let Some(p) = &spec.push {
+            crate::hub::check_push_repo(&p.repo).map_err(|m| StepError::at("push.repo", m))?;
+        }
         let mut model = model.source();
         if spec.lora.is_none() {
             model.dtype = DTypeChoice::F32; // full fine-tuning keeps f32 master weights
@@ -241,7 +244,19 @@ impl Train {
                 Trainer::start(&spec, files, models, resume)?.run(&data, bars)
             })
         });
-        let summary = runtime::join(&format!("{}: trainer", exec.step), worker).await?;
+        let mut summary = runtime::join(&format!("{}: trainer", exec.step), worker).await?;
+        if let Some(push) = &self.spec.push {
+            let model = PathBuf::from(&summary.model_dir);
+            let report = crate::publish::push_step(
+                "train",
+                "the trained model is kept",
+                &model,
+                push,
+                self.hub.config(),
+            )
+            .await?;
+            summary.pushed = Some(report);
+        }
         exec.stats.report(|r| r.train = Some(summary.clone()));
         Ok(summary)
     }

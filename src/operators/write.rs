@@ -86,6 +86,8 @@ pub struct Write {
     shard: Option<Shard>,
     run_id: String,
     provenance: Provenance,
+    /// Where `push:` sends the output (the run's Hub settings).
+    hub: crate::hub::HubConfig,
     prepared: std::sync::Mutex<Option<Prepared>>,
 }
 
@@ -97,19 +99,28 @@ pub struct WriteSummary {
     pub rows_resumed: u64,
     pub parts: Vec<PartInfo>,
     pub seconds: f64,
+    /// What `write.push` did (the output went to the Hub as a dataset).
+    pub pushed: Option<crate::publish::PushReport>,
 }
 
 impl Write {
+    /// The sink for `spec`; the run's session, shard and Hub settings come from `ctx`.
     pub fn new(
         spec: &WriteSpec,
         input: SchemaRef,
-        session: &datafusion::prelude::SessionContext,
+        ctx: &crate::context::Context,
         has_generate: bool,
         row_id: &str,
-        shard: Option<Shard>,
         provenance: Provenance,
     ) -> StepResult<Write> {
-        let loc = resolve(session, &spec.path).map_err(|e| StepError::at("path", e))?;
+        let (shard, hub) = (ctx.shard, ctx.hub.config().clone());
+        let loc = resolve(&ctx.session, &spec.path).map_err(|e| StepError::at("path", e))?;
+        if let Some(p) = &spec.push {
+            crate::hub::check_push_repo(&p.repo).map_err(|m| StepError::at("push.repo", m))?;
+            if loc.local_path().is_none() {
+                return Err(StepError::at("push", "conala pushes local outputs: write to a local folder, or copy it here and run `conala push`"));
+            }
+        }
         if let Some(p) = loc.local_path() {
             if p.is_file() {
                 return Err(StepError::at(
@@ -176,6 +187,7 @@ impl Write {
             shard,
             run_id,
             provenance,
+            hub,
             prepared: std::sync::Mutex::new(None),
         })
     }
@@ -456,15 +468,27 @@ impl Write {
         let what = self.what();
         prepared.lease.release().await;
         let (written, parts) = result?;
-        if commit_if_complete(&self.loc, &self.run_id).await? {
+        let committed_now = commit_if_complete(&self.loc, &self.run_id).await?;
+        if committed_now {
             log::info!("{what}: every shard is complete; committed the output ({SUCCESS})");
         }
+        let pushed = match &self.spec.push {
+            Some(p) => {
+                // The worker that commits the output pushes it; a whole-output rerun pushes again
+                // (a push of what the repo has commits nothing).
+                let done = committed_now
+                    || (self.shard.is_none() && self.loc.child(SUCCESS).head().await?.is_some());
+                crate::publish::push_output(&self.loc, p, done, &self.hub).await?
+            }
+            None => None,
+        };
         Ok(WriteSummary {
             location: self.spec.path.clone(),
             rows_written: written.iter().map(|p| p.rows).sum(),
             rows_resumed: prepared.kept.iter().map(|p| p.rows).sum(),
             parts,
             seconds: run.started.elapsed().as_secs_f64(),
+            pushed,
         })
     }
 

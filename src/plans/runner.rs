@@ -203,16 +203,8 @@ pub async fn build(plan: &Plan, ctx: &Context) -> Result<Pipeline> {
                 plan_name: plan.name.clone(),
                 plan: serde_json::to_value(plan).map_err(|e| Error::json("the plan", e))?,
             };
-            let write = Write::new(
-                w,
-                schema,
-                &ctx.session,
-                plan.has_generate(),
-                &row_id,
-                ctx.shard,
-                provenance,
-            )
-            .map_err(|e| located(plan, last, e))?;
+            let write = Write::new(w, schema, ctx, plan.has_generate(), &row_id, provenance)
+                .map_err(|e| located(plan, last, e))?;
             Box::new(write)
         }
         Step::Train(t) => {

@@ -51,6 +51,15 @@ pub struct TrainSummary {
     pub eval_scores: Option<Scores>,
     pub baseline_scores: Option<Scores>,
     pub model_dir: String,
+    /// The base model as the plan named it (a Hub id or a folder): the model card's `base_model`.
+    #[serde(default)]
+    pub base_model: String,
+    /// The train step's settings as the plan resolved them (the model card's training table).
+    #[serde(default)]
+    pub settings: serde_json::Value,
+    /// What `train.push` did (the merged model went to the Hub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed: Option<crate::publish::PushReport>,
 }
 
 /// The files a training run reads besides its rows, and where it writes.
@@ -602,6 +611,9 @@ impl<'a> Trainer<'a> {
             eval_scores,
             baseline_scores: baseline,
             model_dir: model_dir.display().to_string(),
+            base_model: self.files.base_name.clone(),
+            settings: serde_json::to_value(self.spec).unwrap_or_default(),
+            pushed: None,
         };
         let p = out.join("summary.json");
         let json =

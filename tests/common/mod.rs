@@ -12,6 +12,12 @@ use conala::hub::HubConfig;
 use conala::model::init::{config, write_random_model, Family, Size};
 use sha2::{Digest, Sha256};
 
+mod hub_writes;
+#[allow(unused_imports)]
+pub use hub_writes::{
+    Commit, Fault, FaultKind, Writes, LFS_THRESHOLD, MULTIPART_THRESHOLD, PART_SIZE,
+};
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -54,6 +60,7 @@ pub fn context_with_token(endpoint: &str, cache: &Path, token: &str) -> Context 
 /// A request the stand-in saw: method, path, Authorization header.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    pub method: String,
     pub path: String,
     pub auth: Option<String>,
 }
@@ -62,13 +69,17 @@ pub struct Seen {
 /// `ROOT/{datasets,models}/ID/REVISION/files…` (a `/` in a revision is written `__` in the folder
 /// name). It answers the calls hf-hub makes: `GET /api/{datasets,models}/ID/revision/REV` (the file
 /// listing) and `GET [/datasets]/ID/resolve/REV/FILE` with Range support, etag and x-repo-commit. A
-/// repo folder with a `.token` file requires `Authorization: Bearer <token>`.
+/// repo folder with a `.token` file requires `Authorization: Bearer <token>`. Its write side (repo
+/// creation, preupload, the LFS batch API with basic and multipart transfers, the NDJSON commit) is
+/// in `hub_writes`: what a push commits is served back by the read side.
 pub struct HubServer {
     pub endpoint: String,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// While set, every request gets `503 Service Unavailable` (counted in `refused`).
     pub down: Arc<std::sync::atomic::AtomicBool>,
     pub refused: Arc<std::sync::atomic::AtomicUsize>,
+    /// The write side's state: required token, injected faults, what was stored and committed.
+    pub writes: Arc<Writes>,
 }
 
 impl HubServer {
@@ -80,6 +91,8 @@ impl HubServer {
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (down2, refused2) = (down.clone(), refused.clone());
+        let writes = Arc::new(Writes::new(&endpoint));
+        let writes2 = writes.clone();
         std::thread::spawn(move || {
             for mut stream in listener.incoming().flatten() {
                 if down2.load(std::sync::atomic::Ordering::SeqCst) {
@@ -93,8 +106,9 @@ impl HubServer {
                 }
                 let root = root.clone();
                 let seen = s2.clone();
+                let writes = writes2.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &root, &seen);
+                    let _ = serve(stream, &root, &seen, &writes);
                 });
             }
         });
@@ -103,8 +117,16 @@ impl HubServer {
             seen,
             down,
             refused,
+            writes,
         }
     }
+}
+
+/// The commit a revision is at: the last push's, else one derived from the name.
+fn commit_of(repo: &Path, id: &str, rev: &str) -> String {
+    std::fs::read_to_string(repo.join(".commits").join(rev.replace('/', "__")))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| commit_for(&format!("{id}@{rev}")))
 }
 
 fn commit_for(rev: &str) -> String {
@@ -112,7 +134,7 @@ fn commit_for(rev: &str) -> String {
     h.iter().take(20).map(|b| format!("{b:02x}")).collect()
 }
 
-fn decode(s: &str) -> String {
+pub(crate) fn decode(s: &str) -> String {
     let mut out = Vec::new();
     let b = s.as_bytes();
     let mut i = 0;
@@ -146,7 +168,7 @@ fn list_files(dir: &Path, base: &Path, out: &mut Vec<String>) {
     }
 }
 
-fn respond(
+pub(crate) fn respond(
     stream: &mut TcpStream,
     status: &str,
     headers: &[(String, String)],
@@ -165,12 +187,18 @@ fn respond(
     stream.flush()
 }
 
-fn serve(mut stream: TcpStream, root: &Path, seen: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
+fn serve(
+    mut stream: TcpStream,
+    root: &Path,
+    seen: &Mutex<Vec<Seen>>,
+    writes: &Writes,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut first = String::new();
     reader.read_line(&mut first)?;
     let mut range: Option<(u64, Option<u64>)> = None;
     let mut auth = None;
+    let mut headers = vec![];
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line == "\r\n" {
@@ -184,12 +212,31 @@ fn serve(mut stream: TcpStream, root: &Path, seen: &Mutex<Vec<Seen>>) -> std::io
         if lower.starts_with("authorization:") {
             auth = Some(line["authorization:".len()..].trim().to_string());
         }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
     }
+    let method = first.split_whitespace().next().unwrap_or("GET").to_string();
     let path = first.split_whitespace().nth(1).unwrap_or("/").to_string();
     seen.lock().unwrap().push(Seen {
+        method: method.clone(),
         path: path.clone(),
         auth: auth.clone(),
     });
+    if method != "GET" && method != "HEAD" {
+        return hub_writes::handle(
+            &method,
+            &path,
+            &headers,
+            &mut reader,
+            &mut stream,
+            root,
+            writes,
+        );
+    }
+    if let Some(status) = writes.fault_status(&path) {
+        return respond(&mut stream, &status, &[], b"{\"error\":\"injected fault\"}");
+    }
     let not_found = |s: &mut TcpStream| {
         respond(
             s,
@@ -242,7 +289,7 @@ fn serve(mut stream: TcpStream, root: &Path, seen: &Mutex<Vec<Seen>>) -> std::io
     if !dir.is_dir() {
         return not_found(&mut stream);
     }
-    let commit = commit_for(&format!("{id}@{rev}"));
+    let commit = commit_of(&repo, &id, &rev);
     match file {
         None => {
             let mut files = vec![];
@@ -367,6 +414,28 @@ steps:
   - tokenize: {{ input: input, max_input_tokens: 48 }}
   - generate: {{ output: prediction, {generate} }}
   - write: {{ path: "{out}", rows_per_file: 200 }}
+"#,
+        model = model.display(),
+        data = data_dir().display(),
+        out = out.display()
+    )
+}
+
+/// A train plan on 300 shipped curated rows (eval on 40 test rows) writing to `out`; `train` is more
+/// keys of the train step, each line indented by six spaces.
+pub fn train_plan(model: &Path, out: &Path, train: &str) -> String {
+    format!(
+        r#"name: train
+model: {{ path: "{model}" }}
+steps:
+  - source: {{ uri: "{data}", config: curated, split: train, limit: 300 }}
+  - filter: "intent IS NOT NULL AND rewritten_intent IS NOT NULL"
+  - format: {{ input: "{{intent}}\n{{snippet}}" }}
+  - tokenize: {{ input: input, target: rewritten_intent, max_input_tokens: 48, max_target_tokens: 24 }}
+  - train:
+      eval: {{ source: {{ uri: "{data}", config: curated, split: test, limit: 40 }} }}
+      output: "{out}"
+      {train}
 "#,
         model = model.display(),
         data = data_dir().display(),

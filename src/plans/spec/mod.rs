@@ -5,6 +5,7 @@
 
 mod generate;
 mod model;
+mod push;
 mod source;
 mod train;
 mod transforms;
@@ -14,6 +15,7 @@ use serde::Serialize;
 
 pub use generate::{BatchTokens, GenerateSpec};
 pub use model::{InitSpec, ModelSpec};
+pub use push::PushSpec;
 pub use source::{default_row_id, FileFormat, SourceSpec};
 pub use train::{Devices, EvalSpec, TrainSpec};
 pub use transforms::{EvaluateSpec, FilterSpec, FormatSpec, OnNull, TokenizeSpec};

@@ -13,6 +13,9 @@ use crate::training::schedule::Schedule;
 pub struct TrainSpec {
     /// Output folder: checkpoints, adapters, metrics.jsonl, loss plot.
     pub output: String,
+    /// Push the merged model (`OUTPUT/model`) to the Hub when training ends (off by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<super::PushSpec>,
     /// Evaluation rows: another source that flows through the same steps as the training rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalSpec>,

@@ -27,6 +27,9 @@ pub struct WriteSpec {
     /// (fail if the folder already holds output).
     #[serde(default)]
     pub mode: WriteMode,
+    /// Push the output to the Hub as a dataset once it is complete (off by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<super::PushSpec>,
 }
 
 fn default_rows_per_file() -> usize {
