@@ -11,7 +11,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
 use serde::Serialize;
 
-use super::{last_stderr_line, random_model, Common, Scratch, SHIPPED_TOKENIZER};
+use super::{last_stderr_line, random_model_with_vocab, Common, Scratch, SHIPPED_TOKENIZER};
 use conala::context::Context;
 use conala::error::{Error, Result};
 use conala::model::init::{Family, Size};
@@ -54,6 +54,15 @@ pub struct GenerateArgs {
     /// The Python anchors' batch size (rows, sorted by length).
     #[arg(long, default_value_t = 32)]
     pub hf_batch_size: usize,
+    /// The random models' vocabulary, padded past the shipped tokenizer's 8,000 (T5's is 32128):
+    /// what choosing the next token costs grows with it.
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Also generate with the mined plan's sampling (temperature 0.2, top_p 0.9,
+    /// repetition_penalty 1.2, as pipelines/conala-mined.yaml) and print its speed against greedy's,
+    /// measured in the same run on the same rows.
+    #[arg(long)]
+    pub sampling: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -94,7 +103,12 @@ pub struct Workload<'a> {
     pub dir: &'a Path,
     pub label: String,
     pub work: &'a Path,
+    /// Sample with the mined plan's settings instead of greedy (conala only: no anchors).
+    pub sampling: bool,
 }
+
+/// The mined plan's sampling (pipelines/conala-mined.yaml), as `generate` keys.
+pub const MINED_SAMPLING: &str = "temperature: 0.2, top_p: 0.9, repetition_penalty: 1.2";
 
 /// The shipped rows of `split` as the benchmark's inputs: `intent\nsnippet`, at most 128 tokens, the
 /// first `limit` of them.
@@ -172,7 +186,7 @@ steps:
   - source: {{ uri: data/conala, config: curated, split: {split}{limit} }}
   - format: {{ input: "{{intent}}\n{{snippet}}" }}
   - tokenize: {{ input: input, max_input_tokens: 128, tokenizer: "{tok}" }}
-  - generate: {{ output: out, max_new_tokens: {n}, min_new_tokens: {min_new}, batch_tokens: {bt}, max_batch_rows: {br}, dedup: false }}
+  - generate: {{ output: out, max_new_tokens: {n}, min_new_tokens: {min_new}, batch_tokens: {bt}, max_batch_rows: {br}, dedup: false{decode} }}
   - write: {{ path: "{out}", mode: overwrite }}
 "#,
         model = w.dir.display(),
@@ -183,6 +197,11 @@ steps:
         n = args.new_tokens,
         bt = args.batch_tokens,
         br = args.max_batch_rows,
+        decode = if w.sampling {
+            format!(", {MINED_SAMPLING}")
+        } else {
+            String::new()
+        },
         out = out.display()
     );
     let plan = plans::load_str(&yaml, "<bench generate>", &[])?;
@@ -206,7 +225,7 @@ steps:
         skipped: None,
     };
     let load_seconds = g.load_seconds;
-    let anchors = if args.common.no_python {
+    let anchors = if args.common.no_python || w.sampling {
         vec![]
     } else {
         let mut cmd = Command::new(&args.common.python);
@@ -314,11 +333,8 @@ pub async fn run(args: &GenerateArgs, ctx: &Context) -> Result<()> {
             let mut v = vec![];
             for fam in &args.families {
                 let dir = work.join(format!("{fam}-{}", args.size));
-                let cfg = random_model(*fam, args.size, &dir)?;
-                v.push((
-                    format!("{fam} {} (random, vocab {})", args.size, cfg.vocab_size),
-                    dir,
-                ));
+                let vocab = random_model_with_vocab(*fam, args.size, args.vocab, &dir)?;
+                v.push((format!("{fam} {} (random, vocab {vocab})", args.size), dir));
             }
             v
         }
@@ -338,13 +354,27 @@ pub async fn run(args: &GenerateArgs, ctx: &Context) -> Result<()> {
         }
     );
     for (label, dir) in models {
-        let w = Workload {
+        let mut w = Workload {
             args,
             dir: &dir,
             label,
             work,
+            sampling: false,
         };
-        print(&measure(&w, ctx).await?);
+        let greedy = measure(&w, ctx).await?;
+        print(&greedy);
+        if args.sampling {
+            w.sampling = true;
+            let sampled = measure(&w, ctx).await?.ours;
+            out!(
+                "  conala sampling: {:.0} rows, {:.0} tokens in {:.2}s = {:.1} tokens/s ({MINED_SAMPLING}); sampling / greedy = {:.2}x",
+                sampled.rows,
+                sampled.tokens,
+                sampled.seconds,
+                sampled.tokens_per_second(),
+                sampled.tokens_per_second() / greedy.ours.tokens_per_second()
+            );
+        }
     }
     Ok(())
 }

@@ -121,6 +121,8 @@ pub async fn run(args: &GpuArgs, ctx: &Context) -> Result<()> {
             args.rows
         }),
         hf_batch_size: if device.is_cpu() { 32 } else { 256 },
+        vocab: None,
+        sampling: false,
         common: Common {
             work_dir: Some(scratch.path.join("generate")),
             ..args.common.clone()
@@ -142,6 +144,7 @@ pub async fn run(args: &GpuArgs, ctx: &Context) -> Result<()> {
                 args.device
             ),
             work: &work,
+            sampling: false,
         };
         let m = generate::measure(&w, ctx).await?;
         generate::print(&m);

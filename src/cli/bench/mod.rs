@@ -83,6 +83,38 @@ pub fn random_model(family: Family, size: Size, dir: &Path) -> Result<ModelConfi
     .write(dir)
 }
 
+/// [`random_model`] with its vocabulary padded to `vocab` (T5 families; T5's own is 32128 for
+/// 32100 tokens); the vocabulary size.
+pub fn random_model_with_vocab(
+    family: Family,
+    size: Size,
+    vocab: Option<usize>,
+    dir: &Path,
+) -> Result<usize> {
+    let Some(v) = vocab else {
+        return Ok(random_model(family, size, dir)?.vocab_size);
+    };
+    if family == Family::Bart {
+        return Err(Error::Data(
+            "--vocab pads T5-family models; BART's vocabulary is its tokenizer's".into(),
+        ));
+    }
+    let shipped = Path::new(SHIPPED_TOKENIZER);
+    let tokens = conala::tokenizer::load(shipped)?.get_vocab_size(true);
+    if v < tokens {
+        return Err(Error::Data(format!(
+            "--vocab {v}: the shipped tokenizer has {tokens} tokens; give at least that"
+        )));
+    }
+    conala::model::init::write_random_model(
+        &conala::model::init::config(family, size, v),
+        0,
+        shipped,
+        dir,
+    )?;
+    Ok(v)
+}
+
 /// The last line a failed Python anchor wrote to stderr (its exception), for the "skipped" line.
 pub fn last_stderr_line(stderr: &[u8]) -> String {
     String::from_utf8_lossy(stderr)

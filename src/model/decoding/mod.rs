@@ -15,6 +15,7 @@ mod beam;
 mod greedy;
 mod options;
 mod processors;
+mod sampling;
 
 pub use batch::{encode_rows, pad_batch};
 pub use options::{DecodeOptions, Finish, Generated};

@@ -1,6 +1,6 @@
 //! Choosing each row's next token: HF's logits processors (repetition penalty, no-repeat n-grams,
 //! min new tokens, the forced first and last tokens) in HF's order, then argmax, or temperature /
-//! top-k / top-p and a draw from the row's own generator.
+//! top-k / top-p and a draw from the row's own generator (`sampling`).
 
 use candle_core::Tensor;
 
@@ -77,50 +77,6 @@ fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
-/// HF's warpers (temperature, top-k, top-p) and a draw from the result.
-fn sample(logits: &mut [f32], o: &DecodeOptions, rng: &mut Rng) -> u32 {
-    if o.temperature > 0.0 && o.temperature != 1.0 {
-        let t = o.temperature as f32;
-        for x in logits.iter_mut() {
-            *x /= t;
-        }
-    }
-    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-    let mut keep = order.len();
-    if o.top_k > 0 {
-        keep = keep.min(o.top_k);
-    }
-    let max = logits[order[0] as usize];
-    let probs: Vec<f64> = order[..keep]
-        .iter()
-        .map(|&i| ((logits[i as usize] - max) as f64).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    if o.top_p < 1.0 {
-        // Keep the smallest prefix whose mass reaches top_p (at least one token).
-        let mut cum = 0.0;
-        let mut k = 0;
-        while k < keep {
-            cum += probs[k] / total;
-            k += 1;
-            if cum >= o.top_p {
-                break;
-            }
-        }
-        keep = k.max(1);
-    }
-    let mass: f64 = probs[..keep].iter().sum();
-    let mut u = rng.next_f64() * mass;
-    for (i, p) in probs[..keep].iter().enumerate() {
-        if u < *p {
-            return order[i];
-        }
-        u -= p;
-    }
-    order[keep - 1]
-}
-
 /// The next token of every active row from its logits (rows in `active` order, (rows, vocab)):
 /// processors, then argmax or a draw. Rows are independent, so they run in parallel, reading the
 /// logits in place (a copy per row only when a processor edits them).
@@ -167,7 +123,7 @@ pub(super) fn next_tokens(
                 let mut l = row.to_vec();
                 process(&mut l, &seqs[r], step, tokens, o);
                 if o.do_sample {
-                    sample(&mut l, o, rng)
+                    super::sampling::sample(&mut l, o, rng)
                 } else {
                     argmax(&l)
                 }
@@ -244,46 +200,5 @@ mod tests {
         let mut l = vec![1.0f32, 3.0, -1.0, 2.0];
         process(&mut l, &[2], 0, &eos(2), &o);
         assert_eq!(l, vec![1.0, 3.0, -1.0, 2.0]);
-    }
-
-    #[test]
-    fn sampling_respects_top_k_top_p_and_seed() {
-        let base = vec![5.0f32, 4.9, 0.0, -3.0];
-        let o = DecodeOptions {
-            do_sample: true,
-            top_k: 2,
-            ..opts()
-        };
-        let mut rng = Rng::new(1);
-        for _ in 0..200 {
-            let t = sample(&mut base.clone(), &o, &mut rng);
-            assert!(t == 0 || t == 1);
-        }
-        let o = DecodeOptions {
-            do_sample: true,
-            top_p: 0.3,
-            ..opts()
-        };
-        for _ in 0..50 {
-            assert_eq!(sample(&mut base.clone(), &o, &mut rng), 0);
-        }
-        let o = DecodeOptions {
-            do_sample: true,
-            temperature: 0.7,
-            ..opts()
-        };
-        let a: Vec<u32> = {
-            let mut r = Rng::new(9);
-            (0..20)
-                .map(|_| sample(&mut base.clone(), &o, &mut r))
-                .collect()
-        };
-        let b: Vec<u32> = {
-            let mut r = Rng::new(9);
-            (0..20)
-                .map(|_| sample(&mut base.clone(), &o, &mut r))
-                .collect()
-        };
-        assert_eq!(a, b);
     }
 }
