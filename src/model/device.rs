@@ -74,7 +74,7 @@ impl DeviceChoice {
             DeviceChoice::Cpu => Ok(Device::Cpu),
             DeviceChoice::Auto => {
                 if candle_core::utils::cuda_is_available() {
-                    Device::new_cuda(0).map_err(|e| gpu_err("CUDA", e))
+                    shared_cuda(0).map_err(|e| gpu_err("CUDA", e))
                 } else if candle_core::utils::metal_is_available() {
                     Device::new_metal(0).map_err(|e| gpu_err("Metal", e))
                 } else {
@@ -85,9 +85,60 @@ impl DeviceChoice {
                 Device::new_metal(0).map_err(|e| gpu_err("Metal (build with --features metal)", e))
             }
             DeviceChoice::Cuda(n) => {
-                Device::new_cuda(n).map_err(|e| gpu_err("CUDA (build with --features cuda)", e))
+                shared_cuda(n).map_err(|e| gpu_err("CUDA (build with --features cuda)", e))
             }
         }
+    }
+}
+
+/// The process's CUDA devices, one per GPU: every `resolve` of `cuda:N` gives the same candle device,
+/// made with its own stream (`new_cuda_with_stream`) instead of candle's default of one stream per
+/// host thread. All threads (the trainer's optimizer, the replicas' workers, the generator's loader
+/// and decoder) then queue their work on that one stream in the order they issue it, so no kernel
+/// reads a tensor another thread's kernel is still writing, and the run has one cuBLAS handle, one
+/// RNG and one kernel cache per GPU.
+fn shared_cuda(n: usize) -> candle_core::Result<Device> {
+    static DEVICES: std::sync::Mutex<Vec<(usize, Device)>> = std::sync::Mutex::new(Vec::new());
+    let mut devices = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, d)) = devices.iter().find(|(i, _)| *i == n) {
+        return Ok(d.clone());
+    }
+    let d = Device::new_cuda_with_stream(n)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &d {
+        prepare_cuda(c);
+    }
+    devices.push((n, d.clone()));
+    Ok(d)
+}
+
+/// One stream needs no events to order its work: cudarc's event tracking (two CUDA events per
+/// allocation) is turned off. Data that crosses devices goes through the host, whose copies wait
+/// for the stream. The default memory pool keeps freed memory for reuse instead of returning it to
+/// the driver at every synchronization (its release threshold is 0 by default).
+#[cfg(feature = "cuda")]
+fn prepare_cuda(d: &candle_core::CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys, DriverError};
+    // Safety: every tensor of this device is made and used on its one stream (`shared_cuda`).
+    unsafe { d.disable_event_tracking() };
+    let ctx = d.cuda_stream().context().clone();
+    let keep = || -> std::result::Result<(), DriverError> {
+        ctx.bind_to_thread()?;
+        let mut threshold = u64::MAX;
+        // Safety: the pool is the device's default one; the attribute takes a u64.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(ctx.cu_device())?;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+        }
+    };
+    if let Err(e) = keep() {
+        log::warn!(
+            "cuda: the memory pool cannot keep freed memory ({e:?}); allocation may be slower"
+        );
     }
 }
 
