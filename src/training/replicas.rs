@@ -73,9 +73,17 @@ impl Replica {
 /// The replicas of a run; the first is the primary (its variables are saved and optimized).
 pub struct Replicas {
     pub list: Vec<Replica>,
+    /// Each replica's pass on its own thread (GPUs: every device's kernels queued at once). CPU
+    /// replicas share the cores their kernels already use, so they take turns.
+    pub threaded: bool,
 }
 
 impl Replicas {
+    pub fn new(list: Vec<Replica>) -> Replicas {
+        let threaded = list.iter().any(|r| !r.model.device().is_cpu());
+        Replicas { list, threaded }
+    }
+
     pub fn primary(&self) -> &Replica {
         &self.list[0]
     }
@@ -95,20 +103,16 @@ impl Replicas {
         let n = self.list.len();
         let per = idx.len().div_ceil(n);
         let mut results: Vec<Result<Option<Share>>> = (0..n).map(|_| Ok(None)).collect();
-        let all_cpu = self.list.iter().all(|r| r.model.device().is_cpu());
         let shards = idx
             .chunks(per.max(1))
             .map(Some)
             .chain(std::iter::repeat(None));
         let jobs = self.list.iter_mut().zip(results.iter_mut()).zip(shards);
-        if all_cpu {
-            // CPU replicas share the same cores, which each one's kernels already use: running them
-            // at once only makes them contend.
+        if !self.threaded {
             for ((replica, slot), shard) in jobs {
                 *slot = replica.gradients(shard.unwrap_or(&[]), step);
             }
         } else {
-            // One thread per device, so every device's kernels are queued at once.
             rayon::scope(|s| {
                 for ((replica, slot), shard) in jobs {
                     let shard = shard.unwrap_or(&[]);
@@ -160,6 +164,114 @@ impl Replicas {
         self.list
             .iter()
             .map(|r| r.dropout.borrow().rng.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::init::{Family, NewModel, Prior, Size};
+    use crate::model::lora::{attach_new, AdapterConfig, LoraSettings};
+    use crate::model::mode::Dropout;
+    use crate::model::weights::Weights;
+    use candle_core::DType;
+
+    fn values(vars: &[Var]) -> Vec<Vec<f32>> {
+        vars.iter()
+            .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    }
+
+    /// Replicas on their own threads (as on GPUs), trained step by step: after every update and
+    /// broadcast each replica holds exactly the primary's weights, and the summed gradients are one
+    /// model's on the whole batch.
+    #[test]
+    fn threaded_replicas_hold_the_primarys_weights_after_every_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cfg = NewModel {
+            family: Family::FlanT5,
+            size: Size::Tiny,
+            prior: Prior::Random,
+            tokenizer: root.join("data/tokenizer/conala-unigram-8k.json"),
+            seed: 0,
+        }
+        .write(tmp.path())
+        .unwrap();
+        let files = [tmp.path().join("model.safetensors")];
+        let replica = |seed: u64| {
+            let w = Weights::open(&files, "test", &Device::Cpu, DType::F32).unwrap();
+            let mut model = cfg.build(&w).unwrap();
+            let adapter = AdapterConfig::new(&LoraSettings::default(), "test", &cfg);
+            let vars = attach_new(model.as_mut(), &adapter, seed)
+                .unwrap()
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect();
+            Replica {
+                model,
+                vars,
+                dropout: RefCell::new(TrainState::new(Dropout::uniform(0.0), Rng::new(seed))),
+            }
+        };
+        let mut rng = Rng::new(3);
+        let examples: Vec<Example> = (0..12)
+            .map(|i| Example {
+                input: (0..5 + i % 4).map(|_| 3 + rng.below(7000) as u32).collect(),
+                labels: (0..3 + i % 3).map(|_| 3 + rng.below(7000) as u32).collect(),
+            })
+            .collect();
+        let idx: Vec<usize> = (0..examples.len()).collect();
+        let step = StepLoss {
+            labels_smoothing: 0.0,
+            total_tokens: examples.iter().map(|e| e.labels.len()).sum(),
+            checkpointing: false,
+            examples: &examples,
+        };
+        let mut many = Replicas {
+            list: vec![replica(1), replica(2), replica(3)],
+            threaded: true,
+        };
+        let mut one = Replicas::new(vec![replica(1)]);
+        assert!(!one.threaded, "CPU replicas take turns");
+        many.broadcast().unwrap();
+        for _ in 0..4 {
+            let (loss, grads) = many.gradients(&idx, &step).unwrap();
+            let (loss1, grads1) = one.gradients(&idx, &step).unwrap();
+            assert!(
+                (loss - loss1).abs() < 1e-5 * loss1.abs(),
+                "{loss} vs {loss1}"
+            );
+            for (a, b) in values_of(&grads).iter().zip(values_of(&grads1)) {
+                let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff <= 1e-4 * scale,
+                    "gradients differ by {diff} (scale {scale})"
+                );
+            }
+            // A plain SGD step on each primary, then the broadcast.
+            for (r, g) in [(&many, &grads), (&one, &grads1)] {
+                for (v, g) in r.primary().vars.iter().zip(g.iter()) {
+                    v.set(&(v.as_tensor() - (g * 0.5).unwrap()).unwrap())
+                        .unwrap();
+                }
+            }
+            many.broadcast().unwrap();
+            let primary = values(&many.primary().vars);
+            for r in &many.list[1..] {
+                assert_eq!(values(&r.vars), primary, "a replica differs after the step");
+            }
+        }
+    }
+
+    fn values_of(ts: &[Tensor]) -> Vec<Vec<f32>> {
+        ts.iter()
+            .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
             .collect()
     }
 }

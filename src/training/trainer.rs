@@ -263,7 +263,7 @@ impl<'a> Trainer<'a> {
                 }
             })
             .collect();
-        let replicas = Replicas { list };
+        let replicas = Replicas::new(list);
         // Every replica starts from the primary's values (new adapters, or the checkpoint's).
         replicas.broadcast()?;
         Ok(Trainer {
