@@ -101,6 +101,10 @@ pub(super) fn next_tokens(
         || o.no_repeat_ngram_size > 0
         || step < o.min_new_tokens
         || forced(tokens, step, o).is_some();
+    if !edits && !o.do_sample && !logits.device().is_cpu() {
+        // Greedy without processors: the argmax where the logits are; a token per row crosses.
+        return ops::first_argmax(logits);
+    }
     // Each active row's generator, in slot order (`active` is ascending and has no repeats).
     let mut is_active = vec![false; rngs.len()];
     for &r in active {

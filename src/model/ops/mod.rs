@@ -11,10 +11,11 @@
 pub mod composed;
 pub mod cpu;
 mod dropout;
+mod host;
 
 use std::cell::Cell;
 
-use candle_core::{DType, Storage, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::model::activation::Activation;
@@ -24,6 +25,7 @@ use crate::model::mode::Mode;
 
 pub use cpu::pool::on_compute_pool;
 pub use dropout::{dropout, dropout_mask, model_dropout};
+pub use host::{first_argmax, with_host_f32};
 
 thread_local! {
     static FORCE_COMPOSED: Cell<bool> = const { Cell::new(false) };
@@ -282,20 +284,6 @@ pub fn cross_entropy(
         return Ok((sum, n));
     }
     composed::cross_entropy(logits, labels, mask, smoothing)
-}
-
-/// Call `f` with the elements of `x` as host f32 values, row-major: in place for contiguous f32 on
-/// the CPU, copied (and converted) otherwise.
-pub fn with_host_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    {
-        let (storage, layout) = x.storage_and_layout();
-        if let Storage::Cpu(s) = &*storage {
-            return Ok(f(cpu::contiguous_f32(s, layout, "host values")?));
-        }
-    }
-    let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    Ok(f(&v))
 }
 
 #[cfg(test)]
