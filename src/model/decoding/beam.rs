@@ -7,7 +7,7 @@ use candle_core::Tensor;
 
 use super::batch::encode_rows;
 use super::options::{DecodeOptions, Finish, Generated};
-use super::processors::process;
+use super::processors::{active_mut, process};
 use crate::error::Result;
 use crate::model::config::Tokens;
 use crate::model::ops;
@@ -107,16 +107,7 @@ pub fn beam_search(
         let logits = model.decode_step(&mut state, &Tensor::new(last, model.device())?)?;
         let vocab = logits.dims2()?.1;
         // Rows are independent: each chooses its beams on its own thread, reading the logits in place.
-        let mut is_active = vec![false; rs.len()];
-        for &r in &active {
-            is_active[r] = true;
-        }
-        let states: Vec<&mut RowState> = rs
-            .iter_mut()
-            .enumerate()
-            .filter(|(r, _)| is_active[*r])
-            .map(|(_, st)| st)
-            .collect();
+        let states = active_mut(&mut rs, &active);
         let chosen: Vec<Option<Vec<u32>>> = ops::with_host_f32(&logits, |flat| {
             use rayon::prelude::*;
             flat.par_chunks(nb * vocab)

@@ -77,6 +77,21 @@ fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
+/// The items of the active rows, in slot order (`active` is ascending and has no repeats), each
+/// borrowed on its own so rows can run in parallel.
+pub(super) fn active_mut<'a, T>(items: &'a mut [T], active: &[usize]) -> Vec<&'a mut T> {
+    let mut is_active = vec![false; items.len()];
+    for &r in active {
+        is_active[r] = true;
+    }
+    items
+        .iter_mut()
+        .enumerate()
+        .filter(|(r, _)| is_active[*r])
+        .map(|(_, x)| x)
+        .collect()
+}
+
 /// The next token of every active row from its logits (rows in `active` order, (rows, vocab)):
 /// processors, then argmax or a draw. Rows are independent, so they run in parallel, reading the
 /// logits in place (a copy per row only when a processor edits them).
@@ -105,17 +120,7 @@ pub(super) fn next_tokens(
         // Greedy without processors: the argmax where the logits are; a token per row crosses.
         return ops::first_argmax(logits);
     }
-    // Each active row's generator, in slot order (`active` is ascending and has no repeats).
-    let mut is_active = vec![false; rngs.len()];
-    for &r in active {
-        is_active[r] = true;
-    }
-    let row_rngs: Vec<&mut Rng> = rngs
-        .iter_mut()
-        .enumerate()
-        .filter(|(r, _)| is_active[*r])
-        .map(|(_, g)| g)
-        .collect();
+    let row_rngs = active_mut(rngs, active);
     ops::with_host_f32(logits, |flat| {
         flat.par_chunks(vocab)
             .zip(active.par_iter())
