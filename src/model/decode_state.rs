@@ -20,6 +20,10 @@ pub struct DecodeState {
     pub(crate) caches: Vec<KvCache>,
     /// (rows, 1, 1, src_len) padding bias of the encoder output.
     pub(crate) cross_bias: Tensor,
+    /// The decoder self-attention's position bias for every query and key position of the
+    /// generation, (1, heads, max_len, max_len), one per layer that owns one (T5's relative bias;
+    /// empty for families without): computed once, each step reads its row as a view.
+    pub(crate) self_bias: Vec<Tensor>,
     pub(crate) step: usize,
 }
 
@@ -45,6 +49,7 @@ impl DecodeState {
             cross_index,
             caches,
             cross_bias: padding_bias(enc_mask, dtype)?,
+            self_bias: vec![],
             step: 0,
         })
     }

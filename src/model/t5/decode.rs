@@ -21,12 +21,21 @@ impl T5 {
         }
         let mut x = self.embed(&tokens.reshape((rows, 1))?)?;
         let pos = st.step;
-        let self_bias = self
-            .decoder
-            .biases
-            .iter()
-            .map(|b| Ok(b.forward(1, pos + 1, pos)?.to_dtype(self.dtype)?))
-            .collect::<Result<Vec<_>>>()?;
+        // This step's row of the generation's position bias (a view), or computed for a state
+        // that was not started with it.
+        let self_bias = match st.self_bias.first().map(|b| b.dims()[2]) {
+            Some(len) if pos < len => st
+                .self_bias
+                .iter()
+                .map(|b| Ok(b.narrow(2, pos, 1)?.narrow(3, 0, pos + 1)?))
+                .collect::<Result<Vec<_>>>()?,
+            _ => self
+                .decoder
+                .biases
+                .iter()
+                .map(|b| Ok(b.forward(1, pos + 1, pos)?.to_dtype(self.dtype)?))
+                .collect::<Result<Vec<_>>>()?,
+        };
         for (i, b) in self.decoder.blocks.iter().enumerate() {
             let h = b.self_attn.forward_cached(
                 &b.self_norm.forward(&x)?,

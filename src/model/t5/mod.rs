@@ -275,7 +275,16 @@ impl Seq2Seq for T5 {
         max_len: usize,
     ) -> Result<DecodeState> {
         let attns: Vec<&Attention> = self.cross_attentions().collect();
-        DecodeState::start(&attns, self.cross_kv_all.as_ref(), enc, enc_mask, max_len)
+        let mut st =
+            DecodeState::start(&attns, self.cross_kv_all.as_ref(), enc, enc_mask, max_len)?;
+        let len = max_len.max(1);
+        st.self_bias = self
+            .decoder
+            .biases
+            .iter()
+            .map(|b| Ok(b.forward(len, len, 0)?.to_dtype(self.dtype)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(st)
     }
 
     fn decode_step(&self, st: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
