@@ -124,10 +124,10 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// Softmax over the last dimension, in f32. `differentiable`: gradients must flow through it
 /// (training); candle's own softmax kernel has no backward pass.
 pub fn softmax_last_dim(x: &Tensor, differentiable: bool) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    if differentiable && fused_cpu(&xf) {
-        return Ok(cpu::softmax::softmax(&xf)?.to_dtype(dtype)?);
+    // The fused kernel takes any dtype on the CPU (in f32); elsewhere no cast just to choose.
+    if differentiable && x.device().is_cpu() && !FORCE_COMPOSED.with(|c| c.get()) {
+        let dtype = x.dtype();
+        return Ok(cpu::softmax::softmax(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?);
     }
     composed::softmax_last_dim(x, differentiable)
 }
