@@ -172,11 +172,8 @@ impl HubWriter {
         }
         let url = t.api(&self.endpoint, "revision");
         let resp = self
-            .send(t, "list its files", || self.authed(self.http.get(&url)))
+            .send_ok(t, "list its files", || self.authed(self.http.get(&url)))
             .await?;
-        if !resp.status().is_success() {
-            return Err(self.refused(t, "list its files", resp).await);
-        }
         let info: Info = self.json(t, "list its files", resp).await?;
         Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
     }
@@ -195,13 +192,10 @@ impl HubWriter {
                 "path": f.path_in_repo, "sample": b64.encode(&f.sample), "size": f.size,
             })).collect::<Vec<_>>() });
             let resp = self
-                .send(t, "preupload", || {
+                .send_ok(t, "preupload", || {
                     self.authed(self.http.post(&url)).json(&body)
                 })
                 .await?;
-            if !resp.status().is_success() {
-                return Err(self.refused(t, "preupload", resp).await);
-            }
             let a: Answer = self.json(t, "preupload", resp).await?;
             out.extend(a.files);
         }
@@ -252,10 +246,28 @@ impl HubWriter {
             .send()
             .await
             .map_err(|e| self.unreachable(t, "commit", e, 1))?;
-        if !resp.status().is_success() {
-            return Err(self.refused(t, "commit", resp).await);
-        }
+        let resp = self.ok(t, "commit", resp).await?;
         self.json(t, "commit", resp).await
+    }
+
+    /// [`Self::send`], then [`Self::ok`].
+    pub(super) async fn send_ok(
+        &self,
+        t: &Target,
+        what: &str,
+        make: impl Fn() -> RequestBuilder,
+    ) -> Result<Response> {
+        let resp = self.send(t, what, make).await?;
+        self.ok(t, what, resp).await
+    }
+
+    /// A success answer as it is; any other as [`Self::refused`]'s error.
+    pub(super) async fn ok(&self, t: &Target, what: &str, resp: Response) -> Result<Response> {
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(self.refused(t, what, resp).await)
+        }
     }
 
     /// `make()` sent until it gets an answer that is not a passing failure (no connection, a cut,

@@ -29,12 +29,12 @@ pub fn part_path(i: usize, n: usize) -> String {
     format!("data/train-{i:05}-of-{n:05}.parquet")
 }
 
-/// The files of the dataset repo (parts and README.md) and the facts on its card.
+/// The files of the dataset repo: the parts and README.md, the card made from the manifests.
 pub async fn dataset_files(
     folder: &Path,
     repo_id: &str,
     opts: &PushOptions,
-) -> Result<(Vec<UploadFile>, DatasetFacts)> {
+) -> Result<Vec<UploadFile>> {
     let shown = folder.display().to_string();
     let loc = crate::storage::resolve(&SessionContext::new(), &shown)?;
     let Some(state) = OutputState::read(&loc).await? else {
@@ -42,7 +42,8 @@ pub async fn dataset_files(
             "{shown}: not a conala output (no _manifest.json): push a model folder as a model repo, or run the plan first"
         )));
     };
-    if let Some(open) = state.incomplete(&shown)? {
+    let open = state.incomplete(&shown)?;
+    if let Some(open) = &open {
         if !opts.allow_incomplete {
             return Err(Error::Data(format!(
                 "{shown}: the output is incomplete ({open}); rerun the plan to finish it, or push what is committed with --allow-incomplete"
@@ -67,16 +68,22 @@ pub async fn dataset_files(
         }
         files.push(UploadFile::from_disk(part_path(i, n), &path)?);
     }
-    let facts = facts(&state, repo_id, n, opts);
+    let facts = facts(&state, repo_id, n, open.is_none(), opts);
     files.push(UploadFile::from_bytes(
         "README.md",
         cards::dataset_card(&facts).into_bytes(),
     ));
-    Ok((files, facts))
+    Ok(files)
 }
 
 /// What the manifests say about the output, summed over shards.
-fn facts(state: &OutputState, repo_id: &str, parts: usize, opts: &PushOptions) -> DatasetFacts {
+fn facts(
+    state: &OutputState,
+    repo_id: &str,
+    parts: usize,
+    complete: bool,
+    opts: &PushOptions,
+) -> DatasetFacts {
     let ms: Vec<_> = state.manifests.iter().map(|(_, m)| m).collect();
     let first = ms[0];
     let mut finish = FinishCounts::default();
@@ -118,7 +125,7 @@ fn facts(state: &OutputState, repo_id: &str, parts: usize, opts: &PushOptions) -
             .get("conala")
             .cloned()
             .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
-        complete: state.incomplete("").ok().flatten().is_none(),
+        complete,
     }
 }
 

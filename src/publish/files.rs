@@ -59,7 +59,7 @@ impl UploadFile {
             path_in_repo: path_in_repo.into(),
             source: Source::Disk(path.to_path_buf()),
             size,
-            sha256: hex(&hasher.finalize()),
+            sha256: format!("{:x}", hasher.finalize()),
             sample,
         })
     }
@@ -69,7 +69,7 @@ impl UploadFile {
         UploadFile {
             path_in_repo: path_in_repo.into(),
             size: bytes.len() as u64,
-            sha256: hex(&Sha256::digest(&bytes)),
+            sha256: format!("{:x}", Sha256::digest(&bytes)),
             sample: bytes[..bytes.len().min(SAMPLE)].to_vec(),
             source: Source::Bytes(bytes),
         }
@@ -98,13 +98,8 @@ impl UploadFile {
         let mut h = sha1::Sha1::new();
         h.update(format!("blob {}\0", content.len()).as_bytes());
         h.update(&content);
-        Ok(hex(&h.finalize()))
+        Ok(format!("{:x}", h.finalize()))
     }
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Every file under `dir` (recursively, sorted), with its `/`-separated path relative to `dir`.
@@ -160,7 +155,7 @@ mod tests {
         std::fs::write(&p, &bytes).unwrap();
         let d = UploadFile::from_disk("big.bin", &p).unwrap();
         assert_eq!(d.size, bytes.len() as u64);
-        assert_eq!(d.sha256, hex(&Sha256::digest(&bytes)));
+        assert_eq!(d.sha256, format!("{:x}", Sha256::digest(&bytes)));
         assert_eq!(d.sample, bytes[..512]);
     }
 

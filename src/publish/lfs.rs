@@ -81,16 +81,13 @@ impl HubWriter {
             "ref": {"name": t.revision},
         });
         let resp = self
-            .send(t, "ask the LFS batch API where to upload", || {
+            .send_ok(t, "ask the LFS batch API where to upload", || {
                 self.authed(self.http.post(&url))
                     .header("Accept", LFS_JSON)
                     .header("Content-Type", LFS_JSON)
                     .body(body.to_string())
             })
             .await?;
-        if !resp.status().is_success() {
-            return Err(self.refused(t, "LFS batch", resp).await);
-        }
         let batch: Batch = self.json(t, "LFS batch", resp).await?;
         let mut jobs = vec![];
         for f in files {
@@ -151,17 +148,13 @@ impl HubWriter {
         let what = format!("upload `{}`", f.path_in_repo);
         let Some(chunk) = up.header.get("chunk_size") else {
             // basic: one PUT of the whole object.
-            let resp = self
-                .send(t, &what, || {
-                    self.http
-                        .put(&up.href)
-                        .header("Content-Length", f.size)
-                        .body(body(f, 0, f.size, sent.clone()))
-                })
-                .await?;
-            if !resp.status().is_success() {
-                return Err(self.refused(t, &what, resp).await);
-            }
+            self.send_ok(t, &what, || {
+                self.http
+                    .put(&up.href)
+                    .header("Content-Length", f.size)
+                    .body(body(f, 0, f.size, sent.clone()))
+            })
+            .await?;
             return Ok(());
         };
         let chunk_size: u64 = match chunk {
@@ -198,7 +191,7 @@ impl HubWriter {
             let len = chunk_size.min(f.size - offset);
             let part_what = format!("{what}: part {number} of {}", parts.len());
             let resp = self
-                .send(t, &part_what, || {
+                .send_ok(t, &part_what, || {
                     self.http.put(href).header("Content-Length", len).body(body(
                         f,
                         offset,
@@ -207,9 +200,6 @@ impl HubWriter {
                     ))
                 })
                 .await?;
-            if !resp.status().is_success() {
-                return Err(self.refused(t, &part_what, resp).await);
-            }
             let etag = resp
                 .headers()
                 .get("etag")
@@ -225,38 +215,30 @@ impl HubWriter {
             etags.push(json!({"partNumber": number, "etag": etag}));
         }
         let done = json!({"oid": f.sha256, "parts": etags});
-        let resp = self
-            .send(t, &format!("{what}: complete"), || {
-                self.http
-                    .post(&up.href)
-                    .header("Accept", LFS_JSON)
-                    .header("Content-Type", LFS_JSON)
-                    .body(done.to_string())
-            })
-            .await?;
-        if !resp.status().is_success() {
-            return Err(self.refused(t, &format!("{what}: complete"), resp).await);
-        }
+        self.send_ok(t, &format!("{what}: complete"), || {
+            self.http
+                .post(&up.href)
+                .header("Accept", LFS_JSON)
+                .header("Content-Type", LFS_JSON)
+                .body(done.to_string())
+        })
+        .await?;
         Ok(())
     }
 
     async fn verify(&self, t: &Target, f: &UploadFile, v: &Action) -> Result<()> {
         let what = format!("verify `{}`", f.path_in_repo);
         let body = json!({"oid": f.sha256, "size": f.size});
-        let resp = self
-            .send(t, &what, || {
-                let mut rb = self.authed(self.http.post(&v.href)).json(&body);
-                for (k, val) in &v.header {
-                    if let Some(s) = val.as_str() {
-                        rb = rb.header(k, s);
-                    }
+        self.send_ok(t, &what, || {
+            let mut rb = self.authed(self.http.post(&v.href)).json(&body);
+            for (k, val) in &v.header {
+                if let Some(s) = val.as_str() {
+                    rb = rb.header(k, s);
                 }
-                rb
-            })
-            .await?;
-        if !resp.status().is_success() {
-            return Err(self.refused(t, &what, resp).await);
-        }
+            }
+            rb
+        })
+        .await?;
         Ok(())
     }
 }

@@ -88,12 +88,14 @@ pub async fn push(
     }
     let as_dataset = dataset::is_output(folder);
     let (files, repo) = if as_dataset {
-        let (files, _) = dataset::dataset_files(folder, repo_id, opts).await?;
+        let files = dataset::dataset_files(folder, repo_id, opts).await?;
         (files, RepoId::dataset(repo_id))
     } else {
         let dir = model::model_folder(folder)?;
-        let (files, _) = model::model_files(&dir, repo_id, opts)?;
-        (files, RepoId::model(repo_id))
+        (
+            model::model_files(&dir, repo_id, opts)?,
+            RepoId::model(repo_id),
+        )
     };
     let target = Target {
         repo,
@@ -104,7 +106,6 @@ pub async fn push(
     if created {
         log::info!("push: created {}", target.display());
     }
-    let existing = writer.list_files(&target).await?;
     let answers = writer.preupload(&target, &files).await?;
 
     // What changed: a file the repo has with the same id is skipped.
@@ -137,7 +138,9 @@ pub async fn push(
     // A dataset's files under data/ that this push does not have would be read as rows too.
     let ours: Vec<&str> = files.iter().map(|f| f.path_in_repo.as_str()).collect();
     let stale: Vec<String> = if as_dataset {
-        existing
+        writer
+            .list_files(&target)
+            .await?
             .into_iter()
             .filter(|p| p.starts_with("data/") && !ours.contains(&p.as_str()))
             .collect()

@@ -29,24 +29,21 @@ pub fn model_folder(folder: &Path) -> Result<PathBuf> {
     )))
 }
 
-/// The files of the model repo and the facts on its card.
-pub fn model_files(
-    folder: &Path,
-    repo_id: &str,
-    opts: &PushOptions,
-) -> Result<(Vec<UploadFile>, ModelFacts)> {
+/// The files of the model repo: the folder's, and a model card made from the training run unless
+/// the folder has its own README.md.
+pub fn model_files(folder: &Path, repo_id: &str, opts: &PushOptions) -> Result<Vec<UploadFile>> {
     let mut files = vec![];
     for (rel, path) in walk(folder)? {
         files.push(UploadFile::from_disk(rel, &path)?);
     }
-    let facts = facts(folder, repo_id, opts)?;
     if !files.iter().any(|f| f.path_in_repo == "README.md") {
+        let facts = facts(folder, repo_id, opts)?;
         files.push(UploadFile::from_bytes(
             "README.md",
             cards::model_card(&facts).into_bytes(),
         ));
     }
-    Ok((files, facts))
+    Ok(files)
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
